@@ -1,0 +1,37 @@
+# Set-up and everyday commands. Everything runs inside .venv.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv test lint format demo bench clean
+
+venv: $(STAMP)
+
+# torch/torchvision first, pinned: a looser spec can pull a multi-GB build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+lint: venv
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+format: venv
+	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff check --fix src tests benchmarks
+
+test: venv lint
+	$(BIN)/python -m pytest -q
+
+demo: venv
+	$(BIN)/maskd demo
+
+bench: venv
+	$(BIN)/python benchmarks/loss_kernel.py
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info src/*.egg-info .pytest_cache .ruff_cache
