@@ -1,0 +1,186 @@
+"""Synthetic dataset: real files, read back by the real loaders, deterministic by seed."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+
+from maskd.data import build_dataset, synth
+from maskd.data.synth_scene import MIN_VISIBLE, render_scene
+from maskd.data.synth_shapes import SHAPES, shape_alpha
+
+SIZE = 64
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+
+def _dilate(m: np.ndarray, steps: int) -> np.ndarray:
+    """4-connected binary dilation by `steps` pixels."""
+    out = m.copy()
+    for _ in range(steps):
+        grown = out.copy()
+        grown[1:] |= out[:-1]
+        grown[:-1] |= out[1:]
+        grown[:, 1:] |= out[:, :-1]
+        grown[:, :-1] |= out[:, 1:]
+        out = grown
+    return out
+
+
+@pytest.fixture(scope="module")
+def det_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return synth.generate(tmp_path_factory.mktemp("det") / "d", "detection", 6, 3, SIZE, seed=11)
+
+
+@pytest.fixture(scope="module")
+def seg_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("seg") / "s"
+    return synth.generate(out, "segmentation", 6, 3, SIZE, seed=11)
+
+
+def test_detection_files_load_with_pycocotools(det_root: Path) -> None:
+    for split, count in (("train", 6), ("val", 3)):
+        coco = COCO(str(det_root / "annotations" / f"instances_{split}.json"))
+        assert len(coco.getImgIds()) == count
+        assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == list(SHAPES)
+        assert len(list((det_root / split).glob("*.png"))) == count
+        assert len(coco.getAnnIds()) > count  # several objects per image
+    ds = build_dataset("coco", det_root, "train")
+    assert len(ds) == 6 and ds.num_classes == 6
+    image, target = ds[0]
+    assert image.shape == (3, SIZE, SIZE) and target["labels"].min() >= 1
+
+
+def test_boxes_tightly_enclose_the_visible_object(det_root: Path) -> None:
+    coco = COCO(str(det_root / "annotations" / "instances_train.json"))
+    contrasts = []
+    for image_id in coco.getImgIds():
+        info = coco.loadImgs(image_id)[0]
+        pixels = np.asarray(Image.open(det_root / "train" / info["file_name"]), dtype=float)
+        seen = np.zeros((SIZE, SIZE), dtype=int)
+        for ann in coco.loadAnns(coco.getAnnIds(imgIds=image_id)):
+            m = mask_utils.decode(ann["segmentation"]).astype(bool)
+            ys, xs = np.nonzero(m)
+            x, y, w, h = ann["bbox"]
+            assert (x, y, x + w - 1, y + h - 1) == (xs.min(), ys.min(), xs.max(), ys.max())
+            assert ann["area"] == m.sum() and ann["iscrowd"] == 0
+            seen += m
+            around = _dilate(m, 2) & ~m
+            if around.any():
+                contrasts.append(np.abs(pixels[m].mean(0) - pixels[around].mean(0)).max())
+        assert seen.max() <= 1  # occlusion: every pixel belongs to at most one object
+    # objects stand out from what surrounds them
+    assert np.median(contrasts) > 15
+
+
+def test_segmentation_masks_agree_with_detection_annotations(
+    det_root: Path, seg_root: Path
+) -> None:
+    names = (seg_root / "classes.txt").read_text().split()
+    assert names == ["background", *SHAPES]
+    coco = COCO(str(det_root / "annotations" / "instances_val.json"))
+    ds = build_dataset("folder", seg_root, "val")
+    assert len(ds) == 3 and ds.num_classes == 7
+    for i, image_id in enumerate(sorted(coco.getImgIds())):
+        expected = np.zeros((SIZE, SIZE), dtype=np.int64)
+        for ann in coco.loadAnns(coco.getAnnIds(imgIds=image_id)):
+            expected[mask_utils.decode(ann["segmentation"]).astype(bool)] = ann["category_id"]
+        _, mask = ds[i]
+        assert np.array_equal(mask.numpy(), expected)
+        seg_png = Image.open(seg_root / "val" / "images" / f"{i:06d}.png")
+        det_png = Image.open(det_root / "val" / f"{i:06d}.png")
+        assert np.array_equal(np.asarray(seg_png), np.asarray(det_png))
+
+
+def test_no_object_is_mostly_hidden() -> None:
+    checked = 0
+    for seed in range(120):  # small images are crowded: the rule is needed often
+        scene = render_scene(np.random.default_rng(seed), 64, top_strokes=False)
+        for k, area in enumerate(scene.areas, start=1):
+            visible = int((scene.instances == k).sum())
+            assert visible >= MIN_VISIBLE * area, (seed, k, visible, area)
+            checked += 1
+    assert checked > 400
+
+
+def _tree_bytes(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def test_same_seed_same_bytes_other_seed_differs(tmp_path: Path, det_root: Path) -> None:
+    again = synth.generate(tmp_path / "again", "detection", 6, 3, SIZE, seed=11)
+    assert _tree_bytes(again) == _tree_bytes(det_root)
+    other = synth.generate(tmp_path / "other", "detection", 6, 3, SIZE, seed=12)
+    assert (other / "train" / "000000.png").read_bytes() != (
+        det_root / "train" / "000000.png"
+    ).read_bytes()
+    meta = json.loads((det_root / "synth_meta.json").read_text())
+    assert meta["seed"] == 11 and meta["train"] == 6 and meta["classes"] == list(SHAPES)
+
+
+def test_refuses_to_mix_with_existing_files(tmp_path: Path) -> None:
+    out = synth.generate(tmp_path / "d", "detection", 2, 1, SIZE, seed=0)
+    with pytest.raises(FileExistsError, match="not empty"):
+        synth.generate(out, "detection", 1, 1, SIZE, seed=0)
+    synth.generate(out, "detection", 1, 1, SIZE, seed=0, overwrite=True)
+    assert sorted(p.name for p in (out / "train").iterdir()) == ["000000.png"]
+    (out / "preview.png").write_text("not ours")
+    synth.generate(out, "segmentation", 1, 1, SIZE, seed=0, overwrite=True)
+    assert (out / "preview.png").read_text() == "not ours"
+    assert not (out / "annotations").exists()  # the detection files are gone
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"task": "keypoints"}, "task must be"),
+        ({"size": 16}, "at least 32"),
+        ({"train": 0, "val": 0}, "not both 0"),
+        ({"image_format": "bmp"}, "image_format"),
+    ],
+)
+def test_bad_arguments(tmp_path: Path, kwargs: dict, message: str) -> None:
+    args = {"task": "detection", "train": 1, "val": 1, "size": SIZE, "seed": 0} | kwargs
+    with pytest.raises(ValueError, match=message):
+        synth.generate(tmp_path / "x", **args)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_rasterised_area_matches_geometry(shape: str) -> None:
+    radius, inner = 30.0, 0.5
+    alpha = shape_alpha(shape, 100, 100, 50.0, 50.0, radius, angle=0.3, aspect=1.0, inner=inner)
+    unit_area = {
+        "circle": math.pi,
+        "ring": math.pi * (1 - inner**2),
+        "square": 1.5**2,
+        "cross": 2 * 2 * 0.6 - 0.6**2,
+        "triangle": 0.5 * 3 * math.sin(math.radians(120)),  # three unit-radius wedges
+        "star": 10 * 0.5 * inner * math.sin(math.radians(36)),
+    }[shape]
+    assert alpha.sum() == pytest.approx(unit_area * radius**2, rel=0.01)
+    assert abs((alpha >= 0.5).sum() - unit_area * radius**2) < 0.03 * unit_area * radius**2
+
+
+def test_preview_draws_a_grid(tmp_path: Path, det_root: Path, seg_root: Path) -> None:
+    for task, root in (("detection", det_root), ("segmentation", seg_root)):
+        out = synth.preview(root, task, tmp_path / f"{task}.png", n=3)
+        img = np.asarray(Image.open(out).convert("RGB"))
+        assert img.shape[0] > 100 and img.shape[1] > 200
+        assert img.std() > 10
+
+
+def test_jpeg_images_for_detection(tmp_path: Path) -> None:
+    root = synth.generate(tmp_path / "j", "detection", 2, 1, SIZE, seed=3, image_format="jpg")
+    assert sorted(p.name for p in (root / "train").iterdir()) == ["000000.jpg", "000001.jpg"]
+    ds = build_dataset("coco", root, "train")
+    assert ds[1][0].shape == (3, SIZE, SIZE)
+    with pytest.raises(ValueError, match="segmentation images are written as PNG"):
+        synth.generate(tmp_path / "s", "segmentation", 1, 1, SIZE, image_format="jpg")
