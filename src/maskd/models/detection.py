@@ -1,0 +1,166 @@
+"""Detectors: Faster R-CNN, RetinaNet and FCOS on ResNet / MobileNetV3-Large FPN backbones.
+
+Module names are those of torchvision's builders, so a state dict exported from here loads
+into e.g. ``torchvision.models.detection.retinanet_resnet50_fpn(num_classes=K + 1)``.
+
+- Faster R-CNN: FPN on C2–C5 plus a max-pooled level, P2–P6 (torchvision's default).
+  MobileNetV3 follows ``fasterrcnn_mobilenet_v3_large_fpn``: two stride-32 maps + pool.
+- RetinaNet / FCOS: FPN on C3–C5 plus ``LastLevelP6P7(256, 256)``, P3–P7, as torchvision's
+  ``retinanet_resnet50_fpn`` / ``fcos_resnet50_fpn``. torchvision has no MobileNet variant;
+  here C3/C4/C5 are the outputs of the last block at stride 8/16/32 (features 6, 12, 16).
+
+As in torchvision, a backbone that starts from weights (``backbone_weights`` or a whole-model
+checkpoint) gets ``FrozenBatchNorm2d`` and 3 trainable stages; a random one gets
+``BatchNorm2d`` and is trained whole. ``frozen_bn`` / ``trainable_backbone_layers`` override.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import (
+    BackboneWithFPN,
+    _mobilenet_extractor,
+    _resnet_fpn_extractor,
+)
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from maskd.models.backbones import (
+    MOBILENETS,
+    RESNETS,
+    build_mobilenet,
+    build_resnet,
+    mobilenet_stage_indices,
+)
+
+DETECTORS: dict[str, type[nn.Module]] = {
+    "fasterrcnn": FasterRCNN,
+    "retinanet": RetinaNet,
+    "fcos": FCOS,
+}
+DETECTION_BACKBONES = (*RESNETS, *MOBILENETS)
+FPN_LAYER = "backbone.fpn"
+BACKBONE_LAYER = "backbone.body"
+# Keyword arguments torchvision's GeneralizedRCNNTransform takes through the detectors' **kwargs.
+_TRANSFORM_KWARGS = {"size_divisible", "fixed_size", "_skip_resize"}
+# Last block at stride 8 / 16 / 32 in mobilenet_v3_large().features.
+_MOBILENET_C3_C5 = (6, 12, 16)
+
+
+def build_detector(
+    arch: str,
+    backbone: str,
+    num_classes: int,
+    backbone_weights: str | Path | None = None,
+    pretrained: bool = False,
+    *,
+    min_size: int | tuple[int, ...] = 800,
+    max_size: int = 1333,
+    trainable_backbone_layers: int | None = None,
+    frozen_bn: bool | None = None,
+    **kwargs: Any,
+) -> tuple[nn.Module, list[str]]:
+    """Build ``arch`` (fasterrcnn | retinanet | fcos) on ``backbone`` with FPN.
+
+    ``num_classes`` counts foreground classes; the model predicts ``num_classes + 1``
+    (index 0 = background, torchvision's convention). ``pretrained`` says a whole-model
+    checkpoint will be loaded afterwards (only affects the BatchNorm/freezing defaults).
+    ``min_size`` / ``max_size``: the shorter side is resized to ``min_size`` (a random one of
+    a tuple per training batch, for scale jitter) unless the longer would exceed ``max_size``.
+    Other ``kwargs`` go to the torchvision detector class (e.g. ``score_thresh``).
+    Returns the detector and ``["backbone.fpn"]``, whose output dict holds every FPN level.
+    """
+    if arch not in DETECTORS:
+        raise ValueError(f"unknown detector {arch!r}; expected one of {sorted(DETECTORS)}")
+    if backbone not in DETECTION_BACKBONES:
+        raise ValueError(f"unknown backbone {backbone!r}; expected one of {DETECTION_BACKBONES}")
+    cls = DETECTORS[arch]
+    _check_kwargs(cls, kwargs)
+    sizes = tuple(min_size) if isinstance(min_size, list | tuple) else (min_size,)
+    for key, values in (("min_size", sizes), ("max_size", (max_size,))):
+        if not values or any(
+            isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values
+        ):
+            raise ValueError(
+                f"{key} must be a positive int (or, for min_size, a tuple of them), got {values!r}"
+            )
+    if max(sizes) > max_size:
+        raise ValueError(f"min_size ({min_size}) must not exceed max_size ({max_size})")
+    if len(sizes) > 1:
+        min_size = sizes  # torchvision picks one at random per training batch
+
+    is_trained = pretrained or backbone_weights is not None
+    if frozen_bn is None:
+        frozen_bn = is_trained
+    norm_layer = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
+    if backbone in RESNETS:
+        trainable = _trainable(trainable_backbone_layers, is_trained, max_value=5)
+        body = build_resnet(backbone, backbone_weights, norm_layer=norm_layer)
+        if arch == "fasterrcnn":
+            fpn_backbone = _resnet_fpn_extractor(body, trainable)
+        else:
+            fpn_backbone = _resnet_fpn_extractor(
+                body, trainable, returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256)
+            )
+    else:
+        trainable = _trainable(trainable_backbone_layers, is_trained, max_value=6)
+        net = build_mobilenet(backbone, backbone_weights, norm_layer=norm_layer)
+        if arch == "fasterrcnn":
+            fpn_backbone = _mobilenet_extractor(net, True, trainable)
+            anchor_sizes = ((32, 64, 128, 256, 512),) * 3
+            kwargs.setdefault(
+                "rpn_anchor_generator",
+                AnchorGenerator(anchor_sizes, ((0.5, 1.0, 2.0),) * len(anchor_sizes)),
+            )
+        else:
+            fpn_backbone = _mobilenet_p3_p7(net, trainable)
+    model = cls(fpn_backbone, num_classes + 1, min_size=min_size, max_size=max_size, **kwargs)
+    return model, [FPN_LAYER]
+
+
+def _mobilenet_p3_p7(net: nn.Module, trainable_layers: int) -> BackboneWithFPN:
+    """MobileNetV3 features → FPN on C3–C5 + P6/P7 (5 levels, strides 8…128)."""
+    features = net.features
+    stages = mobilenet_stage_indices(features)
+    freeze_before = (
+        len(features) if trainable_layers == 0 else stages[len(stages) - trainable_layers]
+    )
+    for block in features[:freeze_before]:
+        block.requires_grad_(False)
+    return BackboneWithFPN(
+        features,
+        return_layers={str(i): str(level) for level, i in enumerate(_MOBILENET_C3_C5)},
+        in_channels_list=[features[i].out_channels for i in _MOBILENET_C3_C5],
+        out_channels=256,
+        extra_blocks=LastLevelP6P7(256, 256),
+    )
+
+
+def _trainable(value: int | None, is_trained: bool, max_value: int) -> int:
+    if value is None:
+        return 3 if is_trained else max_value
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= max_value:
+        raise ValueError(
+            f"trainable_backbone_layers must be an int in [0, {max_value}], got {value!r}"
+        )
+    return value
+
+
+def _check_kwargs(cls: type[nn.Module], kwargs: dict[str, Any]) -> None:
+    params = inspect.signature(cls.__init__).parameters
+    allowed = {
+        n for n, p in params.items() if p.kind is p.POSITIONAL_OR_KEYWORD
+    } | _TRANSFORM_KWARGS
+    allowed -= {"self", "backbone", "num_classes"}
+    unknown = sorted(set(kwargs) - allowed)
+    if unknown:
+        raise TypeError(
+            f"unexpected keyword argument(s) {unknown} for {cls.__name__}; "
+            f"accepted: {sorted(allowed | {'trainable_backbone_layers', 'frozen_bn'})}"
+        )
