@@ -391,3 +391,17 @@ def test_under_autocast_cpu_bfloat16():
     ref = MasKDLoss([copy.deepcopy(tok).double()])([s.double()], [t.double()])
     assert loss.dtype == torch.float32
     assert abs(loss.item() - ref.item()) / ref.item() < 2e-2
+
+
+def test_backward_twice_through_retained_graph():
+    torch.manual_seed(7)
+    s = rand(2, 3, 4, 5, requires_grad=True)
+    t = rand(2, 3, 4, 5)
+    masks = torch.rand(2, 2, 4, 5, dtype=torch.float64)
+    loss = masked_distillation_loss(s, t, masks)
+    loss.backward(retain_graph=True)
+    first = s.grad.clone()
+    loss.backward()
+    ref = torch.autograd.grad(literal_loss(s, t, masks), s)[0]
+    assert rel_close(first, ref)
+    assert rel_close(s.grad, 2 * ref)

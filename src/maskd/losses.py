@@ -11,8 +11,8 @@ channel. It is therefore one per-pixel weighted squared error,
 
 with ``w' = w / (N·C)`` (weighted) or ``1 / (N·T·C)`` (unweighted). ``a`` costs
 ``[N, T, H·W]``; the error term is one pass over the features, like plain MSE. A
-hand-written backward keeps memory at one feature-sized buffer: autograd would keep
-``s − t`` alive between forward and backward, we recompute it instead.
+hand-written backward turns the one feature-sized buffer it needs, ``s − t``, into the
+gradient in place, so forward+backward allocate no more than MSE does.
 """
 
 from __future__ import annotations
@@ -80,14 +80,18 @@ class _PixelWeightedSquaredError(torch.autograd.Function):
 
     ``t`` is treated as a constant (the teacher never receives gradient).
     Inputs: ``s``, ``t`` ``[N, C, P]``, ``a`` ``[N, P]`` in the accumulation dtype.
+
+    The difference ``s − t`` is the only feature-sized buffer: it is kept from forward to
+    backward and turned into the gradient in place. A second backward through a retained
+    graph recomputes it.
     """
 
     @staticmethod
     def forward(ctx: Any, s: Tensor, t: Tensor, a: Tensor) -> Tensor:
-        diff = s.to(a.dtype) - t.to(a.dtype)
-        sq = torch.linalg.vector_norm(diff, dim=1).square_()  # [N, P]
-        del diff
+        diff = torch.sub(s, t)
+        sq = torch.linalg.vector_norm(diff, dim=1, dtype=a.dtype).square_()  # [N, P]
         ctx.save_for_backward(s, t, a, sq if ctx.needs_input_grad[2] else None)
+        ctx.diff = diff if ctx.needs_input_grad[0] else None
         return (a * sq).sum()
 
     @staticmethod
@@ -96,9 +100,10 @@ class _PixelWeightedSquaredError(torch.autograd.Function):
         s, t, a, sq = ctx.saved_tensors
         grad_s = grad_a = None
         if ctx.needs_input_grad[0]:
-            diff = s.to(a.dtype) - t.to(a.dtype)
-            diff.mul_((2.0 * grad) * a.unsqueeze(1))
-            grad_s = diff.to(s.dtype)
+            diff, ctx.diff = ctx.diff, None
+            if diff is None:  # graph retained and differentiated again
+                diff = torch.sub(s, t)
+            grad_s = diff.mul_(((2.0 * grad) * a).unsqueeze(1)).to(s.dtype)
         if ctx.needs_input_grad[2]:
             grad_a = grad * sq
         return grad_s, None, grad_a
