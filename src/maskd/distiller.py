@@ -1,0 +1,327 @@
+"""Stage 2: masked distillation of a student from a frozen teacher through frozen tokens."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from maskd.learner import freeze
+from maskd.losses import MasKDLoss
+from maskd.taps import FeatureTaps, probe_levels
+from maskd.tokens import ReceptiveTokens
+
+__all__ = ["Distiller"]
+
+
+def _detection_transform(model: nn.Module) -> nn.Module | None:
+    """The model's resizing transform when it follows torchvision's detection convention.
+
+    Torchvision detectors resize the batch inside ``model.transform``, whose output is
+    ``(ImageList, targets)``; an ``ImageList`` carries ``image_sizes`` and padded ``tensors``.
+    """
+    transform = getattr(model, "transform", None)
+    if isinstance(transform, nn.Module) and hasattr(transform, "min_size"):
+        return transform
+    return None
+
+
+class _SizeProbe:
+    """Records the image sizes a torchvision-style detection transform produced."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.transform = _detection_transform(model)
+        self.sizes: tuple[list[tuple[int, int]], tuple[int, ...]] | None = None
+
+    def __enter__(self) -> _SizeProbe:
+        self.sizes = None
+        self._handle = None
+        if self.transform is not None:
+            self._handle = self.transform.register_forward_hook(self._hook)
+        return self
+
+    def _hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        image_list = output[0] if isinstance(output, tuple) and output else None
+        if hasattr(image_list, "image_sizes") and hasattr(image_list, "tensors"):
+            sizes = [tuple(int(v) for v in s) for s in image_list.image_sizes]
+            self.sizes = (sizes, tuple(image_list.tensors.shape[-2:]))
+
+    def __exit__(self, *exc: object) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+
+    def describe(self) -> str:
+        t = self.transform
+        if t is None:
+            return "no transform"
+        return f"min_size={getattr(t, 'min_size', None)}, max_size={getattr(t, 'max_size', None)}"
+
+
+class Distiller(nn.Module):
+    """Stage 2 of MasKD: the student's task losses plus the masked distillation loss.
+
+    For every pair ``student layer → teacher layer`` the levels of both outputs are matched in
+    order. Each student level ``[N, C_s, H, W]`` goes through its align module (a 1x1 conv to
+    the teacher's ``C_t`` channels, or the identity with ``align=False``) and is compared with
+    the teacher level ``[N, C_t, H, W]`` by :class:`~maskd.losses.MasKDLoss`, whose masks come
+    from the teacher's frozen tokens.
+
+    The teacher is frozen in place, always in eval mode, runs under ``torch.no_grad()`` and is
+    stopped as soon as its last tapped layer has produced its output, so its heads and
+    post-processing never run. The tokens are copied and frozen (the caller's are untouched).
+
+    Training-mode ``forward(images, targets)`` returns the student's task losses plus
+    ``loss_maskd``; the total to optimise is the sum of that dict's values. The per-level
+    (unweighted, detached) values are stored in :attr:`last_level_losses` as
+    ``{"loss_maskd/<teacher level>": value}``, for logging only — they are already inside
+    ``loss_maskd`` and must not be added again. Eval-mode ``forward(images)`` returns the
+    student's predictions and does not run the teacher.
+
+    Levels, channels and spatial sizes are checked by a dry run at construction (both models
+    in eval mode under ``torch.no_grad()`` on ``example_input``, default one black
+    ``[1, 3, 128, 128]`` image), which also sizes the align modules; sizes are checked again
+    on every batch.
+
+    Args:
+        student: the task model to train.
+        teacher: the task model to distil from.
+        pairs: ``{student layer path: teacher layer path}``.
+        tokens: ``{teacher layer path: [ReceptiveTokens per level]}``, as
+            :meth:`maskd.learner.TokenLearner.tokens` and :func:`maskd.token_io.load_tokens`
+            give; layers not in ``pairs`` are ignored.
+        loss_weight: scale of the masked distillation loss (summed over levels).
+        custom_mask_warmup: training steps before masks are multiplied by the student-side
+            masks (computed on the aligned student feature); ``None`` never does.
+        align: 1x1 conv align modules; ``False`` uses the identity and requires equal channels.
+        resize: bilinearly resize student levels to the teacher's spatial size instead of
+            failing when they differ.
+        eps: added to each mask's area (the authors use 1e-5 for segmentation).
+        example_input: dry-run input for both models; a tuple is unpacked into arguments.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        pairs: Mapping[str, str],
+        tokens: Mapping[str, Sequence[ReceptiveTokens]],
+        loss_weight: float = 1.0,
+        custom_mask_warmup: int | None = None,
+        align: bool = True,
+        resize: bool = False,
+        eps: float = 0.0,
+        example_input: Any = None,
+    ) -> None:
+        super().__init__()
+        for name, model in (("student", student), ("teacher", teacher)):
+            if not isinstance(model, nn.Module):
+                raise TypeError(f"{name} must be an nn.Module, got {type(model).__name__}")
+        if student is teacher:
+            raise ValueError("student and teacher must be different modules")
+        pairs = self._check_pairs(pairs)
+        self.student = student
+        self.teacher = teacher
+        self.pairs: dict[str, str] = pairs
+        self.resize = bool(resize)
+
+        s_feats, s_levels = probe_levels(student, list(pairs), example_input)
+        t_feats, t_levels = probe_levels(teacher, list(pairs.values()), example_input)
+        self.student_levels: list[str] = []
+        self.teacher_levels: list[str] = []
+        for s_path, t_path in pairs.items():
+            if len(s_levels[s_path]) != len(t_levels[t_path]):
+                raise ValueError(
+                    f"student layer {s_path!r} has {len(s_levels[s_path])} levels "
+                    f"{s_levels[s_path]} but teacher layer {t_path!r} has "
+                    f"{len(t_levels[t_path])} {t_levels[t_path]}"
+                )
+            self.student_levels += s_levels[s_path]
+            self.teacher_levels += t_levels[t_path]
+        level_tokens = self._check_tokens(tokens, t_levels, t_feats)
+
+        aligns: list[nn.Module] = []
+        for s_name, t_name in zip(self.student_levels, self.teacher_levels, strict=True):
+            s, t = s_feats[s_name], t_feats[t_name]
+            self._check_spatial(s_name, t_name, s, t)
+            c_s, c_t = s.shape[1], t.shape[1]
+            if align:
+                aligns.append(nn.Conv2d(c_s, c_t, kernel_size=1).to(s.device))
+            elif c_s != c_t:
+                raise ValueError(
+                    f"align=False needs equal channels, but student level {s_name!r} has "
+                    f"{c_s} (shape {tuple(s.shape)}) and teacher level {t_name!r} has {c_t} "
+                    f"(shape {tuple(t.shape)})"
+                )
+            else:
+                aligns.append(nn.Identity())
+        self.align = nn.ModuleList(aligns)
+        self.loss = MasKDLoss(
+            [
+                copy.deepcopy(tok).to(t_feats[name].device)
+                for tok, name in zip(level_tokens, self.teacher_levels, strict=True)
+            ],
+            loss_weight=loss_weight,
+            custom_mask_warmup=custom_mask_warmup,
+            eps=eps,
+        )
+        freeze(teacher)
+        self._student_taps = FeatureTaps(student, list(pairs))
+        self._teacher_taps = FeatureTaps(teacher, list(pairs.values()), stop=True)
+        self.last_level_losses: dict[str, Tensor] = {}
+        self.train(self.training)
+
+    @staticmethod
+    def _check_pairs(pairs: object) -> dict[str, str]:
+        if not isinstance(pairs, Mapping) or not pairs:
+            raise TypeError(
+                f"pairs must be a non-empty mapping {{student layer: teacher layer}}, got {pairs!r}"
+            )
+        for s_path, t_path in pairs.items():
+            if not isinstance(s_path, str) or not isinstance(t_path, str):
+                raise TypeError(f"pairs must map str to str, got {s_path!r}: {t_path!r}")
+        teachers = list(pairs.values())
+        repeated = sorted({t for t in teachers if teachers.count(t) > 1})
+        if repeated:
+            raise ValueError(f"teacher layers {repeated} appear more than once in pairs")
+        return dict(pairs)
+
+    def _check_tokens(
+        self,
+        tokens: object,
+        t_levels: dict[str, list[str]],
+        t_feats: Mapping[str, Tensor],
+    ) -> list[ReceptiveTokens]:
+        if not isinstance(tokens, Mapping):
+            raise TypeError(
+                "tokens must be a mapping {teacher layer: [ReceptiveTokens per level]}, got "
+                f"{type(tokens).__name__}"
+            )
+        found: list[ReceptiveTokens] = []
+        for t_path, names in t_levels.items():
+            if t_path not in tokens:
+                raise ValueError(
+                    f"no tokens for teacher layer {t_path!r}; tokens cover {list(tokens)}"
+                )
+            group = tokens[t_path]
+            if isinstance(group, ReceptiveTokens):
+                group = [group]
+            group = list(group)
+            if len(group) != len(names):
+                raise ValueError(
+                    f"teacher layer {t_path!r} has {len(names)} levels {names} but "
+                    f"{len(group)} token sets were given"
+                )
+            for name, tok in zip(names, group, strict=True):
+                if not isinstance(tok, ReceptiveTokens):
+                    raise TypeError(
+                        f"tokens for teacher level {name!r} must be ReceptiveTokens, "
+                        f"got {type(tok).__name__}"
+                    )
+                channels = t_feats[name].shape[1]
+                if tok.channels != channels:
+                    raise ValueError(
+                        f"tokens for teacher level {name!r} were built for {tok.channels} "
+                        f"channels but the level has {channels} "
+                        f"(shape {tuple(t_feats[name].shape)})"
+                    )
+                found.append(tok)
+        return found
+
+    def _check_spatial(self, s_name: str, t_name: str, s: Tensor, t: Tensor) -> None:
+        if s.shape[0] != t.shape[0]:
+            raise ValueError(
+                f"student level {s_name!r} {tuple(s.shape)} and teacher level {t_name!r} "
+                f"{tuple(t.shape)} have different batch sizes"
+            )
+        if s.shape[-2:] != t.shape[-2:] and not self.resize:
+            raise ValueError(
+                f"student level {s_name!r} has spatial size {tuple(s.shape[-2:])} (shape "
+                f"{tuple(s.shape)}) but teacher level {t_name!r} has {tuple(t.shape[-2:])} "
+                f"(shape {tuple(t.shape)}); distil levels of equal size or pass resize=True"
+            )
+
+    def train(self, mode: bool = True) -> Distiller:
+        """Set the student's (and align modules') mode; the teacher always stays in eval."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters the optimizer should update: the student's and the align modules'."""
+        return (p for p in self.parameters() if p.requires_grad)
+
+    def student_state_dict(self) -> dict[str, Tensor]:
+        """The student's state dict alone, loadable into a fresh instance of the student."""
+        return self.student.state_dict()
+
+    def _teacher_features(self, images: Any) -> tuple[list[Tensor], _SizeProbe]:
+        probe = _SizeProbe(self.teacher)
+        with torch.no_grad(), probe:
+            self._teacher_taps.run(images)
+        feats = list(self._teacher_taps.features.values())
+        self._teacher_taps.clear()
+        return feats, probe
+
+    def forward(self, images: Any, targets: Any = None) -> Any:
+        """Training: ``{student task losses..., "loss_maskd"}``; eval: student predictions."""
+        if not self.training:
+            return self.student(images) if targets is None else self.student(images, targets)
+        t_feats, t_probe = self._teacher_features(images)
+        s_probe = _SizeProbe(self.student)
+        with s_probe:
+            out = self._student_taps.run(images, targets)
+        s_named = self._student_taps.features
+        self._student_taps.clear()
+        self._check_sizes(s_probe, t_probe)
+        if not isinstance(out, dict):
+            raise TypeError(
+                "in training mode the student must return a dict of losses, got "
+                f"{type(out).__name__}; wrap segmenters in maskd.SegmentationTask"
+            )
+        if "loss_maskd" in out:
+            raise ValueError("the student's losses already contain a 'loss_maskd' entry")
+        if list(s_named) != self.student_levels:
+            raise RuntimeError(
+                f"student levels {list(s_named)} differ from those of the dry run "
+                f"{self.student_levels}"
+            )
+        aligned = []
+        for s_name, t_name, s, t, align in zip(
+            self.student_levels,
+            self.teacher_levels,
+            s_named.values(),
+            t_feats,
+            self.align,
+            strict=True,
+        ):
+            self._check_spatial(s_name, t_name, s, t)
+            s = align(s)
+            if s.shape[-2:] != t.shape[-2:]:
+                s = F.interpolate(s, size=t.shape[-2:], mode="bilinear", align_corners=False)
+            aligned.append(s)
+        total, levels = self.loss(aligned, t_feats, return_levels=True)
+        self.last_level_losses = {
+            f"loss_maskd/{name}": value
+            for name, value in zip(self.teacher_levels, levels.values(), strict=True)
+        }
+        losses = dict(out)
+        losses["loss_maskd"] = total
+        return losses
+
+    @staticmethod
+    def _check_sizes(s_probe: _SizeProbe, t_probe: _SizeProbe) -> None:
+        if s_probe.sizes is None or t_probe.sizes is None or s_probe.sizes == t_probe.sizes:
+            return
+        (s_sizes, s_pad), (t_sizes, t_pad) = s_probe.sizes, t_probe.sizes
+        raise ValueError(
+            "the student's and the teacher's detection transforms resized the batch "
+            f"differently: student image sizes {s_sizes} (padded {s_pad}), teacher {t_sizes} "
+            f"(padded {t_pad}). Give both the same resizing (student {s_probe.describe()}; "
+            f"teacher {t_probe.describe()}). A detector in training mode picks a random "
+            "min_size from its list while the teacher in eval mode uses the last one, so do "
+            "multi-scale resizing in the data pipeline instead."
+        )

@@ -1,0 +1,357 @@
+"""Tests for maskd.distiller.Distiller (stage 2) on small torchvision models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.models.segmentation import (
+    deeplabv3_mobilenet_v3_large,
+    lraspp_mobilenet_v3_large,
+)
+from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+from maskd.distiller import Distiller
+from maskd.learner import TokenLearner
+from maskd.losses import masked_distillation_loss
+from maskd.tasks import SegmentationTask
+from maskd.token_io import load_tokens, save_tokens
+from maskd.tokens import ReceptiveTokens
+
+DETECTORS = {"retinanet": RetinaNet, "fcos": FCOS, "fasterrcnn": FasterRCNN}
+FPN_LEVELS = {"fasterrcnn": ["0", "1", "2", "3", "pool"], "retinanet": ["0", "1", "2", "p6", "p7"]}
+FPN_LEVELS["fcos"] = FPN_LEVELS["retinanet"]
+
+
+def detector(
+    kind: str, seed: int = 0, norm: type[nn.Module] = FrozenBatchNorm2d, min_size: int = 64
+) -> nn.Module:
+    torch.manual_seed(seed)
+    extra: dict = {} if kind == "fasterrcnn" else {"returned_layers": [2, 3, 4]}
+    if kind != "fasterrcnn":
+        extra["extra_blocks"] = LastLevelP6P7(256, 256)
+    backbone = resnet_fpn_backbone(
+        backbone_name="resnet18", weights=None, trainable_layers=5, norm_layer=norm, **extra
+    )
+    extra = {}
+    if kind == "fasterrcnn":  # few proposals keep the RoI head cheap
+        extra = {
+            "rpn_pre_nms_top_n_train": 200,
+            "rpn_post_nms_top_n_train": 50,
+            "rpn_pre_nms_top_n_test": 200,
+            "rpn_post_nms_top_n_test": 50,
+            "box_batch_size_per_image": 32,
+        }
+    return DETECTORS[kind](backbone, num_classes=3, min_size=min_size, max_size=96, **extra)
+
+
+def fpn_tokens(kind: str, num_tokens: int = 4, weighted: bool = True, seed: int = 7):
+    torch.manual_seed(seed)
+    group = [ReceptiveTokens(256, num_tokens, weighted) for _ in FPN_LEVELS[kind]]
+    for tok in group:
+        nn.init.normal_(tok.mask_token, std=0.2)  # masks far from a flat 0.5
+    return {"backbone.fpn": group}
+
+
+def detection_batch() -> tuple[list[Tensor], list[dict[str, Tensor]]]:
+    g = torch.Generator().manual_seed(2)
+    images = [torch.rand(3, 64, 80, generator=g) for _ in range(2)]
+    targets = [
+        {"boxes": torch.tensor([[4.0, 6.0, 40.0, 50.0]]), "labels": torch.tensor([1])},
+        {"boxes": torch.tensor([[20.0, 10.0, 70.0, 60.0]]), "labels": torch.tensor([2])},
+    ]
+    return images, targets
+
+
+def snapshot(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, Tensor)}
+
+
+def assert_unchanged(model: nn.Module, before: dict[str, Tensor]) -> None:
+    after = snapshot(model)
+    assert after.keys() == before.keys()
+    for key, value in before.items():
+        assert torch.equal(after[key], value), f"entry {key} changed"
+
+
+def count_calls(modules: list[nn.Module]) -> list[int]:
+    calls = [0]
+
+    def hook(*_: object) -> None:
+        calls[0] += 1
+
+    for module in modules:
+        module.register_forward_hook(hook)
+    return calls
+
+
+def heads(model: nn.Module) -> list[nn.Module]:
+    return [model.rpn, model.roi_heads] if isinstance(model, FasterRCNN) else [model.head]
+
+
+@pytest.mark.parametrize("kind", list(DETECTORS))
+def test_detectors_teacher_frozen_and_never_runs_its_heads(kind: str) -> None:
+    teacher = detector(kind, seed=0, norm=nn.BatchNorm2d)
+    student = detector(kind, seed=1)
+    tokens = fpn_tokens(kind)
+    before = snapshot(teacher)
+    distiller = Distiller(student, teacher, {"backbone.fpn": "backbone.fpn"}, tokens).train()
+    assert not any(m.training for m in teacher.modules())
+    assert student.training
+    teacher_heads, student_heads = count_calls(heads(teacher)), count_calls(heads(student))
+    token_state = snapshot(distiller.loss)
+
+    images, targets = detection_batch()
+    opt = torch.optim.SGD(distiller.trainable_parameters(), lr=0.01, momentum=0.9)
+    for _ in range(2):
+        opt.zero_grad()
+        losses = distiller(images, targets)
+        sum(losses.values()).backward()
+        assert all(p.grad is None for p in teacher.parameters())
+        assert student.backbone.body.conv1.weight.grad.abs().sum() > 0
+        assert all(a.weight.grad.abs().sum() > 0 for a in distiller.align)
+        opt.step()
+    assert "loss_maskd" in losses and float(losses["loss_maskd"].detach()) > 0
+    assert teacher_heads[0] == 0
+    assert student_heads[0] == 2 * len(heads(student))
+    assert_unchanged(teacher, before)
+    assert_unchanged(distiller.loss, token_state)
+    assert list(distiller.last_level_losses) == [
+        f"loss_maskd/backbone.fpn:{k}" for k in FPN_LEVELS[kind]
+    ]
+    trainable = {n.split(".")[0] for n, p in distiller.named_parameters() if p.requires_grad}
+    assert trainable == {"student", "align"}
+
+
+def test_loss_matches_masked_distillation_on_features_captured_by_hand() -> None:
+    teacher, student = detector("retinanet", seed=0), detector("retinanet", seed=1)
+    tokens = fpn_tokens("retinanet")
+    distiller = Distiller(
+        student, teacher, {"backbone.fpn": "backbone.fpn"}, tokens, loss_weight=2.0
+    ).train()
+    images, targets = detection_batch()
+    losses = distiller(images, targets)
+
+    with torch.no_grad():
+        t_feats = list(teacher.backbone(teacher.transform(images)[0].tensors).values())
+    s_batch, _ = student.transform(images, targets)
+    s_feats = list(student.backbone(s_batch.tensors).values())
+    per_level = []
+    for tok, align, s, t in zip(
+        tokens["backbone.fpn"], distiller.align, s_feats, t_feats, strict=True
+    ):
+        per_level.append(masked_distillation_loss(align(s), t, tok(t), tok.token_weights(t)))
+    torch.testing.assert_close(losses["loss_maskd"], 2.0 * sum(per_level))
+    for value, expected in zip(distiller.last_level_losses.values(), per_level, strict=True):
+        torch.testing.assert_close(value, expected.detach())
+    assert not any(v.requires_grad for v in distiller.last_level_losses.values())
+    # Gradients reach the student through the aligned features as in the hand computation.
+    conv = student.backbone.body.conv1.weight
+    (got,) = torch.autograd.grad(losses["loss_maskd"], conv)
+    (want,) = torch.autograd.grad(2.0 * sum(per_level), conv)
+    torch.testing.assert_close(got, want)
+
+
+def test_custom_mask_uses_aligned_student_feature_after_warmup() -> None:
+    teacher, student = TinyTask((4, 6), seed=0), TinyTask((3, 5), seed=1)
+    tok = ReceptiveTokens(6, 3, weighted=True)
+    nn.init.normal_(tok.mask_token, std=0.5)
+    distiller = Distiller(student, teacher, {"b": "b"}, {"b": [tok]}, custom_mask_warmup=1)
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        t = teacher.b(teacher.a(images))
+    s = distiller.align[0](student.b(student.a(images)))
+    plain = masked_distillation_loss(s, t, tok(t), tok.token_weights(t))
+    custom = masked_distillation_loss(s, t, tok(t) * tok(s), tok.token_weights(t))
+    assert not torch.allclose(plain, custom)
+    torch.testing.assert_close(distiller(images)["loss_maskd"], plain)
+    torch.testing.assert_close(distiller(images)["loss_maskd"], custom)
+    assert distiller.loss.step == 2
+
+
+class TinyTask(nn.Module):
+    """Two strided convs and a head; returns a loss in training mode, logits in eval."""
+
+    def __init__(self, widths: tuple[int, int] = (4, 8), seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.a = nn.Sequential(nn.Conv2d(3, widths[0], 3, 2, 1), nn.BatchNorm2d(widths[0]))
+        self.b = nn.Conv2d(widths[0], widths[1], 3, 2, 1)
+        self.head = nn.Conv2d(widths[1], 2, 1)
+
+    def forward(self, images: Tensor, targets: Tensor | None = None) -> dict[str, Tensor] | Tensor:
+        out = self.head(self.b(self.a(images)))
+        return {"loss_task": out.pow(2).mean()} if self.training else out
+
+
+def test_segmentation_levels_of_different_size_need_resize() -> None:
+    torch.manual_seed(0)
+    teacher = SegmentationTask(
+        deeplabv3_mobilenet_v3_large(
+            weights=None, weights_backbone=None, num_classes=3, aux_loss=True
+        ),
+        3,
+    )
+    student = SegmentationTask(
+        lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=3), 3
+    )
+    tokens = {"model.classifier.4": [ReceptiveTokens(3, 8)]}
+    pairs = {"model.classifier": "model.classifier.4"}
+    dry = torch.zeros(2, 3, 64, 64)  # dry run at the training size: no new kernel shapes
+    with pytest.raises(
+        ValueError,
+        match=r"student level 'model.classifier' has spatial size \(8, 8\).*"
+        r"teacher level 'model.classifier.4' has \(4, 4\).*resize=True",
+    ):
+        Distiller(student, teacher, pairs, tokens, example_input=dry)
+    before = snapshot(teacher)
+    distiller = Distiller(
+        student, teacher, pairs, tokens, resize=True, eps=1e-5, loss_weight=0.5, example_input=dry
+    )
+    g = torch.Generator().manual_seed(4)
+    images = torch.randn(2, 3, 64, 64, generator=g)
+    targets = torch.randint(0, 3, (2, 64, 64), generator=g)
+    opt = torch.optim.SGD(distiller.trainable_parameters(), lr=0.01)
+    for _ in range(2):
+        opt.zero_grad()
+        losses = distiller(images, targets)
+        assert set(losses) == {"loss_seg", "loss_maskd"}
+        sum(losses.values()).backward()
+        assert student.model.classifier.high_classifier.weight.grad.abs().sum() > 0
+        opt.step()
+    assert_unchanged(teacher, before)
+    # By hand: the aligned student logits resized to the teacher's size. In training mode
+    # BatchNorm normalises with batch statistics, so the student's output is reproducible.
+    losses = distiller(images, targets)
+    with torch.no_grad():
+        t = teacher.model.classifier(teacher.model.backbone(images)["out"])
+        s = student.model.classifier(student.model.backbone(images))
+        s = F.interpolate(
+            distiller.align[0](s), size=t.shape[-2:], mode="bilinear", align_corners=False
+        )
+        tok = distiller.loss.tokens[0]
+        expected = 0.5 * masked_distillation_loss(s, t, tok(t), None, eps=1e-5)
+    torch.testing.assert_close(losses["loss_maskd"].detach(), expected)
+
+
+def test_level_count_mismatch_names_both_layers() -> None:
+    teacher, student = detector("retinanet", 0), detector("retinanet", 1)
+    with pytest.raises(
+        ValueError,
+        match=r"student layer 'backbone.body' has 3 levels .* teacher layer 'backbone.fpn' has 5",
+    ):
+        Distiller(student, teacher, {"backbone.body": "backbone.fpn"}, fpn_tokens("retinanet"))
+
+
+def test_detection_transforms_must_resize_alike() -> None:
+    teacher, student = detector("retinanet", 0, min_size=96), detector("retinanet", 1)
+    with pytest.raises(ValueError, match=r"student level 'backbone.fpn:0' has spatial size"):
+        Distiller(student, teacher, {"backbone.fpn": "backbone.fpn"}, fpn_tokens("retinanet"))
+    teacher = detector("retinanet", 0)
+    distiller = Distiller(
+        student, teacher, {"backbone.fpn": "backbone.fpn"}, fpn_tokens("retinanet")
+    )
+    student.transform.min_size = (80,)
+    images, targets = detection_batch()
+    with pytest.raises(
+        ValueError,
+        match=r"resized the batch differently: student image sizes \[\(76, 96\), \(76, 96\)\]",
+    ):
+        distiller(images, targets)
+
+
+def test_bad_pairs_and_tokens() -> None:
+    teacher, student = TinyTask((4, 6), seed=0), TinyTask((3, 5), seed=1)
+    tok6 = {"b": [ReceptiveTokens(6, 2)]}
+    with pytest.raises(ValueError, match=r"unknown layer 'bb'.*closest valid names: \['b'"):
+        Distiller(student, teacher, {"bb": "b"}, tok6)
+    with pytest.raises(ValueError, match=r"unknown layer 'c'"):
+        Distiller(student, teacher, {"b": "c"}, tok6)
+    with pytest.raises(TypeError, match="pairs must be a non-empty mapping"):
+        Distiller(student, teacher, {}, tok6)
+    with pytest.raises(ValueError, match=r"teacher layers \['b'\] appear more than once"):
+        Distiller(student, teacher, {"a": "b", "b": "b"}, tok6)
+    with pytest.raises(ValueError, match=r"no tokens for teacher layer 'b'; tokens cover \['a'\]"):
+        Distiller(student, teacher, {"b": "b"}, {"a": [ReceptiveTokens(4, 2)]})
+    with pytest.raises(ValueError, match=r"built for 5 channels but the level has 6"):
+        Distiller(student, teacher, {"b": "b"}, {"b": [ReceptiveTokens(5, 2)]})
+    with pytest.raises(ValueError, match=r"has 1 levels \['b'\] but 2 token sets"):
+        Distiller(student, teacher, {"b": "b"}, {"b": [ReceptiveTokens(6, 2)] * 2})
+    with pytest.raises(
+        ValueError,
+        match=r"align=False needs equal channels, but student level 'b' has 5 .* teacher level 'b' has 6",
+    ):
+        Distiller(student, teacher, {"b": "b"}, tok6, align=False)
+    with pytest.raises(
+        ValueError, match=r"student level 'a' has spatial size \(64, 64\).*'b' has \(32, 32\)"
+    ):
+        Distiller(student, teacher, {"a": "b"}, tok6)
+    with pytest.raises(ValueError, match="different modules"):
+        Distiller(teacher, teacher, {"b": "b"}, tok6)
+
+
+def test_identity_align_and_untouched_caller_tokens() -> None:
+    teacher, student = TinyTask((4, 6), seed=0), TinyTask((4, 6), seed=1)
+    tok = ReceptiveTokens(6, 2)
+    distiller = Distiller(student, teacher, {"b": "b"}, {"b": [tok]}, align=False)
+    assert isinstance(distiller.align[0], nn.Identity)
+    assert all(p.requires_grad for p in tok.parameters())  # the distiller froze its own copy
+    assert not any(p.requires_grad for p in distiller.loss.parameters())
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        t = teacher.b(teacher.a(images))
+    s = student.b(student.a(images))
+    torch.testing.assert_close(
+        distiller(images)["loss_maskd"], masked_distillation_loss(s, t, tok(t).detach())
+    )
+
+
+def test_eval_runs_only_the_student_and_state_dict_is_the_students() -> None:
+    teacher, student = detector("retinanet", 0), detector("retinanet", 1)
+    distiller = Distiller(
+        student, teacher, {"backbone.fpn": "backbone.fpn"}, fpn_tokens("retinanet")
+    )
+    images, targets = detection_batch()
+    opt = torch.optim.SGD(distiller.trainable_parameters(), lr=0.01)
+    sum(distiller(images, targets).values()).backward()
+    opt.step()
+
+    teacher_calls = count_calls([teacher])
+    distiller.eval()
+    assert not any(m.training for m in distiller.modules())
+    preds = distiller(images)
+    assert teacher_calls[0] == 0
+
+    state = distiller.student_state_dict()
+    assert state.keys() == student.state_dict().keys()
+    fresh = detector("retinanet", seed=5).eval()
+    fresh.load_state_dict(state)
+    again = fresh(images)
+    for a, b in zip(preds, again, strict=True):
+        torch.testing.assert_close(a["boxes"], b["boxes"])
+        torch.testing.assert_close(a["scores"], b["scores"])
+    distiller.train()
+    assert student.training and not teacher.training
+
+
+def test_learned_tokens_through_a_token_file(tmp_path) -> None:
+    teacher, student = TinyTask((4, 6), seed=0), TinyTask((3, 5), seed=1)
+    learner = TokenLearner(teacher, ["b"], num_tokens=3).train()
+    images = torch.randn(2, 3, 16, 16)
+    opt = torch.optim.Adam([p for p in learner.parameters() if p.requires_grad], lr=0.05)
+    for _ in range(3):
+        opt.zero_grad()
+        sum(learner(images).values()).backward()
+        opt.step()
+    path = save_tokens(tmp_path / "tokens.pt", learner.tokens())
+    loaded = Distiller(student, teacher, {"b": "b"}, load_tokens(path))
+    direct = Distiller(student, teacher, {"b": "b"}, learner.tokens())
+    direct.align.load_state_dict(loaded.align.state_dict())
+    torch.testing.assert_close(loaded(images)["loss_maskd"], direct(images)["loss_maskd"])
+    # Nothing stays hooked after a step.
+    for model in (student, teacher):
+        assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
