@@ -25,7 +25,7 @@ format: venv
 	$(BIN)/ruff check --fix src tests benchmarks
 
 test: venv lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 demo: venv
 	$(BIN)/maskd demo

@@ -405,3 +405,21 @@ def test_backward_twice_through_retained_graph():
     ref = torch.autograd.grad(literal_loss(s, t, masks), s)[0]
     assert rel_close(first, ref)
     assert rel_close(s.grad, 2 * ref)
+
+
+def test_mask_that_underflowed_to_zero_contributes_nothing():
+    # Large teacher features drive a token's logits below -104, where sigmoid is exactly 0.
+    torch.manual_seed(8)
+    tok = ReceptiveTokens(4, 3)
+    with torch.no_grad():
+        tok.mask_token.copy_(torch.tensor([[-1.0] * 4, [0.1] * 4, [0.2, -0.1, 0.3, 0.0]]))
+    t = torch.rand(2, 4, 5, 5) * 100 + 100
+    masks = tok(t)
+    assert (masks[:, 0] == 0).all()
+    s = torch.randn(2, 4, 5, 5, requires_grad=True)
+    loss = masked_distillation_loss(s, t, masks)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
+    # The zero token's term is 0; the others are the literal formula (mean over all T tokens).
+    ref = literal_loss(s.double(), t.double(), masks[:, 1:].double()) * (2 / 3)
+    assert abs(loss.item() - ref.item()) <= 1e-5 * ref.item()

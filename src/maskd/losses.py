@@ -147,7 +147,9 @@ def pixel_weights(
     """
     n, t = masks.shape[:2]
     m = masks.flatten(2).to(_accum_dtype(masks))  # [N, T, P]
-    area = m.sum(dim=2) + eps  # [N, T]
+    # A mask that underflowed to zero everywhere contributes 0 (0/0 := 0), not NaN; any
+    # area above float32's smallest normal number is used as it is.
+    area = (m.sum(dim=2) + eps).clamp_min(torch.finfo(torch.float32).tiny)  # [N, T]
     if weights is None:
         coef = 1.0 / (area * (n * t * channels))
     else:
