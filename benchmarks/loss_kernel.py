@@ -14,7 +14,7 @@ the process's peak resident set over its resident set just before the first call
 (glibc is told to serve every large block with mmap so freed memory leaves the RSS);
 on CUDA it is `torch.cuda.max_memory_allocated` over the allocation before the call.
 
-    python benchmarks/loss_kernel.py [--device cpu|cuda] [--repeats 5] [--quick]
+    python benchmarks/loss_kernel.py [--device cpu|cuda] [--repeats 5] [--threads 1] [--quick]
 
 Writes benchmarks/results/loss_kernel_<device>.json and .md.
 """
@@ -57,12 +57,16 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _worker(kernel: str, method: str, h: int, w: int, device: str, repeats: int) -> dict:
+def _worker(
+    kernel: str, method: str, h: int, w: int, device: str, repeats: int, threads: int
+) -> dict:
     import torch
     import torch.nn.functional as F
 
     from maskd import ReceptiveTokens, masked_distillation_loss
 
+    if threads > 0:
+        torch.set_num_threads(threads)
     torch.manual_seed(0)
     dev = torch.device(device)
     # mask_features is timed without the weighting head: its conv3x3 costs the same in every
@@ -139,19 +143,12 @@ def _worker(kernel: str, method: str, h: int, w: int, device: str, repeats: int)
     return {"median_s": statistics.median(times), "peak_extra_bytes": peak, "repeats": repeats}
 
 
-def _measure(kernel: str, method: str, h: int, w: int, device: str, repeats: int) -> dict:
+def _measure(
+    kernel: str, method: str, h: int, w: int, device: str, repeats: int, threads: int
+) -> dict:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    cmd = [
-        sys.executable,
-        __file__,
-        "--worker",
-        kernel,
-        method,
-        str(h),
-        str(w),
-        device,
-        str(repeats),
-    ]
+    args = [kernel, method, str(h), str(w), device, str(repeats), str(threads)]
+    cmd = [sys.executable, __file__, "--worker", *args]
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -199,12 +196,16 @@ def _table(rows: list[dict], device: str) -> str:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        kernel, method, h, w, device, repeats = sys.argv[2:8]
-        print(json.dumps(_worker(kernel, method, int(h), int(w), device, int(repeats))))
+        kernel, method, h, w, device, repeats, threads = sys.argv[2:9]
+        res = _worker(kernel, method, int(h), int(w), device, int(repeats), int(threads))
+        print(json.dumps(res))
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads per measurement (0: default)"
+    )
     parser.add_argument("--quick", action="store_true", help="small shape only (a smoke run)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -220,7 +221,7 @@ def main() -> None:
                     if method == "literal" and h * w > 10_000
                     else args.repeats
                 )
-                res = _measure(kernel, method, h, w, args.device, reps)
+                res = _measure(kernel, method, h, w, args.device, reps, args.threads)
                 row = {
                     "kernel": kernel,
                     "shape": name,
@@ -243,7 +244,7 @@ def main() -> None:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "device": args.device,
-        "machine": _machine(args.device),
+        "machine": {**_machine(args.device), "torch_threads": args.threads or "default"},
         "rows": rows,
     }
     args.out.mkdir(parents=True, exist_ok=True)
