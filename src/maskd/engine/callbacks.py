@@ -1,0 +1,74 @@
+"""Callbacks: stage-1 token-mask images in TensorBoard, standalone token files."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor
+
+from maskd.token_io import save_tokens
+from maskd.visualize import mask_grid, token_masks
+
+__all__ = ["MaskImageLogger", "TokenSaver"]
+
+
+class MaskImageLogger(Callback):
+    """After every validation of stage 1, log each level's token masks over fixed images.
+
+    One TensorBoard image per level (``masks/<level>``): rows are the images, columns the
+    image followed by one overlay per token.
+
+    Args:
+        images: a few fixed validation images ``[3, H, W]`` (same size).
+        mean / std: normalisation to undo for display (segmentation inputs), or ``None``.
+    """
+
+    def __init__(
+        self,
+        images: Sequence[Tensor],
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ) -> None:
+        self.images = [img.detach().cpu() for img in images]
+        self.mean, self.std = mean, std
+
+    def log_masks(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, np.ndarray]:
+        learner = pl_module.learner
+        masks = token_masks(learner.teacher, learner.tokens(), self.images)
+        grids = {name: mask_grid(self.images, m, self.mean, self.std) for name, m in masks.items()}
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                for name, grid in grids.items():
+                    logger.experiment.add_image(
+                        f"masks/{name}", grid, trainer.global_step, dataformats="HWC"
+                    )
+        return grids
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero and not trainer.sanity_checking:
+            self.log_masks(trainer, pl_module)
+
+
+class TokenSaver(Callback):
+    """Write the learner's tokens to ``path`` (``maskd.save_tokens`` format) after training
+    and whenever a checkpoint is saved, so a usable token file exists even mid-run."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def _save(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            save_tokens(self.path, pl_module.learner.tokens())
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:  # type: ignore[override]
+        self._save(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        with torch.no_grad():
+            self._save(trainer, pl_module)

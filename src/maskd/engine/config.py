@@ -1,0 +1,72 @@
+"""Option groups shared by the jobs and the command line (each maps to a YAML section)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["DataArgs", "ModelArgs"]
+
+
+@dataclass
+class ModelArgs:
+    """A registry model (``maskd models`` lists the names).
+
+    Args:
+        name: registry name, e.g. ``retinanet_resnet50_fpn`` or ``deeplabv3_resnet18``.
+        num_classes: foreground classes (detection) / classes (segmentation); ``None``
+            takes the dataset's count.
+        weights: whole-model checkpoint: a ``model.pt`` from ``maskd train``, a Lightning
+            ``.ckpt``, or any state dict in torchvision's key format.
+        backbone_weights: ImageNet backbone weights on disk (torchvision's key format).
+        options: extra builder options, e.g. ``{min_size: 800, max_size: 1333}`` for
+            detectors or ``{aux_loss: true}`` for segmenters.
+    """
+
+    name: str = "retinanet_resnet18_fpn"
+    num_classes: int | None = None
+    weights: str | None = None
+    backbone_weights: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataArgs:
+    """A dataset on disk and its loaders.
+
+    Args:
+        kind: ``coco`` (detection), ``cityscapes``, ``voc`` or ``folder`` (segmentation).
+        root: dataset root folder (layouts: see ``maskd.data.build_dataset``).
+        train_split: training split name (``train2017`` for COCO).
+        val_split: validation split name (``val2017`` for COCO).
+        size: training transform size, an int or ``[height, width]``: detection resizes the
+            shorter side (``None``: leave it to the detector's own ``min_size``);
+            segmentation crops this size (after random scaling).
+        val_size: validation transform size (``None``: images as they are; detectors still
+            apply their own ``min_size`` / ``max_size``).
+        train_transforms: extra training transform options (``scale_range``, ``hflip``, ...).
+        val_transforms: extra validation transform options.
+        dataset_options: extra ``build_dataset`` options (``image_dir``, ``ann_file``, ...).
+        batch_size: training images per process per step.
+        val_batch_size: validation images per process.
+        num_workers: loader worker processes.
+        skip_bad: skip (and count) unreadable samples instead of failing.
+        limit_train: use only the first n training images (0: all).
+        limit_val: use only the first n validation images (0: all).
+    """
+
+    kind: str = "coco"
+    root: str = "data"
+    train_split: str = "train"
+    val_split: str = "val"
+    size: int | list[int] | None = None
+    val_size: int | list[int] | None = None
+    train_transforms: dict[str, Any] = field(default_factory=dict)
+    val_transforms: dict[str, Any] = field(default_factory=dict)
+    dataset_options: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 2
+    val_batch_size: int = 2
+    num_workers: int = 0
+    skip_bad: bool = False
+    limit_train: int = 0
+    limit_val: int = 0

@@ -1,0 +1,452 @@
+"""The four jobs behind the command line: train, learn-masks, distill, evaluate.
+
+Each job builds its models and data from option groups, runs Lightning, and leaves
+in its output folder::
+
+    checkpoints/last.ckpt   resumable checkpoint (written atomically)
+    tensorboard/, csv/      every loss term, the learning rate, metrics
+    model.pt                the trained task model's plain state dict (train / distill)
+    tokens.pt               the learned tokens (learn-masks; maskd.save_tokens format)
+    metrics.json            final validation metrics
+    done.json               written last: the job finished
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from torch.utils.data import Dataset, Subset
+
+from maskd.engine.callbacks import MaskImageLogger, TokenSaver
+from maskd.engine.checkpoint import atomic_save, find_last_checkpoint
+from maskd.engine.config import DataArgs, ModelArgs
+from maskd.engine.datamodule import MaskdDataModule
+from maskd.engine.modules import DistillModule, LearnMasksModule, MaskdModule, TrainModule
+from maskd.engine.optim import OptimSpec
+from maskd.engine.trainer import TrainerSpec, build_trainer
+
+__all__ = [
+    "DistillArgs",
+    "MaskArgs",
+    "build_data",
+    "build_model",
+    "load_token_file",
+    "run_distill",
+    "run_evaluate",
+    "run_learn_masks",
+    "run_train",
+]
+
+
+class ConfigError(ValueError):
+    """A problem with the user's options (reported as one line by the command line)."""
+
+
+@dataclass
+class MaskArgs:
+    """Stage-1 options.
+
+    Args:
+        layers: teacher layer paths to learn tokens on (``None``: the model's default layers,
+            the FPN outputs for detectors, the logits for segmenters).
+        num_tokens: ``T`` tokens per level (authors: 6 detection, 8 segmentation).
+        weighted: token-weighting head (authors: on for detection, off for segmentation).
+        dice_weight: scale of the Dice diversity loss.
+        mask_images: fixed validation images whose masks are logged after each validation.
+    """
+
+    layers: list[str] | None = None
+    num_tokens: int = 6
+    weighted: bool = True
+    dice_weight: float = 1.0
+    mask_images: int = 4
+
+
+@dataclass
+class DistillArgs:
+    """Stage-2 options.
+
+    Args:
+        tokens: token file from ``maskd learn-masks`` (``tokens.pt``) or a released MasKD
+            mask checkpoint.
+        pairs: ``{student layer: teacher layer}`` (``None``: the two models' default layers,
+            in order).
+        loss_weight: MasKD loss weight (authors: 1 Faster R-CNN, 7 RetinaNet, 10 FCOS,
+            0.5 segmentation).
+        custom_mask_warmup: steps before the student-side mask is multiplied in (``None``:
+            never).
+        align: 1×1 conv align modules (the authors use them even for equal channels).
+        resize: resize student features to the teacher's size when they differ.
+        eps: added to each mask's area (authors: 1e-5 for segmentation).
+    """
+
+    tokens: str = "tokens.pt"
+    pairs: dict[str, str] | None = None
+    loss_weight: float = 1.0
+    custom_mask_warmup: int | None = None
+    align: bool = True
+    resize: bool = False
+    eps: float = 0.0
+
+
+@dataclass
+class RunArgs:
+    """Where and how a job runs.
+
+    Args:
+        out: output folder.
+        seed: seed of model initialisation, data order, augmentation and per-step randomness.
+        resume: ``last`` (``<out>/checkpoints/last.ckpt``) or a checkpoint path to continue.
+        overwrite: start over even if ``out`` holds a checkpoint.
+        validate: score the model on the validation split after training (``metrics.json``).
+    """
+
+    out: str = "runs/job"
+    seed: int = 0
+    resume: str | None = None
+    overwrite: bool = False
+    validate: bool = True
+
+
+# ---- building blocks ----------------------------------------------------------------
+
+
+def _check_files(*models: ModelArgs) -> None:
+    """Fail fast on missing weight files, before any dataset is read."""
+    for args in models:
+        for key in ("weights", "backbone_weights"):
+            value = getattr(args, key)
+            if value is not None and not Path(value).is_file():
+                raise FileNotFoundError(f"{key}: no such file {value!r} (model {args.name})")
+
+
+def build_model(args: ModelArgs, num_classes: int) -> tuple[nn.Module, list[str], str]:
+    """``(task_model, default_layers, task)`` from the registry, weights loaded."""
+    from maskd import models
+
+    task = models.task_of(args.name)
+    classes = args.num_classes if args.num_classes is not None else num_classes
+    weights = args.weights
+    prefix = None
+    if weights is not None:
+        prefix = _checkpoint_prefix(weights)
+    model, layers = models.build(
+        args.name,
+        classes,
+        weights=weights,
+        backbone_weights=args.backbone_weights,
+        weights_prefix=prefix,
+        **args.options,
+    )
+    return model, list(layers), task
+
+
+def _checkpoint_prefix(path: str) -> str | None:
+    """The key prefix of the trained model inside one of our Lightning checkpoints."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"weights: no such file {path!r}")
+    if p.suffix != ".ckpt":
+        return None
+    obj = torch.load(p, map_location="cpu", weights_only=True)
+    meta = obj.get("maskd") if isinstance(obj, Mapping) else None
+    return meta.get("weights_prefix") if isinstance(meta, Mapping) else None
+
+
+def _limit(dataset: Dataset, n: int) -> Dataset:
+    return Subset(dataset, range(min(n, len(dataset)))) if n > 0 else dataset
+
+
+def _size(value: int | list[int] | None) -> int | tuple[int, int] | None:
+    return tuple(value) if isinstance(value, list) else value  # type: ignore[return-value]
+
+
+def build_data(
+    data: DataArgs, task: str, seed: int, train: bool = True
+) -> tuple[MaskdDataModule, int]:
+    """The data module for ``task`` and the dataset's class count."""
+    from maskd.data import build_dataset, build_transforms, collate_for
+    from maskd.data import task_of as data_task
+
+    if data_task(data.kind) != task:
+        raise ConfigError(
+            f"data.kind {data.kind!r} is a {data_task(data.kind)} dataset but the model is a "
+            f"{task} model"
+        )
+    if not Path(data.root).is_dir():
+        raise FileNotFoundError(f"data.root: no such folder {data.root!r}")
+    opts = dict(data.dataset_options, skip_bad=data.skip_bad)
+    val_tf = build_transforms(task, False, _size(data.val_size), **data.val_transforms)
+    val_set = build_dataset(data.kind, data.root, data.val_split, val_tf, **opts)
+    train_set = None
+    if train:
+        train_tf = build_transforms(task, True, _size(data.size), **data.train_transforms)
+        train_set = _limit(
+            build_dataset(data.kind, data.root, data.train_split, train_tf, **opts),
+            data.limit_train,
+        )
+    num_classes = int(val_set.num_classes)
+    dm = MaskdDataModule(
+        train_set,
+        _limit(val_set, data.limit_val),
+        batch_size=data.batch_size,
+        val_batch_size=data.val_batch_size,
+        num_workers=data.num_workers,
+        seed=seed,
+        collate_fn=collate_for(task),
+    )
+    return dm, num_classes
+
+
+def load_token_file(path: str, teacher_layers: list[str]) -> dict[str, list]:
+    """Tokens from our own file, or from a released MasKD checkpoint (one teacher layer)."""
+    from maskd.token_io import load_official_tokens, load_tokens
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"tokens: no such file {path!r}")
+    try:
+        return load_tokens(path)
+    except ValueError as own_err:
+        try:
+            official = load_official_tokens(path)
+        except (ValueError, TypeError, KeyError):
+            raise own_err from None
+    if len(teacher_layers) != 1:
+        raise ConfigError(
+            f"tokens: {path} is a released MasKD checkpoint (levels only, no layer names); "
+            f"distil exactly one teacher layer with it, not {teacher_layers}"
+        )
+    return {teacher_layers[0]: list(official)}
+
+
+# ---- running --------------------------------------------------------------------------
+
+
+def _resume_path(run: RunArgs) -> str | None:
+    out = Path(run.out)
+    if run.resume is None:
+        last = find_last_checkpoint(out)
+        if last is not None and not run.overwrite:
+            raise ConfigError(
+                f"{out} already holds a checkpoint ({last}); pass --run.resume last to continue "
+                "it or --run.overwrite true to start over"
+            )
+        if run.overwrite:
+            # Start over: drop what marks the old run as resumable or finished.
+            for name in ("checkpoints/last.ckpt", "done.json", "metrics.json"):
+                (out / name).unlink(missing_ok=True)
+        return None
+    if run.resume in ("last", "auto"):
+        last = find_last_checkpoint(out)
+        if last is None:
+            if run.resume == "auto":
+                return None
+            raise FileNotFoundError(f"--run.resume last: no checkpoint in {out / 'checkpoints'}")
+        return str(last)
+    if not Path(run.resume).is_file():
+        raise FileNotFoundError(f"run.resume: no such checkpoint {run.resume!r}")
+    return run.resume
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def _fit_and_finish(
+    module: MaskdModule,
+    dm: MaskdDataModule,
+    trainer_spec: TrainerSpec,
+    run: RunArgs,
+    callbacks: list | None,
+    state_dict: Any,
+) -> dict[str, float]:
+    out = Path(run.out)
+    ckpt = _resume_path(run)
+    trainer = build_trainer(trainer_spec, out, callbacks=callbacks)
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+    fit_seconds = time.perf_counter() - start
+    metrics: dict[str, float] = {}
+    if run.validate:
+        results = trainer.validate(module, datamodule=dm, verbose=False)
+        metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
+    if trainer.is_global_zero:
+        if state_dict is not None:
+            atomic_save(state_dict(), out / "model.pt")
+        _write_json(out / "metrics.json", metrics)
+        _write_json(
+            out / "done.json",
+            {"global_step": trainer.global_step, "fit_seconds": fit_seconds, "metrics": metrics},
+        )
+    return metrics
+
+
+def _seed(run: RunArgs) -> None:
+    L.seed_everything(run.seed, workers=True, verbose=False)
+
+
+def run_train(
+    model: ModelArgs,
+    data: DataArgs,
+    optim: OptimSpec,
+    trainer: TrainerSpec,
+    run: RunArgs,
+) -> dict[str, float]:
+    """Train a task model (teacher, or a plain student as the baseline)."""
+    from maskd import models
+
+    task = models.task_of(model.name)
+    _check_files(model)
+    _seed(run)
+    dm, num_classes = build_data(data, task, run.seed)
+    _seed(run)
+    net, _, _ = build_model(model, num_classes)
+    meta = {
+        "job": "train",
+        "model": asdict(model),
+        "num_classes": _classes(model, num_classes),
+        "weights_prefix": "net.",
+    }
+    module = TrainModule(
+        net, task, _classes(model, num_classes), optim=optim, seed=run.seed, meta=meta
+    )
+    return _fit_and_finish(module, dm, trainer, run, None, net.state_dict)
+
+
+def _classes(model: ModelArgs, num_classes: int) -> int:
+    return model.num_classes if model.num_classes is not None else num_classes
+
+
+def run_learn_masks(
+    teacher: ModelArgs,
+    masks: MaskArgs,
+    data: DataArgs,
+    optim: OptimSpec,
+    trainer: TrainerSpec,
+    run: RunArgs,
+) -> dict[str, float]:
+    """Stage 1: learn receptive tokens on a frozen teacher; writes ``tokens.pt``."""
+    from maskd import models
+    from maskd.data import IMAGENET_MEAN, IMAGENET_STD
+    from maskd.learner import TokenLearner
+
+    task = models.task_of(teacher.name)
+    if teacher.weights is None:
+        raise ConfigError("teacher.weights is required: tokens are learned on a trained teacher")
+    _check_files(teacher)
+    _seed(run)
+    dm, num_classes = build_data(data, task, run.seed)
+    _seed(run)
+    net, default_layers, _ = build_model(teacher, num_classes)
+    layers = masks.layers or default_layers
+    learner = TokenLearner(net, layers, masks.num_tokens, masks.weighted, masks.dice_weight)
+    classes = _classes(teacher, num_classes)
+    meta = {
+        "job": "learn-masks",
+        "teacher": asdict(teacher),
+        "layers": layers,
+        "num_classes": classes,
+    }
+    module = LearnMasksModule(learner, task, classes, optim=optim, seed=run.seed, meta=meta)
+    callbacks: list = [TokenSaver(Path(run.out) / "tokens.pt")]
+    if masks.mask_images > 0 and dm.val_set is not None:
+        n = min(masks.mask_images, len(dm.val_set))
+        images = [dm.val_set[i][0] for i in range(n)]
+        norm = (IMAGENET_MEAN, IMAGENET_STD) if task == "segmentation" else (None, None)
+        if len({tuple(i.shape) for i in images}) == 1:
+            callbacks.append(MaskImageLogger(images, *norm))
+    return _fit_and_finish(module, dm, trainer, run, callbacks, None)
+
+
+def run_distill(
+    student: ModelArgs,
+    teacher: ModelArgs,
+    distill: DistillArgs,
+    data: DataArgs,
+    optim: OptimSpec,
+    trainer: TrainerSpec,
+    run: RunArgs,
+) -> dict[str, float]:
+    """Stage 2: distil the student through the teacher's frozen tokens; writes ``model.pt``."""
+    from maskd import models
+    from maskd.distiller import Distiller
+
+    task = models.task_of(student.name)
+    if models.task_of(teacher.name) != task:
+        raise ConfigError(
+            f"student {student.name!r} is a {task} model but teacher {teacher.name!r} is not"
+        )
+    if teacher.weights is None:
+        raise ConfigError("teacher.weights is required: distil from a trained teacher")
+    _check_files(student, teacher)
+    if not Path(distill.tokens).is_file():
+        raise FileNotFoundError(f"distill.tokens: no such file {distill.tokens!r}")
+    _seed(run)
+    dm, num_classes = build_data(data, task, run.seed)
+    _seed(run)
+    s_net, s_layers, _ = build_model(student, num_classes)
+    t_net, t_layers, _ = build_model(teacher, num_classes)
+    pairs = distill.pairs
+    if pairs is None:
+        if len(s_layers) != len(t_layers):
+            raise ConfigError(
+                f"default layers differ in count (student {s_layers}, teacher {t_layers}); "
+                "give distill.pairs"
+            )
+        pairs = dict(zip(s_layers, t_layers, strict=True))
+    tokens = load_token_file(distill.tokens, list(pairs.values()))
+    distiller = Distiller(
+        s_net,
+        t_net,
+        pairs,
+        tokens,
+        loss_weight=distill.loss_weight,
+        custom_mask_warmup=distill.custom_mask_warmup,
+        align=distill.align,
+        resize=distill.resize,
+        eps=distill.eps,
+    )
+    classes = _classes(student, num_classes)
+    meta = {
+        "job": "distill",
+        "model": asdict(student),
+        "teacher": asdict(teacher),
+        "pairs": pairs,
+        "num_classes": classes,
+        "weights_prefix": "net.student.",
+    }
+    module = DistillModule(distiller, task, classes, optim=optim, seed=run.seed, meta=meta)
+    return _fit_and_finish(module, dm, trainer, run, None, distiller.student_state_dict)
+
+
+def run_evaluate(
+    model: ModelArgs, data: DataArgs, trainer: TrainerSpec, out: str | None = None
+) -> dict[str, float]:
+    """Score a model on the validation split; optionally write the metrics as JSON."""
+    from maskd import models
+
+    task = models.task_of(model.name)
+    _check_files(model)
+    dm, num_classes = build_data(data, task, 0, train=False)
+    net, _, _ = build_model(model, num_classes)
+    module = TrainModule(net, task, _classes(model, num_classes))
+    run_dir = Path(out).parent if out else Path("runs/evaluate")
+    lt = build_trainer(trainer, run_dir, evaluation_only=True)
+    results = lt.test(module, datamodule=dm, verbose=False)
+    metrics = {
+        k.removeprefix("test/"): float(v) for k, v in (results[0] if results else {}).items()
+    }
+    if out and lt.is_global_zero:
+        _write_json(Path(out), metrics)
+    return metrics

@@ -1,0 +1,229 @@
+"""LightningModules for the three jobs: train a task model, learn tokens, distill.
+
+All three share :class:`MaskdModule`: a training step sums the dict of losses the
+wrapped module returns (every term logged), validation/test run a plain task model
+in eval mode through ``maskd.metrics``, and the optimizer only ever sees parameters
+that require grad (a frozen teacher or frozen tokens can never be stepped).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch import nn
+
+from maskd.engine.optim import OptimSpec, build_optimizer, build_scheduler
+from maskd.engine.sampling import mix_seed
+from maskd.tokens import ReceptiveTokens
+
+__all__ = ["DistillModule", "LearnMasksModule", "MaskdModule", "TrainModule", "make_metrics"]
+
+Task = Literal["detection", "segmentation"]
+
+
+def make_metrics(task: Task, num_classes: int, ignore_index: int = 255) -> nn.Module:
+    """The ``maskd.metrics`` collection for ``task``."""
+    from maskd import metrics
+
+    if task == "detection":
+        return metrics.DetectionMetrics()
+    if task == "segmentation":
+        return metrics.SegmentationMetrics(num_classes=num_classes, ignore_index=ignore_index)
+    raise ValueError(f"unknown task {task!r} (detection, segmentation)")
+
+
+def _batch_size(images: Any) -> int:
+    return images.shape[0] if isinstance(images, torch.Tensor) else len(images)
+
+
+class MaskdModule(L.LightningModule):
+    """Shared training / evaluation logic.
+
+    Args:
+        net: module called in training as ``net(images, targets) -> dict[str, Tensor]``.
+        task: ``detection`` or ``segmentation`` (picks the metrics).
+        num_classes: classes for the segmentation metric.
+        optim: optimizer and schedule.
+        seed: base of the per-step seeds (see :meth:`training_step`).
+        ignore_index: unlabelled pixel value for segmentation.
+        meta: JSON-able description of the job (model names, layers, ...) stored in
+            every checkpoint under ``"maskd"`` for ``maskd export`` / ``evaluate``.
+        metrics_factory: override for the metric object (tests).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        task: Task,
+        num_classes: int,
+        optim: OptimSpec | None = None,
+        seed: int = 0,
+        ignore_index: int = 255,
+        meta: dict[str, Any] | None = None,
+        metrics_factory: Callable[[], nn.Module] | None = None,
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.task = task
+        self.optim = optim or OptimSpec()
+        self.seed = seed
+        self.meta = dict(meta or {})
+        factory = metrics_factory or (lambda: make_metrics(task, num_classes, ignore_index))
+        self.val_metrics = factory()
+        self.test_metrics = factory()
+
+    # ---- what subclasses decide -------------------------------------------------
+    def eval_model(self) -> nn.Module:
+        """The task model whose predictions validation and test score."""
+        return self.net
+
+    def trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """Named parameters handed to the optimizer (``requires_grad`` ones only)."""
+        for name, p in self.net.named_parameters():
+            if p.requires_grad:
+                yield name, p
+
+    # ---- training ---------------------------------------------------------------
+    def training_step(self, batch: tuple[Any, Any], batch_idx: int) -> torch.Tensor:
+        """Sum of the net's losses.
+
+        The global RNG is re-seeded from (seed, step, micro-batch, rank) first, so the
+        random choices inside models (proposal sampling, dropout) depend only on the
+        position in training: a resumed run draws the same numbers as an uninterrupted one.
+        """
+        images, targets = batch
+        torch.manual_seed(mix_seed(self.seed, self.global_step, batch_idx, self.global_rank))
+        losses = self.net(images, targets)
+        if not isinstance(losses, dict) or not losses:
+            raise TypeError("in training mode the model must return a non-empty dict of losses")
+        total = torch.stack([v.float() for v in losses.values()]).sum()
+        if not bool(torch.isfinite(total)):
+            terms = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
+            raise FloatingPointError(
+                f"non-finite training loss at step {self.global_step} ({terms}); lower the "
+                "learning rate or the loss weights, or clip gradients (trainer.gradient_clip_val)"
+            )
+        n = _batch_size(images)
+        for key, value in losses.items():
+            self.log(f"train/{key}", value.detach().float(), batch_size=n)
+        self.log("train/loss", total.detach(), prog_bar=True, batch_size=n)
+        self._log_extras(n)
+        return total
+
+    def _log_extras(self, batch_size: int) -> None:
+        """Hook for extra per-step values (per-level distillation losses)."""
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = build_optimizer(self.trainable_parameters(), self.optim)
+        total = int(self.trainer.estimated_stepping_batches)
+        scheduler = build_scheduler(optimizer, self.optim, total)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+        }
+
+    # ---- evaluation -------------------------------------------------------------
+    def _evaluate(self, batch: tuple[Any, Any], metric: nn.Module) -> None:
+        images, targets = batch
+        model = self.eval_model()
+        with torch.no_grad():
+            preds = model(images)
+        metric.update(preds, targets)
+
+    def _finish(self, metric: nn.Module, prefix: str) -> dict[str, float]:
+        values = {
+            f"{prefix}/{k}": float(v)
+            for k, v in metric.compute().items()
+            if isinstance(v, (int, float)) or (torch.is_tensor(v) and v.numel() == 1)
+        }
+        metric.reset()
+        # compute() already gathered every rank's samples; no second reduction.
+        for key, value in values.items():
+            self.log(key, value, rank_zero_only=False, sync_dist=False)
+        return values
+
+    def validation_step(self, batch: tuple[Any, Any], batch_idx: int) -> None:
+        self._evaluate(batch, self.val_metrics)
+
+    def on_validation_epoch_end(self) -> None:
+        self._finish(self.val_metrics, "val")
+
+    def test_step(self, batch: tuple[Any, Any], batch_idx: int) -> None:
+        self._evaluate(batch, self.test_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        self._finish(self.test_metrics, "test")
+
+    # ---- checkpoint metadata ----------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["maskd"] = self.meta
+
+
+class TrainModule(MaskdModule):
+    """Train a task model (a teacher, or a plain student as the baseline)."""
+
+    def __init__(self, model: nn.Module, task: Task, num_classes: int, **kwargs: Any) -> None:
+        super().__init__(model, task, num_classes, **kwargs)
+
+    @property
+    def model(self) -> nn.Module:
+        return self.net
+
+
+class LearnMasksModule(MaskdModule):
+    """Stage 1: learn receptive tokens on a frozen teacher (a ``maskd.TokenLearner``).
+
+    Validation scores the teacher running on its masked features (the learner in eval
+    mode), which shows how much of the task the masks keep.
+    """
+
+    def __init__(self, learner: nn.Module, task: Task, num_classes: int, **kwargs: Any) -> None:
+        super().__init__(learner, task, num_classes, **kwargs)
+
+    @property
+    def learner(self) -> nn.Module:
+        return self.net
+
+
+class DistillModule(MaskdModule):
+    """Stage 2: distill a student with frozen tokens (a ``maskd.Distiller``).
+
+    Only the student and the align modules are optimized; the teacher's and the
+    tokens' parameters are excluded by identity even if something re-enabled their
+    gradients. Validation scores the student alone.
+    """
+
+    def __init__(self, distiller: nn.Module, task: Task, num_classes: int, **kwargs: Any) -> None:
+        super().__init__(distiller, task, num_classes, **kwargs)
+
+    @property
+    def distiller(self) -> nn.Module:
+        return self.net
+
+    def eval_model(self) -> nn.Module:
+        return self.net.student
+
+    def _frozen_ids(self) -> set[int]:
+        frozen = {id(p) for p in self.net.teacher.parameters()}
+        for module in self.net.modules():
+            if isinstance(module, ReceptiveTokens):
+                frozen |= {id(p) for p in module.parameters()}
+        return frozen
+
+    def trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        frozen = self._frozen_ids()
+        for name, p in self.net.named_parameters():
+            if p.requires_grad and id(p) not in frozen:
+                yield name, p
+
+    def _log_extras(self, batch_size: int) -> None:
+        levels = getattr(self.net, "last_level_losses", None)
+        if isinstance(levels, dict):
+            for key, value in levels.items():
+                # keys are already "loss_maskd/<teacher level>"
+                self.log(
+                    f"train/{key}", torch.as_tensor(value).detach().float(), batch_size=batch_size
+                )

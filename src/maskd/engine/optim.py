@@ -1,0 +1,127 @@
+"""Optimizers and per-iteration learning-rate schedules (METHOD.md's settings).
+
+Every schedule is a multiplier on the base learning rate, evaluated per optimizer
+step: a linear warm-up from ``warmup_factor`` to 1 over ``warmup_steps``, then
+``constant``, ``step`` (multiply by ``gamma`` at each milestone), ``cosine``
+(down to ``min_lr``) or ``poly`` (``(1 - t)^power``, as the segmentation recipes).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+__all__ = ["OptimSpec", "build_optimizer", "build_scheduler", "lr_factor", "param_groups"]
+
+
+@dataclass
+class OptimSpec:
+    """Optimizer and learning-rate schedule.
+
+    Args:
+        name: ``sgd`` (momentum, as the detection/segmentation recipes), ``adam`` or
+            ``adamw`` (stage 1 uses Adam).
+        lr: base learning rate.
+        momentum: SGD momentum.
+        weight_decay: L2 weight decay (decoupled for ``adamw``).
+        bias_lr_mult: learning-rate multiplier for bias parameters (FCOS uses 2).
+        bias_weight_decay: apply weight decay to biases too.
+        schedule: ``constant``, ``step``, ``cosine`` or ``poly``.
+        milestones: for ``step``: fractions of the total steps (values < 1) or absolute
+            step numbers (values >= 1) where the lr is multiplied by ``gamma``.
+        gamma: step decay factor.
+        min_lr: final lr of the cosine schedule.
+        power: exponent of the poly schedule.
+        warmup_steps: linear warm-up length in optimizer steps (0: none).
+        warmup_factor: lr multiplier at the first warm-up step.
+    """
+
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    bias_lr_mult: float = 1.0
+    bias_weight_decay: bool = True
+    schedule: Literal["constant", "step", "cosine", "poly"] = "step"
+    milestones: list[float] = field(default_factory=lambda: [0.67, 0.92])
+    gamma: float = 0.1
+    min_lr: float = 0.0
+    power: float = 0.9
+    warmup_steps: int = 0
+    warmup_factor: float = 0.001
+
+
+def param_groups(params: Iterable[tuple[str, nn.Parameter]], spec: OptimSpec) -> list[dict]:
+    """Split named trainable parameters into weight / bias groups.
+
+    Only parameters with ``requires_grad`` are kept, so frozen modules (a teacher,
+    receptive tokens in stage 2) can never be stepped by the optimizer.
+    """
+    weights, biases = [], []
+    for name, p in params:
+        if not p.requires_grad:
+            continue
+        (biases if name.endswith("bias") else weights).append(p)
+    groups = []
+    if weights:
+        groups.append({"params": weights, "lr": spec.lr, "weight_decay": spec.weight_decay})
+    if biases:
+        groups.append(
+            {
+                "params": biases,
+                "lr": spec.lr * spec.bias_lr_mult,
+                "weight_decay": spec.weight_decay if spec.bias_weight_decay else 0.0,
+            }
+        )
+    if not groups:
+        raise ValueError("no trainable parameters: every parameter has requires_grad=False")
+    return groups
+
+
+def build_optimizer(
+    params: Iterable[tuple[str, nn.Parameter]], spec: OptimSpec
+) -> torch.optim.Optimizer:
+    """Build the optimizer named by ``spec`` over the trainable ``named_parameters()``."""
+    groups = param_groups(params, spec)
+    if spec.name == "sgd":
+        return torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum)
+    if spec.name == "adam":
+        return torch.optim.Adam(groups, lr=spec.lr)
+    if spec.name == "adamw":
+        return torch.optim.AdamW(groups, lr=spec.lr)
+    raise ValueError(f"optim.name: unknown optimizer {spec.name!r} (sgd, adam, adamw)")
+
+
+def lr_factor(step: int, total_steps: int, spec: OptimSpec) -> float:
+    """Learning-rate multiplier at optimizer step ``step`` (0-based) of ``total_steps``."""
+    total = max(int(total_steps), 1)
+    if spec.schedule == "constant":
+        factor = 1.0
+    elif spec.schedule == "step":
+        bounds = [m * total if m < 1 else m for m in spec.milestones]
+        factor = spec.gamma ** sum(step >= b for b in bounds)
+    elif spec.schedule == "cosine":
+        t = min(step / total, 1.0)
+        floor = spec.min_lr / spec.lr if spec.lr > 0 else 0.0
+        factor = floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+    elif spec.schedule == "poly":
+        factor = max(1.0 - step / total, 0.0) ** spec.power
+    else:
+        raise ValueError(f"optim.schedule: unknown schedule {spec.schedule!r}")
+    if spec.warmup_steps > 0 and step < spec.warmup_steps:
+        alpha = step / spec.warmup_steps
+        factor *= spec.warmup_factor * (1.0 - alpha) + alpha
+    return factor
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, spec: OptimSpec, total_steps: int
+) -> LambdaLR:
+    """A per-step ``LambdaLR`` applying :func:`lr_factor` to every parameter group."""
+    return LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, spec))

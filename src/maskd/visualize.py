@@ -1,0 +1,252 @@
+"""Token masks over images, and loss curves, as PNG files.
+
+:func:`token_masks` runs a model up to its tapped layers and applies the receptive tokens
+of every level; :func:`mask_grid` lays the masks over the images (rows: images, columns:
+tokens) into one RGB array per level; :func:`save_mask_png` writes all levels into one PNG.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from maskd.taps import FeatureTaps, eval_mode
+from maskd.tokens import ReceptiveTokens
+
+__all__ = [
+    "load_images",
+    "loss_curves",
+    "mask_grid",
+    "read_csv_logs",
+    "save_loss_png",
+    "save_mask_png",
+    "token_masks",
+]
+
+
+class _TransformProbe:
+    """Image sizes and padded size produced by a torchvision detector's ``transform``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        transform = getattr(model, "transform", None)
+        self.transform = transform if hasattr(transform, "min_size") else None
+        self.sizes: list[tuple[int, int]] | None = None
+        self.padded: tuple[int, int] | None = None
+
+    def __enter__(self) -> _TransformProbe:
+        self._handle = None
+        if self.transform is not None:
+            self._handle = self.transform.register_forward_hook(self._hook)
+        return self
+
+    def _hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        image_list = output[0]
+        self.sizes = [tuple(int(v) for v in s) for s in image_list.image_sizes]
+        self.padded = tuple(image_list.tensors.shape[-2:])
+
+    def __exit__(self, *exc: object) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+
+
+@torch.no_grad()
+def token_masks(
+    model: nn.Module, tokens: Mapping[str, Sequence[ReceptiveTokens]], images: Sequence[Tensor]
+) -> dict[str, list[Tensor]]:
+    """Every token's mask on every image, at image resolution.
+
+    Args:
+        model: the (teacher) task model the tokens were learned on.
+        tokens: ``{layer path: [ReceptiveTokens per level]}``.
+        images: ``[3, H, W]`` tensors of one size, as the model takes them.
+
+    Returns:
+        ``{level name: [masks [T, H, W] per image]}`` with values in (0, 1).
+    """
+    layers = list(tokens)
+    taps = FeatureTaps(model, layers, stop=True)
+    probe = _TransformProbe(model)
+    device = next(model.parameters()).device
+    batch = torch.stack([img.to(device) for img in images])
+    with eval_mode(model), probe:
+        taps.run(batch)
+    feats = taps.features
+    by_level: list[tuple[str, ReceptiveTokens]] = []
+    for path in layers:
+        names = taps.levels()[path]
+        group = list(tokens[path])
+        if len(group) != len(names):
+            raise ValueError(
+                f"layer {path!r} has {len(names)} levels {names} but {len(group)} token sets"
+            )
+        by_level += list(zip(names, group, strict=True))
+    out: dict[str, list[Tensor]] = {}
+    h, w = batch.shape[-2:]
+    for name, tok in by_level:
+        masks = tok.to(device)(feats[name]).float().cpu()  # [N, T, h', w']
+        per_image = []
+        for i in range(len(images)):
+            m = masks[i : i + 1]
+            if probe.sizes is not None and probe.padded is not None:
+                # The detector resized and padded the image: keep the part over the image.
+                (ih, iw), (ph, pw) = probe.sizes[i], probe.padded
+                mh = max(1, round(m.shape[-2] * ih / ph))
+                mw = max(1, round(m.shape[-1] * iw / pw))
+                m = m[..., :mh, :mw]
+            per_image.append(F.interpolate(m, size=(h, w), mode="bilinear")[0])
+        out[name] = per_image
+    taps.clear()
+    return out
+
+
+def _to_rgb(image: Tensor, mean: Sequence[float] | None, std: Sequence[float] | None) -> np.ndarray:
+    img = image.detach().float().cpu()
+    if mean is not None and std is not None:
+        img = img * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
+    return img.clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+def mask_grid(
+    images: Sequence[Tensor],
+    masks: Sequence[Tensor],
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    alpha: float = 0.6,
+) -> np.ndarray:
+    """One level's masks laid over the images: rows = images, columns = image + tokens.
+
+    Args:
+        images: ``[3, H, W]`` tensors (denormalised with ``mean``/``std`` when given).
+        masks: ``[T, H, W]`` per image, values in [0, 1].
+
+    Returns:
+        ``uint8 [rows·H, (T + 1)·W, 3]``; each mask is drawn as a red heat overlay.
+    """
+    rows = []
+    for image, m in zip(images, masks, strict=True):
+        rgb = _to_rgb(image, mean, std)
+        tiles = [rgb]
+        heat = np.zeros_like(rgb)
+        heat[..., 0] = 1.0
+        for t in range(m.shape[0]):
+            a = alpha * m[t].clamp(0, 1).numpy()[..., None]
+            tiles.append(rgb * (1 - a) + heat * a)
+        rows.append(np.concatenate(tiles, axis=1))
+    return (np.concatenate(rows, axis=0) * 255).round().astype(np.uint8)
+
+
+def save_mask_png(
+    images: Sequence[Tensor],
+    masks: Mapping[str, Sequence[Tensor]],
+    path: str | Path,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> Path:
+    """All levels' grids stacked into one titled PNG (one panel per level)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grids = {name: mask_grid(images, m, mean, std) for name, m in masks.items()}
+    first = next(iter(grids.values()))
+    width = 2.0 + first.shape[1] / 64
+    heights = [g.shape[0] / 64 + 0.4 for g in grids.values()]
+    fig, axes = plt.subplots(len(grids), 1, figsize=(width, sum(heights)), squeeze=False)
+    for ax, (name, grid) in zip(axes[:, 0], grids.items(), strict=True):
+        ax.imshow(grid)
+        ax.set_title(f"{name}: image, then token 1..{next(iter(masks[name])).shape[0]}", fontsize=8)
+        ax.axis("off")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def load_images(paths: Sequence[str | Path], size: int | None = None) -> list[Tensor]:
+    """Read image files as float ``[3, H, W]`` tensors in [0, 1] (optionally resized square)."""
+    from PIL import Image
+
+    out = []
+    for p in paths:
+        p = Path(p)
+        if not p.is_file():
+            raise FileNotFoundError(f"image not found: {p}")
+        img = Image.open(p).convert("RGB")
+        if size is not None:
+            img = img.resize((size, size), Image.BILINEAR)
+        out.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255)
+    shapes = {tuple(t.shape) for t in out}
+    if len(shapes) > 1:
+        raise ValueError(f"images differ in size {sorted(shapes)}; pass a size to resize them")
+    return out
+
+
+def read_csv_logs(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """Merge every ``csv/version_*/metrics.csv`` of a run: ``{key: [(step, value)]}``.
+
+    A resumed run writes a new version; for a step logged twice, the later version wins.
+    """
+    merged: dict[str, dict[int, float]] = {}
+    versions = sorted(
+        Path(run_dir, "csv").glob("version_*/metrics.csv"),
+        key=lambda p: int(p.parent.name.split("_")[-1]),
+    )
+    for path in versions:
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                step = int(row.get("step") or 0)
+                for key, value in row.items():
+                    if key in ("step", "epoch") or value in ("", None):
+                        continue
+                    merged.setdefault(key, {})[step] = float(value)
+    return {k: sorted(v.items()) for k, v in merged.items()}
+
+
+def loss_curves(run_dir: str | Path, prefix: str = "train/") -> dict[str, list[tuple[int, float]]]:
+    """The logged training loss terms of a run (keys starting with ``prefix``)."""
+    return {k: v for k, v in read_csv_logs(run_dir).items() if k.startswith(prefix)}
+
+
+def save_loss_png(
+    runs: Mapping[str, str | Path], path: str | Path, key: str = "train/loss"
+) -> Path:
+    """Plot ``key`` (and, per run, every ``train/loss_*`` term) against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(runs)
+    cols = min(n, 2)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.5 * rows), squeeze=False)
+    for ax, (label, run_dir) in zip(axes.flat, runs.items(), strict=False):
+        curves = loss_curves(run_dir)
+        for name, points in sorted(curves.items()):
+            if not points or "/" in name[len("train/") :]:
+                continue
+            steps, values = zip(*points, strict=True)
+            ax.plot(steps, values, label=name[len("train/") :], lw=2 if name == key else 1)
+        ax.set_title(label)
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

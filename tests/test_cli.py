@@ -1,0 +1,444 @@
+"""Command-line tests: every subcommand on tiny synthetic data (64 px, a few steps).
+
+The pipeline fixture runs train → learn-masks → distill → evaluate → export → visualize once
+on a small segmentation dataset; each test then checks one command's results against an
+independent computation.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from maskd.cli import main
+
+SEG = {"kind": "folder", "size": 64, "batch_size": 2, "val_batch_size": 4}
+TRAINER = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.progress_bar=false"]
+
+
+def run_cli(args, capsys=None):
+    code = main([str(a) for a in args])
+    if capsys is None:
+        return code, "", ""
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def seg_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("segdata")
+    code = main(
+        [
+            "data",
+            "synth",
+            "--out",
+            str(root),
+            "--task",
+            "segmentation",
+            "--train",
+            "6",
+            "--val",
+            "4",
+            "--size",
+            "64",
+            "--seed",
+            "1",
+            "--preview",
+            "0",
+        ]
+    )
+    assert code == 0
+    return root
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, seg_data):
+    """train (teacher + student) → learn-masks → distill on the segmentation data."""
+    base = tmp_path_factory.mktemp("runs")
+    cfg = base / "teacher.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name": "deeplabv3_resnet18"},
+                "data": {**SEG, "root": str(seg_data)},
+                "optim": {"lr": 0.01, "schedule": "cosine", "warmup_steps": 1},
+                "trainer": {"max_steps": 99, "log_every_n_steps": 1, "val_every_n_epochs": 0},
+                "run": {"out": str(base / "teacher"), "seed": 3},
+            }
+        )
+    )
+    # --trainer.max_steps on the command line overrides the YAML's 99
+    assert main(["train", "--config", str(cfg), "--trainer.max_steps=2", *TRAINER]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(cfg),
+                "--model.name=fcn_resnet18",
+                "--trainer.max_steps=2",
+                f"--run.out={base / 'student'}",
+                *TRAINER,
+            ]
+        )
+        == 0
+    )
+    common = [
+        f"--data.root={seg_data}",
+        "--data.kind=folder",
+        "--data.size=64",
+        "--data.batch_size=2",
+        "--trainer.max_steps=2",
+        "--trainer.log_every_n_steps=1",
+        *TRAINER,
+    ]
+    teacher = [
+        "--teacher.name=deeplabv3_resnet18",
+        f"--teacher.weights={base / 'teacher' / 'model.pt'}",
+    ]
+    assert (
+        main(
+            [
+                "learn-masks",
+                *teacher,
+                "--masks.num_tokens=3",
+                "--masks.weighted=false",
+                "--masks.mask_images=2",
+                f"--run.out={base / 'masks'}",
+                *common,
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "distill",
+                *teacher,
+                "--student.name=fcn_resnet18",
+                f"--distill.tokens={base / 'masks' / 'tokens.pt'}",
+                "--distill.loss_weight=0.5",
+                "--distill.eps=1e-5",
+                f"--run.out={base / 'distill'}",
+                *common,
+            ]
+        )
+        == 0
+    )
+    return base
+
+
+def test_no_arguments_prints_help(capsys):
+    code, out, _ = run_cli([], capsys)
+    assert code == 2 and "learn-masks" in out and "distill" in out
+
+
+def test_models_lists_the_registry(capsys):
+    from maskd import models
+
+    code, out, _ = run_cli(["models", "--task", "segmentation"], capsys)
+    assert code == 0
+    listed = [line.split()[0] for line in out.splitlines()[1:]]
+    assert listed == models.available("segmentation")
+
+
+def test_data_synth_detection_counts(tmp_path, capsys):
+    from pycocotools.coco import COCO
+
+    code, _, _ = run_cli(
+        [
+            "data",
+            "synth",
+            "--out",
+            tmp_path / "d",
+            "--task",
+            "detection",
+            "--train",
+            "3",
+            "--val",
+            "2",
+            "--size",
+            "48",
+            "--preview",
+            "2",
+        ],
+        capsys,
+    )
+    assert code == 0
+    for split, n in (("train", 3), ("val", 2)):
+        coco = COCO(str(tmp_path / "d" / "annotations" / f"instances_{split}.json"))
+        assert len(coco.getImgIds()) == n
+    assert (tmp_path / "d" / "preview.png").is_file()
+
+
+def test_train_writes_resolved_config_and_override_wins(pipeline):
+    cfg = yaml.safe_load((pipeline / "teacher" / "config.yaml").read_text())
+    assert cfg["trainer"]["max_steps"] == 2 and cfg["model"]["name"] == "deeplabv3_resnet18"
+    done = json.loads((pipeline / "teacher" / "done.json").read_text())
+    assert done["global_step"] == 2
+    csv = next((pipeline / "teacher" / "csv").glob("version_*/metrics.csv")).read_text()
+    for key in ("train/loss_seg", "train/loss_aux", "train/loss", "lr-SGD"):
+        assert key in csv
+    assert (pipeline / "teacher" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_print_config_shows_yaml_plus_overrides(pipeline, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(
+            [
+                "train",
+                "--config",
+                str(pipeline / "teacher.yaml"),
+                "--optim.lr=0.5",
+                "--print_config",
+            ]
+        )
+    assert exc.value.code == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert (
+        cfg["optim"]["lr"] == 0.5
+        and cfg["run"]["seed"] == 3
+        and cfg["optim"]["schedule"] == "cosine"
+    )
+
+
+def test_learn_masks_trains_only_tokens_and_logs_mask_images(pipeline):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from maskd.models import build
+    from maskd.token_io import load_tokens
+
+    tokens = load_tokens(pipeline / "masks" / "tokens.pt")
+    assert list(tokens) == ["model.classifier.4"]
+    (tok,) = tokens["model.classifier.4"]
+    assert tok.num_tokens == 3 and tok.channels == 7 and not tok.weighted  # 6 shapes + background
+    # tokens moved away from their N(0, 0.01²) initialisation (Adam lr 0.01, 2 steps)
+    assert tok.mask_token.abs().max() > 0.015
+    # the teacher in the checkpoint is bit-identical to the trained teacher
+    ckpt = torch.load(pipeline / "masks" / "checkpoints" / "last.ckpt", weights_only=True)
+    teacher, _ = build("deeplabv3_resnet18", 7, weights=str(pipeline / "teacher" / "model.pt"))
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(ckpt["state_dict"][f"net.teacher.{k}"], v), k
+    acc = EventAccumulator(str(pipeline / "masks" / "tensorboard"), size_guidance={"images": 0})
+    acc.Reload()
+    assert "masks/model.classifier.4" in acc.Tags()["images"]
+
+
+def test_distill_checkpoint_and_student(pipeline):
+    from maskd.models import build
+
+    ckpt = torch.load(pipeline / "distill" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["maskd"]["job"] == "distill" and ckpt["global_step"] == 2
+    teacher, _ = build("deeplabv3_resnet18", 7, weights=str(pipeline / "teacher" / "model.pt"))
+    for k, v in teacher.state_dict().items():  # teacher untouched by stage 2
+        assert torch.equal(ckpt["state_dict"][f"net.teacher.{k}"], v), k
+    student = torch.load(pipeline / "distill" / "model.pt", weights_only=True)
+    for k, v in student.items():
+        assert torch.equal(ckpt["state_dict"][f"net.student.{k}"], v), k
+    csv = next((pipeline / "distill" / "csv").glob("version_*/metrics.csv")).read_text()
+    assert "train/loss_maskd" in csv and "train/loss_maskd/model.classifier.4" in csv
+
+
+def test_evaluate_matches_an_independent_miou(pipeline, seg_data, tmp_path, capsys):
+    from maskd.data import build_dataset, build_transforms
+    from maskd.models import build
+
+    out = tmp_path / "m.json"
+    code, stdout, _ = run_cli(
+        [
+            "evaluate",
+            "--model.name=fcn_resnet18",
+            f"--model.weights={pipeline / 'distill' / 'model.pt'}",
+            f"--data.root={seg_data}",
+            "--data.kind=folder",
+            f"--out={out}",
+            "--trainer.accelerator=cpu",
+            "--trainer.devices=1",
+        ],
+        capsys,
+    )
+    assert code == 0 and "miou" in stdout
+    metrics = json.loads(out.read_text())
+    model, _ = build("fcn_resnet18", 7, weights=str(pipeline / "distill" / "model.pt"))
+    model.eval()
+    val = build_dataset("folder", seg_data, "val", build_transforms("segmentation", False, None))
+    conf = np.zeros((7, 7), dtype=np.int64)
+    with torch.no_grad():
+        for img, mask in val:
+            pred = model(img[None]).argmax(1)[0]
+            keep = mask != 255
+            np.add.at(conf, (mask[keep].numpy(), pred[keep].numpy()), 1)
+    inter = np.diag(conf)
+    union = conf.sum(0) + conf.sum(1) - inter
+    present = union > 0
+    assert metrics["miou"] == pytest.approx((inter[present] / union[present]).mean(), abs=1e-6)
+
+
+def test_export_of_distilled_student_loads_into_registry_model(pipeline, tmp_path, capsys):
+    from maskd.models import build
+
+    out = tmp_path / "student.pt"
+    code, stdout, _ = run_cli(
+        [
+            "export",
+            "--checkpoint",
+            pipeline / "distill" / "checkpoints" / "last.ckpt",
+            "--out",
+            out,
+        ],
+        capsys,
+    )
+    assert code == 0 and "fcn_resnet18" in stdout
+    exported = torch.load(out, weights_only=True)
+    student = torch.load(pipeline / "distill" / "model.pt", weights_only=True)
+    # SegmentationTask's "model." prefix is gone: torchvision's layout
+    assert set(exported) == {k.removeprefix("model.") for k in student}
+    model, _ = build("fcn_resnet18", 7, weights=str(out))
+    for k, v in student.items():
+        assert torch.equal(model.state_dict()[k], v)
+
+
+def test_visualize_writes_png(pipeline, seg_data, tmp_path, capsys):
+    from PIL import Image
+
+    images = sorted((seg_data / "val" / "images").glob("*.png"))[:2]
+    out = tmp_path / "masks.png"
+    code, _, err = run_cli(
+        [
+            "visualize",
+            "--teacher.name=deeplabv3_resnet18",
+            "--teacher.num_classes=7",
+            f"--teacher.weights={pipeline / 'teacher' / 'model.pt'}",
+            f"--tokens={pipeline / 'masks' / 'tokens.pt'}",
+            "--normalize=true",
+            "--images",
+            json.dumps([str(p) for p in images]),
+            f"--out={out}",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    assert Image.open(out).size[0] > 100
+
+
+def test_resume_last_continues_and_refuses_silent_restart(pipeline, capsys):
+    cfg = pipeline / "teacher.yaml"
+    out = pipeline / "teacher"
+    code, _, err = run_cli(["train", "--config", cfg, "--trainer.max_steps=3", *TRAINER], capsys)
+    assert code == 1 and "--run.resume last" in err and len(err.strip().splitlines()) == 1
+    code, _, _ = run_cli(
+        ["train", "--config", cfg, "--trainer.max_steps=3", "--run.resume=last", *TRAINER], capsys
+    )
+    assert code == 0
+    assert json.loads((out / "done.json").read_text())["global_step"] == 3
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["train", "--model.name=resnet_nope", "--data.root=."], "unknown model 'resnet_nope'"),
+        (
+            [
+                "train",
+                "--model.name=fcn_resnet18",
+                "--data.kind=folder",
+                "--data.root=/no/such/dir",
+            ],
+            "no such folder",
+        ),
+        (
+            [
+                "learn-masks",
+                "--teacher.name=deeplabv3_resnet18",
+                "--teacher.weights=/no/such.pt",
+                "--data.kind=folder",
+                "--data.root=.",
+            ],
+            "no such file",
+        ),
+        (["export", "--checkpoint=/no/such.ckpt", "--out=x.pt"], "no such file"),
+    ],
+)
+def test_config_errors_are_one_line(args, needle, capsys, seg_data):
+    code, _, err = run_cli(args, capsys)
+    assert code == 1
+    assert needle in err and err.startswith("maskd: error:") and len(err.strip().splitlines()) == 1
+
+
+def test_unknown_layer_is_one_line(pipeline, seg_data, capsys):
+    code, _, err = run_cli(
+        [
+            "learn-masks",
+            "--teacher.name=deeplabv3_resnet18",
+            f"--teacher.weights={pipeline / 'teacher' / 'model.pt'}",
+            '--masks.layers=["model.classifer.4"]',
+            f"--data.root={seg_data}",
+            "--data.kind=folder",
+            "--data.size=64",
+            f"--run.out={pipeline / 'bad'}",
+            *TRAINER,
+        ],
+        capsys,
+    )
+    assert code == 1 and "unknown layer 'model.classifer.4'" in err and "model.classifier.4" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_bad_option_value_is_one_line(capsys):
+    code, _, err = run_cli(["train", "--optim.name=rmsprop"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "optim.name" in err
+
+
+def test_console_script_reports_errors_without_traceback(tmp_path):
+    exe = Path(sys.executable).with_name("maskd")
+    proc = subprocess.run(
+        [
+            str(exe),
+            "export",
+            "--checkpoint",
+            str(tmp_path / "none.ckpt"),
+            "--out",
+            str(tmp_path / "x.pt"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr and proc.stderr.startswith("maskd: error:")
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+STAGE_COMMANDS = {
+    "teacher.yaml": "train",
+    "student.yaml": "train",
+    "learn_masks.yaml": "learn-masks",
+    "distill.yaml": "distill",
+}
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted(p for p in CONFIGS.rglob("*.yaml") if p.name in STAGE_COMMANDS),
+    ids=lambda p: str(p.relative_to(CONFIGS)),
+)
+def test_shipped_configs_parse_and_name_registry_models(path, capsys):
+    from maskd import models
+
+    with pytest.raises(SystemExit) as exc:
+        main([STAGE_COMMANDS[path.name], "--config", str(path), "--print_config"])
+    assert exc.value.code == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    for group in ("model", "teacher", "student"):
+        if group in cfg:
+            models.get_spec(cfg[group]["name"])  # raises for unknown names
+    if path.name == "distill.yaml":
+        s, t = cfg["student"]["name"], cfg["teacher"]["name"]
+        assert models.task_of(s) == models.task_of(t)

@@ -1,0 +1,387 @@
+"""Engine tests: schedules, samplers, atomic checkpoints, exact resume, module plumbing.
+
+A tiny conv segmenter (dropout + random flips, so resume has randomness to get right)
+stands in for a task model; it follows the task-model contract.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+from torch.utils.data import Dataset
+
+from maskd.engine.checkpoint import AtomicCheckpointIO, atomic_save
+from maskd.engine.datamodule import MaskdDataModule
+from maskd.engine.modules import DistillModule, TrainModule
+from maskd.engine.optim import OptimSpec, build_optimizer, build_scheduler, lr_factor
+from maskd.engine.sampling import ResumableSampler, SeededDataset, ShardedSampler
+from maskd.engine.trainer import TrainerSpec, build_trainer
+
+
+class TinySeg(nn.Module):
+    """Conv segmenter following the task-model contract (no BatchNorm)."""
+
+    def __init__(self, num_classes: int = 3, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1)
+        )
+        self.drop = nn.Dropout2d(dropout)
+        self.head = nn.Conv2d(8, num_classes, 1)
+
+    def forward(self, images, targets=None):
+        logits = self.head(self.drop(torch.relu(self.body(images))))
+        if self.training:
+            return {"loss_ce": F.cross_entropy(logits, targets, ignore_index=255)}
+        return logits
+
+
+class RandomSegData(Dataset):
+    """Deterministic images whose class is a colour threshold; optional random h-flip."""
+
+    def __init__(self, n: int = 12, size: int = 16, flip: bool = False) -> None:
+        g = torch.Generator().manual_seed(123)
+        self.images = torch.rand(n, 3, size, size, generator=g)
+        self.masks = (self.images[:, 0] * 3).long().clamp(max=2)
+        self.flip = flip
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i):
+        img, mask = self.images[i], self.masks[i]
+        if self.flip and torch.rand(()) < 0.5:
+            img, mask = img.flip(-1), mask.flip(-1)
+        return img, mask
+
+
+class PixelAccuracy(nn.Module):
+    """Minimal metric with the maskd.metrics interface (update / compute / reset)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reset()
+
+    def reset(self) -> None:
+        self.correct, self.total = 0, 0
+
+    def update(self, preds, targets) -> None:
+        self.correct += int((preds.argmax(1) == targets).sum())
+        self.total += targets.numel()
+
+    def compute(self) -> dict[str, float]:
+        return {"acc": self.correct / max(self.total, 1)}
+
+
+def tiny_trainer(run_dir, max_steps, **kw):
+    spec = TrainerSpec(
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        progress_bar=False,
+        val_every_n_epochs=0,
+        log_every_n_steps=1,
+        deterministic=True,
+        **{k: v for k, v in kw.items() if k in TrainerSpec.__dataclass_fields__},
+    )
+    return build_trainer(spec, run_dir, callbacks=kw.get("callbacks"))
+
+
+# ---- schedules --------------------------------------------------------------------
+
+
+def test_lr_factor_matches_formulas():
+    cos = OptimSpec(lr=0.1, schedule="cosine", min_lr=1e-3, warmup_steps=10, warmup_factor=0.01)
+    for step in (0, 5, 10, 50, 99):
+        a = step / 10
+        warm = 0.01 * (1 - a) + a if step < 10 else 1.0
+        floor = 1e-3 / 0.1
+        want = (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * step / 100))) * warm
+        assert lr_factor(step, 100, cos) == pytest.approx(want, rel=1e-12)
+    step_spec = OptimSpec(schedule="step", milestones=[0.5, 80], gamma=0.1)
+    assert [lr_factor(s, 100, step_spec) for s in (49, 50, 79, 80)] == pytest.approx(
+        [1.0, 0.1, 0.1, 0.01]
+    )
+    poly = OptimSpec(schedule="poly", power=0.9)
+    assert lr_factor(30, 100, poly) == pytest.approx(0.7**0.9)
+
+
+def test_optimizer_skips_frozen_and_applies_bias_multiplier():
+    model = TinySeg()
+    model.body.requires_grad_(False)
+    spec = OptimSpec(
+        name="sgd", lr=0.1, weight_decay=1e-4, bias_lr_mult=2.0, bias_weight_decay=False
+    )
+    opt = build_optimizer(model.named_parameters(), spec)
+    ids = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert ids == {id(model.head.weight), id(model.head.bias)}
+    by_lr = {g["lr"]: g for g in opt.param_groups}
+    assert by_lr[0.2]["params"][0] is model.head.bias and by_lr[0.2]["weight_decay"] == 0.0
+    sched = build_scheduler(opt, OptimSpec(lr=0.1, schedule="poly", power=1.0), 10)
+    opt.step()
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.9)
+    with pytest.raises(ValueError, match="no trainable"):
+        build_optimizer(nn.Linear(2, 2).requires_grad_(False).named_parameters(), spec)
+
+
+# ---- samplers ---------------------------------------------------------------------
+
+
+def test_sampler_shards_form_the_single_process_permutation_and_skip():
+    single = [i for _, i in ResumableSampler(10, seed=3)]
+    assert sorted(single) == list(range(10))
+    ranks = [[i for _, i in ResumableSampler(10, seed=3, rank=r, world_size=2)] for r in (0, 1)]
+    interleaved = [x for pair in zip(*ranks, strict=True) for x in pair]
+    assert interleaved == single
+    s = ResumableSampler(10, seed=3)
+    s.set_epoch(1)
+    epoch1 = [i for _, i in s]
+    assert epoch1 != single
+    s.skip(1, 4)
+    assert [i for _, i in s] == epoch1[4:]
+    assert [i for _, i in s] == epoch1  # the skip applies once
+    assert list(ShardedSampler(5, 1, 2)) == [1, 3]
+
+
+def test_seeded_dataset_is_independent_of_global_rng():
+    ds = SeededDataset(RandomSegData(4, flip=True), seed=1)
+    torch.manual_seed(0)
+    a = [ds[(e, i)][0] for e in range(3) for i in range(4)]
+    torch.manual_seed(99)
+    b = [ds[(e, i)][0] for e in range(3) for i in range(4)]
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    # some samples flip in some epochs and not others: the seed includes the epoch
+    assert any(not torch.equal(ds[(0, i)][0], ds[(1, i)][0]) for i in range(4))
+
+
+# ---- atomic checkpoints -----------------------------------------------------------
+
+
+def test_crash_mid_write_leaves_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+
+    real_save = torch.save
+
+    def crashing_save(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)
+        f.truncate(10)  # half-written file, then the process "dies"
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"step": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    loaded = torch.load(path, weights_only=True)
+    assert loaded["step"] == 1 and torch.equal(loaded["w"], torch.ones(3))
+    assert sorted(os.listdir(tmp_path)) == ["last.ckpt"]  # no temp file left behind
+    atomic_save({"step": 3}, path)
+    assert torch.load(path, weights_only=True)["step"] == 3
+
+
+# ---- training and exact resume ----------------------------------------------------
+
+
+class CrashAt(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError("simulated crash")
+
+
+def _fit(run_dir: Path, max_steps: int, resume=None, crash_at=None, accumulate=1):
+    torch.manual_seed(0)
+    model = TinySeg(dropout=0.3)
+    optim = OptimSpec(name="sgd", lr=0.2, momentum=0.9, schedule="cosine", warmup_steps=3)
+    module = TrainModule(
+        model, "segmentation", 3, optim=optim, seed=7, metrics_factory=PixelAccuracy
+    )
+    data = MaskdDataModule(RandomSegData(10, flip=True), RandomSegData(4), batch_size=2, seed=5)
+    callbacks = [CrashAt(crash_at)] if crash_at is not None else []
+    trainer = tiny_trainer(
+        run_dir,
+        max_steps,
+        checkpoint_every_n_steps=2,
+        accumulate_grad_batches=accumulate,
+        gradient_clip_val=1.0,
+        callbacks=callbacks,
+    )
+    trainer.fit(module, datamodule=data, ckpt_path=resume)
+    return model, trainer
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_resume_equals_uninterrupted_run(tmp_path, accumulate):
+    # 5 batches per epoch; 7 steps cross an epoch boundary, the crash happens mid-epoch.
+    steps = 7 if accumulate == 1 else 4
+    straight, _ = _fit(tmp_path / "a", steps, accumulate=accumulate)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _fit(tmp_path / "b", steps, crash_at=steps // 2 + 1, accumulate=accumulate)
+    ckpt = tmp_path / "b" / "checkpoints" / "last.ckpt"
+    saved = torch.load(ckpt, weights_only=False)
+    assert saved["global_step"] < steps
+    resumed, trainer = _fit(tmp_path / "b", steps, resume=str(ckpt), accumulate=accumulate)
+    assert trainer.global_step == steps
+    for (name, p), q in zip(
+        straight.state_dict().items(), resumed.state_dict().values(), strict=True
+    ):
+        assert torch.equal(p, q), name
+    # and training did move the weights
+    assert not torch.equal(TinySeg().head.weight, straight.head.weight)
+
+
+def test_training_logs_losses_lr_and_metrics(tmp_path):
+    torch.manual_seed(0)
+    module = TrainModule(
+        TinySeg(), "segmentation", 3, optim=OptimSpec(lr=0.05), metrics_factory=PixelAccuracy
+    )
+    data = MaskdDataModule(RandomSegData(8), RandomSegData(4), batch_size=2)
+    spec = TrainerSpec(
+        max_steps=4,
+        accelerator="cpu",
+        devices=1,
+        progress_bar=False,
+        log_every_n_steps=1,
+        val_every_n_epochs=1,
+    )
+    trainer = build_trainer(spec, tmp_path)
+    trainer.fit(module, datamodule=data)
+    metrics = trainer.validate(module, datamodule=data, verbose=False)[0]
+    # independent computation of the validation accuracy
+    model = module.model.eval()
+    val = RandomSegData(4)
+    with torch.no_grad():
+        pred = model(val.images).argmax(1)
+    assert metrics["val/acc"] == pytest.approx((pred == val.masks).float().mean().item())
+    csv = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text()
+    for key in ("train/loss_ce", "train/loss", "lr-SGD", "val/acc"):
+        assert key in csv
+    assert any((tmp_path / "tensorboard").iterdir())
+
+
+class FakeDistiller(nn.Module):
+    """Shape of a Distiller for optimizer-plumbing tests: student + align train, teacher not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.student, self.teacher = TinySeg(), TinySeg()
+        self.align = nn.Conv2d(8, 8, 1)
+        self.teacher.requires_grad_(True)  # even if someone re-enables it, it must stay out
+
+
+def test_distill_module_never_optimizes_teacher():
+    d = FakeDistiller()
+    module = DistillModule(d, "segmentation", 3, metrics_factory=PixelAccuracy)
+    names = {n for n, _ in module.trainable_parameters()}
+    assert names and all(n.startswith(("student.", "align.")) for n in names)
+    assert {"align.weight", "student.head.weight"} <= names
+    assert module.eval_model() is d.student
+
+
+def test_non_finite_loss_stops_training_with_a_clear_error(tmp_path):
+    class Exploding(TinySeg):
+        def forward(self, images, targets=None):
+            out = super().forward(images, targets)
+            if self.training:
+                out["loss_bad"] = torch.tensor(float("nan"))
+            return out
+
+    module = TrainModule(Exploding(), "segmentation", 3, metrics_factory=PixelAccuracy)
+    data = MaskdDataModule(RandomSegData(4), RandomSegData(2), batch_size=2)
+    with pytest.raises(FloatingPointError, match="loss_bad=nan"):
+        tiny_trainer(tmp_path, 2).fit(module, datamodule=data)
+
+
+def test_token_masks_and_grid_match_a_direct_computation():
+    from maskd.tokens import ReceptiveTokens
+    from maskd.visualize import mask_grid, token_masks
+
+    torch.manual_seed(0)
+    model = TinySeg()
+    tok = ReceptiveTokens(8, num_tokens=3)
+    with torch.no_grad():
+        tok.mask_token.normal_(0, 1.0)
+    images = [torch.rand(3, 16, 16) for _ in range(2)]
+    masks = token_masks(model, {"body": [tok]}, images)
+    assert list(masks) == ["body"]
+    feats = model.body(torch.stack(images))  # [2, 8, 16, 16]
+    want = torch.sigmoid(torch.einsum("tc,nchw->nthw", tok.mask_token, feats))
+    for i in range(2):
+        torch.testing.assert_close(masks["body"][i], want[i].detach())
+    black = [torch.zeros(3, 16, 16)] * 2
+    grid = mask_grid(black, masks["body"], alpha=1.0)
+    assert grid.shape == (2 * 16, 4 * 16, 3) and grid.dtype.name == "uint8"
+    # over a black image with alpha 1, token t's tile has the mask as its red channel
+    red = torch.from_numpy(grid[:16, 16:32, 0].astype("float32")) / 255
+    torch.testing.assert_close(red, want[0, 0].detach(), atol=1 / 255, rtol=0)
+
+
+def _params_after(tmp_path, batch_size, accumulate, precision="32-true", model=None):
+    torch.manual_seed(0)
+    model = model or TinySeg()
+    optim = OptimSpec(name="sgd", lr=0.3, momentum=0.9, schedule="constant")
+    module = TrainModule(model, "segmentation", 3, optim=optim, metrics_factory=PixelAccuracy)
+    data = MaskdDataModule(RandomSegData(16), RandomSegData(2), batch_size=batch_size, seed=1)
+    spec = TrainerSpec(
+        max_steps=3,
+        accelerator="cpu",
+        devices=1,
+        progress_bar=False,
+        val_every_n_epochs=0,
+        accumulate_grad_batches=accumulate,
+        precision=precision,
+    )
+    build_trainer(spec, tmp_path).fit(module, datamodule=data)
+    return model
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
+    big = _params_after(tmp_path / "a", batch_size=4, accumulate=1)
+    acc = _params_after(tmp_path / "b", batch_size=2, accumulate=2)
+    for (name, p), q in zip(big.state_dict().items(), acc.state_dict().values(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_precision_flag_runs_the_forward_under_autocast(tmp_path):
+    seen = []
+
+    class Recording(TinySeg):
+        def forward(self, images, targets=None):
+            if self.training:
+                seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+            return super().forward(images, targets)
+
+    _params_after(tmp_path, 2, 1, precision="bf16-mixed", model=Recording())
+    assert seen and all(s == (True, torch.bfloat16) for s in seen)
+
+
+def test_distill_reads_our_token_files_and_released_ones(tmp_path):
+    from maskd.engine.jobs import ConfigError, load_token_file
+    from maskd.token_io import save_tokens
+    from maskd.tokens import ReceptiveTokens
+
+    ours = {"backbone.fpn": [ReceptiveTokens(8, 3), ReceptiveTokens(8, 3)]}
+    save_tokens(tmp_path / "ours.pt", ours)
+    back = load_token_file(str(tmp_path / "ours.pt"), ["backbone.fpn"])
+    assert torch.equal(back["backbone.fpn"][1].mask_token, ours["backbone.fpn"][1].mask_token)
+
+    token = torch.randn(8, 19)  # released segmentation format: a bare {mask_token: [T, C]}
+    torch.save({"mask_token": token}, tmp_path / "official.pth")
+    got = load_token_file(str(tmp_path / "official.pth"), ["model.classifier.4"])
+    (tok,) = got["model.classifier.4"]
+    assert tok.num_tokens == 8 and tok.channels == 19 and torch.equal(tok.mask_token, token)
+    with pytest.raises(ConfigError, match="exactly one teacher layer"):
+        load_token_file(str(tmp_path / "official.pth"), ["a", "b"])
+    with pytest.raises(FileNotFoundError):
+        load_token_file(str(tmp_path / "none.pt"), ["a"])
