@@ -41,7 +41,9 @@ def _perturb(model):
 def _same_detections(a, b, exact=True):
     """Equal predictions; ``exact=False`` allows float rounding (FrozenBatchNorm2d computes
     ``x * (w / sqrt(var + eps)) + b'`` where BatchNorm2d computes ``(x - mean) / ... ``)."""
-    tol = {"rtol": 0, "atol": 0} if exact else {"rtol": 1e-5, "atol": 1e-5}
+    # Boxes are pixel coordinates (up to 64 here): float32 rounding of the two BatchNorm
+    # forms moves them by up to ~1e-6 relative, i.e. a few 1e-5 pixels.
+    tol = {"rtol": 0, "atol": 0} if exact else {"rtol": 1e-4, "atol": 1e-4}
     assert len(a) == len(b)
     for x, y in zip(a, b, strict=True):
         assert x["boxes"].shape[0] > 0  # compare real detections, not two empty lists
@@ -81,6 +83,7 @@ def test_detector_export_loads_into_torchvision_builder(tmp_path, prefix):
 
 def test_frozen_bn_resnet18_retinanet_loads_with_the_printed_torchvision_code(tmp_path):
     opts = {"min_size": 64, "max_size": 64, "score_thresh": 0.0, "frozen_bn": True}
+    torch.manual_seed(0)
     model, _ = build("retinanet_resnet18_fpn", K, **opts)
     _perturb(model).eval()
     ckpt = _fake_checkpoint(

@@ -101,7 +101,7 @@ class MaskdModule(L.LightningModule):
             raise TypeError("in training mode the model must return a non-empty dict of losses")
         total = torch.stack([v.float() for v in losses.values()]).sum()
         if not bool(torch.isfinite(total)):
-            terms = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
+            terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
             raise FloatingPointError(
                 f"non-finite training loss at step {self.global_step} ({terms}); lower the "
                 "learning rate or the loss weights, or clip gradients (trainer.gradient_clip_val)"
