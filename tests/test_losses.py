@@ -423,3 +423,21 @@ def test_mask_that_underflowed_to_zero_contributes_nothing():
     # The zero token's term is 0; the others are the literal formula (mean over all T tokens).
     ref = literal_loss(s.double(), t.double(), masks[:, 1:].double()) * (2 / 3)
     assert abs(loss.item() - ref.item()) <= 1e-5 * ref.item()
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_mask_features_reuses_given_masks(weighted):
+    torch.manual_seed(9)
+    tok = ReceptiveTokens(5, 3, weighted=weighted).double()
+    with torch.no_grad():
+        tok.mask_token.normal_(0, 1.0)
+    x = rand(2, 5, 4, 6, requires_grad=True)
+    masks = tok(x)
+    given = tok.mask_features(x, masks)
+    assert rel_close(given, literal_mask_features(tok, x))
+    g1 = torch.autograd.grad(given.square().sum(), [x, tok.mask_token])
+    g2 = torch.autograd.grad(tok.mask_features(x).square().sum(), [x, tok.mask_token])
+    for a, b in zip(g1, g2, strict=True):
+        assert rel_close(a, b)
+    with pytest.raises(ValueError, match=r"masks must be \[N, T, H, W\] = \[2, 3, 4, 6\]"):
+        tok.mask_features(x, masks[:, :2])

@@ -132,7 +132,7 @@ class TokenLearner(nn.Module):
             )
         masks = tokens(x)
         self._dice[name] = dice_diversity(masks)
-        return tokens.mask_features(x)
+        return tokens.mask_features(x, masks)
 
     def forward(self, images: Any, targets: Any = None) -> Any:
         """Run the teacher on masked features.

@@ -88,13 +88,25 @@ class ReceptiveTokens(nn.Module):
         self._check(x)
         return self.prob(x).flatten(1).softmax(dim=1)
 
-    def mask_features(self, x: Tensor) -> Tensor:
+    def mask_features(self, x: Tensor, masks: Tensor | None = None) -> Tensor:
         """Masked feature ``Σ_t w_t · m_t ⊙ x`` (``w_t ≡ 1`` without the head), ``[N, C, H, W]``.
 
         The token sum is taken over the masks first (``[N, 1, H, W]``) and only then
         multiplied into ``x``, so no ``[N, T, C, H, W]`` tensor is ever built.
+
+        Args:
+            x: feature map ``[N, C, H, W]``.
+            masks: ``self(x)``, ``[N, T, H, W]``, when the caller already has it (stage 1
+                also needs the masks for the Dice loss); computed here otherwise.
         """
-        masks = self(x)
+        if masks is None:
+            masks = self(x)
+        else:
+            self._check(x)
+            expected = (x.shape[0], self.num_tokens, *x.shape[2:])
+            if not isinstance(masks, Tensor) or tuple(masks.shape) != expected:
+                found = tuple(masks.shape) if isinstance(masks, Tensor) else type(masks).__name__
+                raise ValueError(f"masks must be [N, T, H, W] = {list(expected)}, got {found}")
         weights = self.token_weights(x)
         if weights is None:
             combined = masks.sum(dim=1, keepdim=True)
