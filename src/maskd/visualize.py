@@ -57,6 +57,18 @@ class _TransformProbe:
             self._handle.remove()
 
 
+def _save_figure(fig: Any, path: str | Path) -> Path:
+    """Lay out ``fig``, write it as a PNG at ``path`` (folders created) and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 @torch.no_grad()
 def token_masks(
     model: nn.Module, tokens: Mapping[str, Sequence[ReceptiveTokens]], images: Sequence[Tensor]
@@ -165,12 +177,7 @@ def save_mask_png(
         ax.imshow(grid)
         ax.set_title(f"{name}: image, then token 1..{next(iter(masks[name])).shape[0]}", fontsize=8)
         ax.axis("off")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def load_images(paths: Sequence[str | Path], size: int | None = None) -> list[Tensor]:
@@ -244,9 +251,4 @@ def save_loss_png(
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
