@@ -6,14 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
-from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.models.detection import FasterRCNN
 from torchvision.models.segmentation import (
     deeplabv3_mobilenet_v3_large,
     lraspp_mobilenet_v3_large,
 )
 from torchvision.ops import FrozenBatchNorm2d
-from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from maskd.distiller import Distiller
 from maskd.learner import TokenLearner
@@ -21,8 +19,9 @@ from maskd.losses import masked_distillation_loss
 from maskd.tasks import SegmentationTask
 from maskd.token_io import load_tokens, save_tokens
 from maskd.tokens import ReceptiveTokens
+from tiny_detectors import DETECTORS, detection_batch, snapshot
+from tiny_detectors import detector as tiny_detector
 
-DETECTORS = {"retinanet": RetinaNet, "fcos": FCOS, "fasterrcnn": FasterRCNN}
 FPN_LEVELS = {"fasterrcnn": ["0", "1", "2", "3", "pool"], "retinanet": ["0", "1", "2", "p6", "p7"]}
 FPN_LEVELS["fcos"] = FPN_LEVELS["retinanet"]
 
@@ -30,23 +29,8 @@ FPN_LEVELS["fcos"] = FPN_LEVELS["retinanet"]
 def detector(
     kind: str, seed: int = 0, norm: type[nn.Module] = FrozenBatchNorm2d, min_size: int = 64
 ) -> nn.Module:
-    torch.manual_seed(seed)
-    extra: dict = {} if kind == "fasterrcnn" else {"returned_layers": [2, 3, 4]}
-    if kind != "fasterrcnn":
-        extra["extra_blocks"] = LastLevelP6P7(256, 256)
-    backbone = resnet_fpn_backbone(
-        backbone_name="resnet18", weights=None, trainable_layers=5, norm_layer=norm, **extra
-    )
-    extra = {}
-    if kind == "fasterrcnn":  # few proposals keep the RoI head cheap
-        extra = {
-            "rpn_pre_nms_top_n_train": 200,
-            "rpn_post_nms_top_n_train": 50,
-            "rpn_pre_nms_top_n_test": 200,
-            "rpn_post_nms_top_n_test": 50,
-            "box_batch_size_per_image": 32,
-        }
-    return DETECTORS[kind](backbone, num_classes=3, min_size=min_size, max_size=96, **extra)
+    """Students default to FrozenBatchNorm2d; teachers in these tests pass real BatchNorm."""
+    return tiny_detector(kind, seed, norm, min_size)
 
 
 def fpn_tokens(kind: str, num_tokens: int = 4, weighted: bool = True, seed: int = 7):
@@ -55,20 +39,6 @@ def fpn_tokens(kind: str, num_tokens: int = 4, weighted: bool = True, seed: int 
     for tok in group:
         nn.init.normal_(tok.mask_token, std=0.2)  # masks far from a flat 0.5
     return {"backbone.fpn": group}
-
-
-def detection_batch() -> tuple[list[Tensor], list[dict[str, Tensor]]]:
-    g = torch.Generator().manual_seed(2)
-    images = [torch.rand(3, 64, 80, generator=g) for _ in range(2)]
-    targets = [
-        {"boxes": torch.tensor([[4.0, 6.0, 40.0, 50.0]]), "labels": torch.tensor([1])},
-        {"boxes": torch.tensor([[20.0, 10.0, 70.0, 60.0]]), "labels": torch.tensor([2])},
-    ]
-    return images, targets
-
-
-def snapshot(model: nn.Module) -> dict[str, Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, Tensor)}
 
 
 def assert_unchanged(model: nn.Module, before: dict[str, Tensor]) -> None:

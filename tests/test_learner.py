@@ -6,60 +6,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
-from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.models.segmentation import (
     deeplabv3_mobilenet_v3_large,
     lraspp_mobilenet_v3_large,
 )
-from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from maskd.learner import TokenLearner, keep_normalization_eval
 from maskd.losses import dice_diversity
 from maskd.tasks import SegmentationTask
 from maskd.tokens import ReceptiveTokens
-
-DETECTORS = {"retinanet": RetinaNet, "fcos": FCOS, "fasterrcnn": FasterRCNN}
-
-
-def detector(kind: str, seed: int = 0) -> nn.Module:
-    """A ResNet-18 FPN detector with real BatchNorm (its running stats could change)."""
-    torch.manual_seed(seed)
-    extra = {} if kind == "fasterrcnn" else {"returned_layers": [2, 3, 4]}
-    if kind != "fasterrcnn":
-        extra["extra_blocks"] = LastLevelP6P7(256, 256)
-    backbone = resnet_fpn_backbone(
-        backbone_name="resnet18",
-        weights=None,
-        trainable_layers=5,
-        norm_layer=nn.BatchNorm2d,
-        **extra,
-    )
-    if kind == "fasterrcnn":  # few proposals keep the RoI head cheap
-        extra = {
-            "rpn_pre_nms_top_n_train": 200,
-            "rpn_post_nms_top_n_train": 50,
-            "rpn_pre_nms_top_n_test": 200,
-            "rpn_post_nms_top_n_test": 50,
-            "box_batch_size_per_image": 32,
-        }
-    else:
-        extra = {}
-    return DETECTORS[kind](backbone, num_classes=3, min_size=64, max_size=96, **extra)
-
-
-def detection_batch() -> tuple[list[Tensor], list[dict[str, Tensor]]]:
-    g = torch.Generator().manual_seed(2)
-    images = [torch.rand(3, 64, 80, generator=g) for _ in range(2)]
-    targets = [
-        {"boxes": torch.tensor([[4.0, 6.0, 40.0, 50.0]]), "labels": torch.tensor([1])},
-        {"boxes": torch.tensor([[20.0, 10.0, 70.0, 60.0]]), "labels": torch.tensor([2])},
-    ]
-    return images, targets
-
-
-def snapshot(model: nn.Module) -> dict[str, Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+from tiny_detectors import DETECTORS, detection_batch, detector, snapshot
 
 
 def assert_unchanged(model: nn.Module, before: dict[str, Tensor]) -> None:
