@@ -6,8 +6,10 @@ small shape:
 - loss: (a) the literal formulation that builds [N, T, C, H, W] tensors, (b) maskd's
   `masked_distillation_loss`, (c) plain MSE on the same features;
 - mask_features: (a) the literal sum over an [N, T, C, H, W] tensor, (b) maskd's
-  `ReceptiveTokens.mask_features`, (c) computing the token masks alone (the floor);
-  unweighted tokens, since the weighting head costs the same in every variant.
+  `ReceptiveTokens.mask_features`, (c) multiplying x by a fixed [N, 1, H, W] map (the
+  floor: any masked feature must write its output and, in backward, x's gradient), and
+  the token masks alone; unweighted tokens, since the weighting head costs the same in
+  every variant.
 
 Each measurement runs in a fresh subprocess. On CPU the peak extra memory is the rise of
 the process's peak resident set over its resident set just before the first call
@@ -45,7 +47,10 @@ SHAPES = [
     ("small 16x16", 16, 16),
 ]
 N, C, T = 2, 256, 6
-KERNELS = {"loss": ["literal", "maskd", "mse"], "mask_features": ["literal", "maskd", "masks_only"]}
+KERNELS = {
+    "loss": ["literal", "maskd", "mse"],
+    "mask_features": ["literal", "maskd", "pixel_scale", "masks_only"],
+}
 
 
 def _rss_bytes() -> int:
@@ -108,10 +113,20 @@ def _worker(
         def maskd() -> None:
             tok.mask_features(xg).sum().backward()
 
+        scale = torch.rand(N, 1, h, w, device=dev)
+
+        def pixel_scale() -> None:
+            (xg * scale).sum().backward()
+
         def masks_only() -> None:
             tok(xg).sum().backward()
 
-        fns = {"literal": literal, "maskd": maskd, "masks_only": masks_only}
+        fns = {
+            "literal": literal,
+            "maskd": maskd,
+            "pixel_scale": pixel_scale,
+            "masks_only": masks_only,
+        }
         params = [xg, *tok.parameters()]
 
     fn = fns[method]

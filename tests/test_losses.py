@@ -425,19 +425,43 @@ def test_mask_that_underflowed_to_zero_contributes_nothing():
     assert abs(loss.item() - ref.item()) <= 1e-5 * ref.item()
 
 
+@pytest.mark.parametrize("x_needs_grad", [True, False])
 @pytest.mark.parametrize("weighted", [False, True])
-def test_mask_features_reuses_given_masks(weighted):
+def test_mask_features_with_masks_matches_literal(weighted, x_needs_grad):
+    """Stage 1 uses both outputs (masked feature and masks for Dice): one fused backward."""
     torch.manual_seed(9)
     tok = ReceptiveTokens(5, 3, weighted=weighted).double()
     with torch.no_grad():
         tok.mask_token.normal_(0, 1.0)
-    x = rand(2, 5, 4, 6, requires_grad=True)
-    masks = tok(x)
-    given = tok.mask_features(x, masks)
-    assert rel_close(given, literal_mask_features(tok, x))
-    g1 = torch.autograd.grad(given.square().sum(), [x, tok.mask_token])
-    g2 = torch.autograd.grad(tok.mask_features(x).square().sum(), [x, tok.mask_token])
+    x = rand(2, 5, 4, 6, requires_grad=x_needs_grad)
+    out, masks = tok.mask_features(x, return_masks=True)
+    ref_masks = torch.sigmoid(torch.einsum("tc,nchw->nthw", tok.mask_token, x))
+    ref_out = literal_mask_features(tok, x)
+    assert masks.shape == (2, 3, 4, 6)
+    assert rel_close(masks, ref_masks) and rel_close(out, ref_out)
+    wrt = [*([x] if x_needs_grad else []), *tok.parameters()]
+    g1 = torch.autograd.grad(out.square().sum() + literal_dice(masks), wrt)
+    g2 = torch.autograd.grad(ref_out.square().sum() + literal_dice(ref_masks), wrt)
     for a, b in zip(g1, g2, strict=True):
         assert rel_close(a, b)
-    with pytest.raises(ValueError, match=r"masks must be \[N, T, H, W\] = \[2, 3, 4, 6\]"):
-        tok.mask_features(x, masks[:, :2])
+    # Only one output used: the other's gradient is absent, not zero-filled wrongly.
+    ref_masks = torch.sigmoid(torch.einsum("tc,nchw->nthw", tok.mask_token, x))
+    g1 = torch.autograd.grad(
+        literal_dice(tok.mask_features(x, True)[1]), wrt, allow_unused=True, materialize_grads=True
+    )
+    g2 = torch.autograd.grad(
+        literal_dice(ref_masks), wrt, allow_unused=True, materialize_grads=True
+    )
+    for a, b in zip(g1, g2, strict=True):
+        assert rel_close(a, b)
+
+
+def test_gradcheck_fused_outputs_and_masks():
+    torch.manual_seed(10)
+    for weighted in (False, True):
+        tok = ReceptiveTokens(3, 2, weighted=weighted).double()
+        with torch.no_grad():
+            tok.mask_token.normal_(0, 0.5)
+        x = rand(2, 3, 3, 4, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda a, tok=tok: tok.mask_features(a, True), (x,))
+        assert torch.autograd.gradcheck(tok, (x,))

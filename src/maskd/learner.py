@@ -130,9 +130,9 @@ class TokenLearner(nn.Module):
                 f"teacher level {name!r} did not exist in the dry run (levels: "
                 f"{list(self._by_level)}); the layer's output structure changed"
             )
-        masks = tokens(x)
+        masked, masks = tokens.mask_features(x, return_masks=True)
         self._dice[name] = dice_diversity(masks)
-        return tokens.mask_features(x, masks)
+        return masked
 
     def forward(self, images: Any, targets: Any = None) -> Any:
         """Run the teacher on masked features.

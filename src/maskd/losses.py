@@ -18,7 +18,6 @@ gradient in place, so forward+backward allocate no more than MSE does.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -26,22 +25,12 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from maskd._checks import check_features, check_same_shape
+from maskd._precision import accum_dtype, autocast_off
 from maskd.tokens import ReceptiveTokens
 
 __all__ = ["MasKDLoss", "dice_diversity", "masked_distillation_loss"]
 
 _DICE_EPS = 1e-12
-
-
-def _float32_region(x: Tensor) -> AbstractContextManager[Any]:
-    """Autocast off, so that every sum below accumulates in float32 (or float64)."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.autocast(x.device.type, enabled=False)
-    return nullcontext()
-
-
-def _accum_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _check_masks(masks: object, name: str = "masks") -> Tensor:
@@ -64,8 +53,8 @@ def dice_diversity(masks: Tensor) -> Tensor:
     """
     masks = _check_masks(masks)
     n, t = masks.shape[:2]
-    with _float32_region(masks):
-        m = masks.flatten(2).to(_accum_dtype(masks))  # [N, T, P]
+    with autocast_off(masks):
+        m = masks.flatten(2).to(accum_dtype(masks))  # [N, T, P]
         if t == 1:
             return m.sum() * 0.0
         inter = torch.bmm(m, m.transpose(1, 2))  # [N, T, T]
@@ -146,7 +135,7 @@ def pixel_weights(
         eps: added to each mask's area ``Σ_p m_k(p)``.
     """
     n, t = masks.shape[:2]
-    m = masks.flatten(2).to(_accum_dtype(masks))  # [N, T, P]
+    m = masks.flatten(2).to(accum_dtype(masks))  # [N, T, P]
     # A mask that underflowed to zero everywhere contributes 0 (0/0 := 0), not NaN; any
     # area above float32's smallest normal number is used as it is.
     area = (m.sum(dim=2) + eps).clamp_min(torch.finfo(torch.float32).tiny)  # [N, T]
@@ -182,10 +171,10 @@ def masked_distillation_loss(
         scalar loss (float32, or float64 for float64 inputs).
     """
     student, teacher, masks, weights = _check_pair(student, teacher, masks, weights)
-    with _float32_region(student):
+    with autocast_off(student):
         a = pixel_weights(masks, student.shape[1], weights, eps)
         return _PixelWeightedSquaredError.apply(
-            student.flatten(2), teacher.detach().flatten(2), a.to(_accum_dtype(student))
+            student.flatten(2), teacher.detach().flatten(2), a.to(accum_dtype(student))
         )
 
 

@@ -3,13 +3,118 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from maskd._checks import check_features
+from maskd._precision import accum_dtype, autocast_off
 
 __all__ = ["ReceptiveTokens"]
+
+# Channels per slice when a channel sum of a product is taken slice by slice: about 2**21
+# elements per slice keeps the product temporary small and in cache.
+_SLICE_ELEMENTS = 2**21
+
+
+def _channel_dot(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
+    """``Σ_c a[n,c,p] · b[n,c,p]`` → ``[N, P]`` in ``dtype``, without an ``[N, C, P]`` temporary.
+
+    ``a`` may be expanded (stride 0), as the gradient of a ``.sum()`` is.
+    """
+    n, c, p = b.shape
+    step = max(1, _SLICE_ELEMENTS // max(n * p, 1))
+    out = torch.zeros(n, p, dtype=dtype, device=b.device)
+    for c0 in range(0, c, step):
+        out += (a[:, c0 : c0 + step].to(dtype) * b[:, c0 : c0 + step].to(dtype)).sum(dim=1)
+    return out
+
+
+def _mask_logits(tokens: Tensor, x: Tensor) -> Tensor:
+    """``<K_t, x(p)>`` as ``[N, T, P]`` for ``x [N, C, P]``: one batched matmul, no copy of ``x``.
+
+    (``torch.matmul`` of a 2-D by a 3-D tensor copies ``x`` when either requires grad.)
+    """
+    return torch.bmm(tokens.to(x.dtype).expand(x.shape[0], -1, -1), x)
+
+
+def _token_grads(
+    ctx: Any, grad_logits: Tensor, x: Tensor, tokens: Tensor, grad_x: Tensor | None
+) -> tuple[Tensor | None, Tensor | None]:
+    """Back through ``logits = K @ x``: adds ``Kᵀ @ grad_logits`` into ``grad_x`` (allocated
+    when ``None``) and returns ``(grad_x, grad_K)``, each only when its input needs it."""
+    gl = grad_logits.to(x.dtype)
+    if ctx.needs_input_grad[0]:
+        k_t = tokens.to(x.dtype).t().expand(x.shape[0], -1, -1)  # [N, C, T]
+        grad_x = torch.bmm(k_t, gl) if grad_x is None else grad_x.baddbmm_(k_t, gl)
+    else:
+        grad_x = None
+    grad_k = None
+    if ctx.needs_input_grad[1]:
+        grad_k = torch.bmm(gl, x.transpose(1, 2)).sum(dim=0).to(tokens.dtype)  # [T, C]
+    return grad_x, grad_k
+
+
+class _TokenMasks(torch.autograd.Function):
+    """``sigmoid(K @ x)``: ``x [N, C, P]``, ``K [T, C]`` → masks ``[N, T, P]`` in x's dtype."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, tokens: Tensor) -> Tensor:
+        masks = _mask_logits(tokens, x).sigmoid_()
+        ctx.save_for_backward(x, tokens, masks)
+        return masks
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_masks: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        x, tokens, masks = ctx.saved_tensors
+        grad_logits = grad_masks * masks * (1.0 - masks)
+        return _token_grads(ctx, grad_logits, x, tokens, None)
+
+
+class _MaskedFeatures(torch.autograd.Function):
+    """``(Σ_t w_t m_t ⊙ x, m)`` with ``m = sigmoid(K @ x)``, fused forward and backward.
+
+    Inputs: ``x [N, C, P]``, ``K [T, C]``, optional ``w [N, T]``. The only feature-sized
+    buffers are the output and, in backward, the gradient of ``x`` (the token term is
+    added into it in place); the channel sum the backward needs is taken slice by slice.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, tokens: Tensor, weights: Tensor | None) -> Any:
+        masks = _mask_logits(tokens, x).sigmoid_()  # [N, T, P]
+        if weights is None:
+            combined = masks.sum(dim=1, keepdim=True)
+        else:
+            combined = torch.bmm(weights.to(masks.dtype).unsqueeze(1), masks)  # [N, 1, P]
+        ctx.save_for_backward(x, tokens, weights, masks, combined)
+        return combined * x, masks
+
+    @staticmethod
+    @once_differentiable
+    def backward(
+        ctx: Any, grad_out: Tensor | None, grad_masks: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        x, tokens, weights, masks, combined = ctx.saved_tensors
+        dtype = accum_dtype(x)
+        grad_w = None
+        grad_logits = None if grad_masks is None else grad_masks.to(dtype)
+        grad_x = None
+        if grad_out is not None:
+            grad_comb = _channel_dot(grad_out, x, dtype).unsqueeze(1)  # [N, 1, P]
+            via_comb = grad_comb if weights is None else weights.to(dtype).unsqueeze(2) * grad_comb
+            grad_logits = via_comb if grad_logits is None else grad_logits + via_comb
+            if ctx.needs_input_grad[2]:
+                grad_w = (masks.to(dtype) * grad_comb).sum(dim=2).to(weights.dtype)  # [N, T]
+            if ctx.needs_input_grad[0]:
+                grad_x = combined * grad_out
+        if grad_logits is None:
+            return grad_x, None, grad_w
+        m = masks.to(dtype)
+        grad_x, grad_k = _token_grads(ctx, grad_logits * m * (1.0 - m), x, tokens, grad_x)
+        return grad_x, grad_k, grad_w
 
 
 class ReceptiveTokens(nn.Module):
@@ -78,8 +183,10 @@ class ReceptiveTokens(nn.Module):
             masks ``[N, T, H, W]`` in (0, 1).
         """
         self._check(x)
-        logits = torch.einsum("tc,nchw->nthw", self.mask_token.to(x.dtype), x)
-        return logits.sigmoid()
+        n, _, h, w = x.shape
+        with autocast_off(x):
+            masks = _TokenMasks.apply(x.flatten(2), self.mask_token)
+        return masks.view(n, self.num_tokens, h, w)
 
     def token_weights(self, x: Tensor) -> Tensor | None:
         """Per-sample token weights ``[N, T]`` (softmax over T), or ``None`` when unweighted."""
@@ -88,28 +195,29 @@ class ReceptiveTokens(nn.Module):
         self._check(x)
         return self.prob(x).flatten(1).softmax(dim=1)
 
-    def mask_features(self, x: Tensor, masks: Tensor | None = None) -> Tensor:
+    def mask_features(
+        self, x: Tensor, return_masks: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
         """Masked feature ``Σ_t w_t · m_t ⊙ x`` (``w_t ≡ 1`` without the head), ``[N, C, H, W]``.
 
-        The token sum is taken over the masks first (``[N, 1, H, W]``) and only then
-        multiplied into ``x``, so no ``[N, T, C, H, W]`` tensor is ever built.
+        One fused kernel: the masks are summed over tokens first (``[N, 1, H, W]``) and only
+        then multiplied into ``x``, so no ``[N, T, C, H, W]`` tensor is built in forward or
+        backward, and the backward allocates nothing feature-sized besides ``x``'s gradient.
 
         Args:
             x: feature map ``[N, C, H, W]``.
-            masks: ``self(x)``, ``[N, T, H, W]``, when the caller already has it (stage 1
-                also needs the masks for the Dice loss); computed here otherwise.
+            return_masks: also return the masks ``[N, T, H, W]`` (stage 1 needs them for the
+                Dice loss); gradients through both outputs are combined in one backward.
+
+        Returns:
+            the masked feature, or ``(masked feature, masks)`` with ``return_masks=True``.
         """
-        if masks is None:
-            masks = self(x)
-        else:
-            self._check(x)
-            expected = (x.shape[0], self.num_tokens, *x.shape[2:])
-            if not isinstance(masks, Tensor) or tuple(masks.shape) != expected:
-                found = tuple(masks.shape) if isinstance(masks, Tensor) else type(masks).__name__
-                raise ValueError(f"masks must be [N, T, H, W] = {list(expected)}, got {found}")
+        self._check(x)
         weights = self.token_weights(x)
-        if weights is None:
-            combined = masks.sum(dim=1, keepdim=True)
-        else:
-            combined = torch.einsum("nthw,nt->nhw", masks, weights.to(masks.dtype)).unsqueeze(1)
-        return combined * x
+        n, c, h, w = x.shape
+        with autocast_off(x):
+            out, masks = _MaskedFeatures.apply(x.flatten(2), self.mask_token, weights)
+        out = out.view(n, c, h, w)
+        if return_masks:
+            return out, masks.view(n, self.num_tokens, h, w)
+        return out
