@@ -393,6 +393,37 @@ def test_under_autocast_cpu_bfloat16():
     assert abs(loss.item() - ref.item()) / ref.item() < 2e-2
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+def test_mask_features_low_precision_and_channels_last(weighted):
+    """bfloat16 features, float32 features under autocast, and channels_last memory."""
+    torch.manual_seed(11)
+    tok = ReceptiveTokens(16, 4, weighted=weighted)
+    with torch.no_grad():
+        tok.mask_token.normal_(0, 0.3)
+    x32 = torch.randn(2, 16, 40, 56) * 4
+    ref_tok = copy.deepcopy(tok).double()
+    x64 = x32.to(torch.bfloat16).double().requires_grad_()
+    ref_out, ref_masks = ref_tok.mask_features(x64, return_masks=True)
+    (ref_out.sum() + ref_masks.square().sum()).backward()
+
+    x = x32.to(torch.bfloat16).requires_grad_()
+    out, masks = copy.deepcopy(tok).to(torch.bfloat16).mask_features(x, return_masks=True)
+    (out.float().sum() + masks.float().square().sum()).backward()
+    assert out.dtype == masks.dtype == x.grad.dtype == torch.bfloat16
+    scale = ref_out.abs().max().item()
+    assert (out.double() - ref_out).abs().max().item() < 0.05 * scale
+    assert (x.grad.double() - x64.grad).abs().max().item() < 0.05 * x64.grad.abs().max().item()
+
+    for layout in (torch.contiguous_format, torch.channels_last):
+        xa = x32.clone().to(memory_format=layout).requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out_a = tok.mask_features(xa)
+        out_a.sum().backward()
+        assert out_a.shape == xa.shape and torch.isfinite(out_a).all()
+        assert torch.isfinite(xa.grad).all()
+        assert (out_a.double() - ref_tok.mask_features(x32.double())).abs().max() < 0.05 * scale
+
+
 def test_backward_twice_through_retained_graph():
     torch.manual_seed(7)
     s = rand(2, 3, 4, 5, requires_grad=True)
