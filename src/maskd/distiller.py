@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from maskd.head_kd import HeadKD, HeadKDMode, build_head_kd
 from maskd.learner import freeze
 from maskd.losses import MasKDLoss
 from maskd.taps import FeatureTaps, probe_levels
@@ -74,12 +76,18 @@ class Distiller(nn.Module):
     stopped as soon as its last tapped layer has produced its output, so its heads and
     post-processing never run. The tokens are copied and frozen (the caller's are untouched).
 
+    With ``head_kd`` set (torchvision RetinaNet / Faster R-CNN only, see
+    :mod:`maskd.head_kd`), the teacher also runs until its ``backbone`` output, and only the
+    head parts the term needs (RetinaNet's regression branch; Faster R-CNN's box RoI head fed
+    the student's sampled proposals) run on those features, still under ``torch.no_grad()``.
+
     Training-mode ``forward(images, targets)`` returns the student's task losses plus
-    ``loss_maskd``; the total to optimise is the sum of that dict's values. The per-level
-    (unweighted, detached) values are stored in :attr:`last_level_losses` as
-    ``{"loss_maskd/<teacher level>": value}``, for logging only — they are already inside
-    ``loss_maskd`` and must not be added again. Eval-mode ``forward(images)`` returns the
-    student's predictions and does not run the teacher.
+    ``loss_maskd`` (and ``loss_head_kd`` when head KD is on); the total to optimise is the sum
+    of that dict's values. The per-level (unweighted, detached) values of ``loss_maskd`` are
+    stored in :attr:`last_level_losses` as ``{"loss_maskd/<teacher level>": value}``, for
+    logging only — they are already inside ``loss_maskd`` and must not be added again.
+    Eval-mode ``forward(images)`` returns the student's predictions and does not run the
+    teacher.
 
     Levels, channels and spatial sizes are checked by a dry run at construction (both models
     in eval mode under ``torch.no_grad()`` on ``example_input``, default one black
@@ -101,6 +109,11 @@ class Distiller(nn.Module):
             failing when they differ.
         eps: added to each mask's area (the authors use 1e-5 for segmentation).
         example_input: dry-run input for both models; a tuple is unpacked into arguments.
+        head_kd: the authors' extra head-output KD term: ``"retinanet_l1"`` (L1 on RetinaNet's
+            box-regression outputs), ``"rcnn_smoothl1"`` (SmoothL1 on Faster R-CNN's RoI box
+            regression, the teacher's RoI head fed the student's proposals), ``"auto"`` (the
+            one for the student's type) or ``None`` (off). Other models raise ``ValueError``.
+        head_kd_weight: scale of the head-KD term (authors: 1).
     """
 
     def __init__(
@@ -115,6 +128,8 @@ class Distiller(nn.Module):
         resize: bool = False,
         eps: float = 0.0,
         example_input: Any = None,
+        head_kd: HeadKDMode | None = None,
+        head_kd_weight: float = 1.0,
     ) -> None:
         super().__init__()
         for name, model in (("student", student), ("teacher", teacher)):
@@ -168,9 +183,15 @@ class Distiller(nn.Module):
             custom_mask_warmup=custom_mask_warmup,
             eps=eps,
         )
+        self.head_kd: HeadKD | None = None
+        if head_kd is not None:
+            self.head_kd = build_head_kd(head_kd, student, teacher, head_kd_weight)
         freeze(teacher)
         self._student_taps = FeatureTaps(student, list(pairs))
-        self._teacher_taps = FeatureTaps(teacher, list(pairs.values()), stop=True)
+        t_layers = list(pairs.values())
+        if self.head_kd is not None:
+            t_layers += [p for p in self.head_kd.teacher_layers if p not in t_layers]
+        self._teacher_taps = FeatureTaps(teacher, t_layers, stop=True)
         self.last_level_losses: dict[str, Tensor] = {}
         self.train(self.training)
 
@@ -258,21 +279,25 @@ class Distiller(nn.Module):
         """The student's state dict alone, loadable into a fresh instance of the student."""
         return self.student.state_dict()
 
-    def _teacher_features(self, images: Any) -> tuple[list[Tensor], _SizeProbe]:
+    def _teacher_features(self, images: Any) -> tuple[list[Tensor], dict[str, Tensor], _SizeProbe]:
+        """The teacher's levels of the paired layers (in order), all its levels, its sizes."""
         probe = _SizeProbe(self.teacher)
         with torch.no_grad(), probe:
             self._teacher_taps.run(images)
-        feats = list(self._teacher_taps.features.values())
+        named = dict(self._teacher_taps.features)
+        levels = self._teacher_taps.levels()
+        feats = [named[name] for path in self.pairs.values() for name in levels[path]]
         self._teacher_taps.clear()
-        return feats, probe
+        return feats, named, probe
 
     def forward(self, images: Any, targets: Any = None) -> Any:
-        """Training: ``{student task losses..., "loss_maskd"}``; eval: student predictions."""
+        """Training: ``{student losses..., "loss_maskd"[, "loss_head_kd"]}``; eval: predictions."""
         if not self.training:
             return self.student(images) if targets is None else self.student(images, targets)
-        t_feats, t_probe = self._teacher_features(images)
+        t_feats, t_named, t_probe = self._teacher_features(images)
         s_probe = _SizeProbe(self.student)
-        with s_probe:
+        capture = self.head_kd.capture() if self.head_kd is not None else nullcontext()
+        with s_probe, capture:
             out = self._student_taps.run(images, targets)
         s_named = self._student_taps.features
         self._student_taps.clear()
@@ -282,8 +307,10 @@ class Distiller(nn.Module):
                 "in training mode the student must return a dict of losses, got "
                 f"{type(out).__name__}; wrap segmenters in maskd.SegmentationTask"
             )
-        if "loss_maskd" in out:
-            raise ValueError("the student's losses already contain a 'loss_maskd' entry")
+        own = ["loss_maskd"] + (["loss_head_kd"] if self.head_kd is not None else [])
+        for key in own:
+            if key in out:
+                raise ValueError(f"the student's losses already contain a {key!r} entry")
         if list(s_named) != self.student_levels:
             raise RuntimeError(
                 f"student levels {list(s_named)} differ from those of the dry run "
@@ -310,6 +337,8 @@ class Distiller(nn.Module):
         }
         losses = dict(out)
         losses["loss_maskd"] = total
+        if self.head_kd is not None:
+            losses["loss_head_kd"] = self.head_kd.loss(t_named)
         return losses
 
     @staticmethod

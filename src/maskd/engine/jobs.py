@@ -18,7 +18,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -86,6 +86,12 @@ class DistillArgs:
         align: 1×1 conv align modules (the authors use them even for equal channels).
         resize: resize student features to the teacher's size when they differ.
         eps: added to each mask's area (authors: 1e-5 for segmentation).
+        head_kd: extra KD term on the detector head's box regression (authors: Faster R-CNN
+            ``rcnn_smoothl1``, SmoothL1 on the RoI box regression with the teacher's RoI head
+            fed the student's proposals; RetinaNet ``retinanet_l1``, L1 on the box-regression
+            head outputs); ``auto`` picks the one for the student's type; ``null``: off.
+            RetinaNet and Faster R-CNN only.
+        head_kd_weight: scale of the head-KD term (authors: 1).
     """
 
     tokens: str = "tokens.pt"
@@ -95,6 +101,8 @@ class DistillArgs:
     align: bool = True
     resize: bool = False
     eps: float = 0.0
+    head_kd: Literal["auto", "retinanet_l1", "rcnn_smoothl1"] | None = None
+    head_kd_weight: float = 1.0
 
 
 @dataclass
@@ -389,6 +397,11 @@ def run_distill(
         )
     if teacher.weights is None:
         raise ConfigError("teacher.weights is required: distil from a trained teacher")
+    if distill.head_kd is not None and task != "detection":
+        raise ConfigError(
+            f"distill.head_kd {distill.head_kd!r} needs a detector (RetinaNet or Faster R-CNN), "
+            f"but {student.name!r} is a {task} model; set distill.head_kd null"
+        )
     _check_files(student, teacher)
     if not Path(distill.tokens).is_file():
         raise FileNotFoundError(f"distill.tokens: no such file {distill.tokens!r}")
@@ -416,6 +429,8 @@ def run_distill(
         align=distill.align,
         resize=distill.resize,
         eps=distill.eps,
+        head_kd=distill.head_kd,
+        head_kd_weight=distill.head_kd_weight,
     )
     classes = _classes(student, num_classes)
     meta = {

@@ -1,0 +1,294 @@
+"""Tests for maskd.head_kd: the head-output KD terms of stage 2, through maskd.Distiller."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.ops import FrozenBatchNorm2d
+
+from maskd.distiller import Distiller
+from maskd.head_kd import build_head_kd, resolve_head_kd
+from maskd.tokens import ReceptiveTokens
+from tiny_detectors import detection_batch, snapshot
+from tiny_detectors import detector as tiny_detector
+
+PAIRS = {"backbone.fpn": "backbone.fpn"}
+FPN_LEVELS = {"fasterrcnn": 5, "retinanet": 5, "fcos": 5}
+
+
+def detector(kind: str, seed: int, teacher: bool = False) -> nn.Module:
+    """Teachers keep real BatchNorm (frozen in eval by the distiller); students FrozenBN."""
+    return tiny_detector(kind, seed, nn.BatchNorm2d if teacher else FrozenBatchNorm2d)
+
+
+def tokens(kind: str) -> dict[str, list[ReceptiveTokens]]:
+    torch.manual_seed(7)
+    return {"backbone.fpn": [ReceptiveTokens(256, 2) for _ in range(FPN_LEVELS[kind])]}
+
+
+def pair(kind: str) -> tuple[nn.Module, nn.Module]:
+    return detector(kind, 1), detector(kind, 0, teacher=True)
+
+
+def count_calls(module: nn.Module) -> list[int]:
+    calls = [0]
+
+    def hook(*_: object) -> None:
+        calls[0] += 1
+
+    module.register_forward_hook(hook)
+    return calls
+
+
+def no_hooks(model: nn.Module) -> bool:
+    return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_retinanet_l1_matches_per_level_l1_computed_by_hand() -> None:
+    student, teacher = pair("retinanet")
+    before = snapshot(teacher)
+    distiller = Distiller(
+        student, teacher, PAIRS, tokens("retinanet"), head_kd="retinanet_l1", head_kd_weight=2.0
+    ).train()
+    images, targets = detection_batch()
+    losses = distiller(images, targets)
+    assert no_hooks(student) and no_hooks(teacher)  # nothing outlives the forward
+    assert list(losses) == ["classification", "bbox_regression", "loss_maskd", "loss_head_kd"]
+    teacher_cls = count_calls(teacher.head.classification_head)
+    distiller(images, targets)
+    assert teacher_cls[0] == 0  # only the teacher's regression branch runs
+
+    # By hand: both regression heads on their own FPN features, one L1 mean per FPN level.
+    with torch.no_grad():
+        t_feats = list(teacher.backbone(teacher.transform(images)[0].tensors).values())
+        t_reg = teacher.head.regression_head(t_feats)
+    s_feats = list(student.backbone(student.transform(images, targets)[0].tensors).values())
+    s_reg = student.head.regression_head(s_feats)
+    anchors = student.anchor_generator.num_anchors_per_location()[0]
+    splits = [f.shape[-2] * f.shape[-1] * anchors for f in s_feats]
+    assert sum(splits) == s_reg.shape[1] and s_reg.shape == t_reg.shape
+    per_level = [
+        F.l1_loss(s, t) for s, t in zip(s_reg.split(splits, 1), t_reg.split(splits, 1), strict=True)
+    ]
+    expected = 2.0 * sum(per_level)
+    torch.testing.assert_close(losses["loss_head_kd"], expected)
+    overall = 2.0 * F.l1_loss(s_reg, t_reg)  # one mean over all levels: not the authors' form
+    assert not math.isclose(float(expected.detach()), float(overall.detach()), rel_tol=1e-3)
+
+    # Gradients: the student's head gets exactly the hand computation's; the teacher none.
+    weight = student.head.regression_head.bbox_reg.weight
+    (got,) = torch.autograd.grad(losses["loss_head_kd"], weight, retain_graph=True)
+    (want,) = torch.autograd.grad(expected, weight)
+    torch.testing.assert_close(got, want)
+    assert got.abs().sum() > 0
+    cls_weight = student.head.classification_head.cls_logits.weight
+    (none,) = torch.autograd.grad(losses["loss_head_kd"], cls_weight, allow_unused=True)
+    assert none is None or not none.any()
+    opt = torch.optim.SGD(distiller.trainable_parameters(), lr=0.01)
+    sum(losses.values()).backward()
+    opt.step()
+    assert all(p.grad is None for p in teacher.parameters())
+    after = snapshot(teacher)
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_rcnn_smoothl1_runs_the_teachers_roi_head_on_the_students_proposals() -> None:
+    student, teacher = pair("fasterrcnn")
+    distiller = Distiller(student, teacher, PAIRS, tokens("fasterrcnn"), head_kd="auto")
+    assert distiller.head_kd is not None and distiller.head_kd.mode == "rcnn_smoothl1"
+    seen: dict[str, Any] = {}
+
+    def record(key: str, pick: Callable[..., Any]) -> Callable[..., None]:
+        def hook(*args: Any) -> None:
+            assert key not in seen
+            seen[key] = pick(*args)
+
+        return hook
+
+    handles = [
+        student.roi_heads.box_roi_pool.register_forward_pre_hook(
+            record("student", lambda m, args: (args[1], args[2]))
+        ),
+        student.roi_heads.box_predictor.register_forward_hook(
+            record("student_reg", lambda m, i, out: out[1])
+        ),
+        teacher.roi_heads.box_roi_pool.register_forward_pre_hook(
+            record("teacher", lambda m, args: args[1])
+        ),
+    ]
+    teacher_rpn = count_calls(teacher.rpn)
+    images, targets = detection_batch()
+    distiller.train()
+    losses = distiller(images, targets)
+    assert list(losses)[-2:] == ["loss_maskd", "loss_head_kd"]
+    assert teacher_rpn[0] == 0  # the teacher never proposes boxes of its own
+    for handle in handles:
+        handle.remove()
+
+    proposals, sizes = seen["student"]
+    # The student's sampled training proposals: 32 per image, its ground-truth box among them.
+    assert [len(p) for p in proposals] == [32, 32]
+    for props, target in zip(proposals, targets, strict=True):
+        assert (props == target["boxes"]).all(dim=1).any()
+    assert all(torch.equal(t, s) for t, s in zip(seen["teacher"], proposals, strict=True))
+
+    # By hand: the teacher's RoI head on its own FPN features with the student's proposals.
+    with torch.no_grad():
+        feats = teacher.backbone(teacher.transform(images)[0].tensors)
+        heads = teacher.roi_heads
+        box_feats = heads.box_head(heads.box_roi_pool(feats, proposals, sizes))
+        t_reg = heads.box_predictor(box_feats)[1]
+    s_reg = seen["student_reg"]
+    assert s_reg.shape == t_reg.shape == (64, 3 * 4)  # 2 classes + background
+    expected = F.smooth_l1_loss(s_reg[:, 4:], t_reg[:, 4:], beta=1.0)
+    torch.testing.assert_close(losses["loss_head_kd"], expected)
+    assert not torch.allclose(expected, F.smooth_l1_loss(s_reg, t_reg, beta=1.0))
+    # Other proposals would give another value: the term really depends on the student's.
+    with torch.no_grad():
+        shifted = [p + 3.0 for p in proposals]
+        other = heads.box_predictor(heads.box_head(heads.box_roi_pool(feats, shifted, sizes)))[1]
+    assert not torch.allclose(expected, F.smooth_l1_loss(s_reg[:, 4:], other[:, 4:]))
+
+    # Gradients reach the student's box regression (never its background rows) and backbone.
+    bbox_pred = student.roi_heads.box_predictor.bbox_pred.weight
+    conv = student.backbone.body.layer4[0].conv1.weight
+    g_pred, g_conv = torch.autograd.grad(
+        losses["loss_head_kd"], [bbox_pred, conv], retain_graph=True
+    )
+    assert g_pred[4:].abs().sum() > 0 and not g_pred[:4].any()
+    assert g_conv.abs().sum() > 0
+    sum(losses.values()).backward()
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+@pytest.mark.parametrize("kind", ["retinanet", "fasterrcnn"])
+def test_head_kd_off_leaves_the_loss_dict_as_before(kind: str) -> None:
+    student, teacher = pair(kind)
+    off = Distiller(student, teacher, PAIRS, tokens(kind))
+    on = Distiller(student, teacher, PAIRS, tokens(kind), head_kd="auto")
+    on.align.load_state_dict(off.align.state_dict())
+    assert off.head_kd is None and off._teacher_taps.layers == ["backbone.fpn"]
+    images, targets = detection_batch()
+    torch.manual_seed(3)
+    plain = off.train()(images, targets)
+    torch.manual_seed(3)
+    with_kd = on.train()(images, targets)
+    assert list(plain) == [k for k in with_kd if k != "loss_head_kd"]
+    assert "loss_head_kd" not in plain and "loss_head_kd" in with_kd
+    for key, value in plain.items():
+        torch.testing.assert_close(with_kd[key], value, rtol=0, atol=0)
+
+
+def test_eval_never_runs_the_teacher_with_head_kd_on() -> None:
+    student, teacher = pair("retinanet")
+    distiller = Distiller(student, teacher, PAIRS, tokens("retinanet"), head_kd="retinanet_l1")
+    teacher_calls = count_calls(teacher)
+    distiller.eval()
+    images, _ = detection_batch()
+    preds = distiller(images)
+    assert teacher_calls[0] == 0 and isinstance(preds, list) and len(preds) == 2
+
+
+class TinySegmenter(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.b = nn.Conv2d(3, 4, 3, 2, 1)
+
+    def forward(self, images: Tensor, targets: Tensor | None = None) -> object:
+        out = self.b(images)
+        return {"loss_seg": out.pow(2).mean()} if self.training else out
+
+
+def test_unsupported_models_and_bad_options_fail_clearly() -> None:
+    seg = TinySegmenter(), TinySegmenter()
+    toks = {"b": [ReceptiveTokens(4, 2)]}
+    with pytest.raises(ValueError, match=r"'auto' has no head-KD term for a TinySegmenter"):
+        Distiller(*seg, {"b": "b"}, toks, head_kd="auto")
+    with pytest.raises(ValueError, match=r"'rcnn_smoothl1' needs a torchvision FasterRCNN student"):
+        Distiller(*seg, {"b": "b"}, toks, head_kd="rcnn_smoothl1")
+    with pytest.raises(ValueError, match=r"head_kd must be one of \['auto', 'retinanet_l1'"):
+        Distiller(*seg, {"b": "b"}, toks, head_kd="l1")
+
+    fcos, retina = detector("fcos", 1), detector("retinanet", 0)
+    with pytest.raises(ValueError, match=r"no head-KD term for a FCOS student.*FCOS"):
+        resolve_head_kd("auto", fcos, fcos)
+    with pytest.raises(ValueError, match=r"needs a torchvision RetinaNet student, got FCOS"):
+        resolve_head_kd("retinanet_l1", fcos, retina)
+    with pytest.raises(ValueError, match=r"needs a torchvision RetinaNet teacher, got FCOS"):
+        resolve_head_kd("auto", retina, fcos)
+    for weight, err in ((0.0, ValueError), (float("nan"), ValueError), ("1", TypeError)):
+        with pytest.raises(err, match="head_kd_weight must be"):
+            build_head_kd("auto", retina, detector("retinanet", 2), weight)  # type: ignore[arg-type]
+
+    other = detector("retinanet", 2)
+    other.anchor_generator.sizes = tuple((s[0] * 2,) for s in other.anchor_generator.sizes)
+    with pytest.raises(ValueError, match="anchor generators differ"):
+        build_head_kd("retinanet_l1", retina, other)
+    rcnn_s, rcnn_t = detector("fasterrcnn", 1), detector("fasterrcnn", 0)
+    rcnn_t.roi_heads.box_predictor = FastRCNNPredictor(1024, 6)
+    with pytest.raises(ValueError, match=r"same box predictor outputs.*\(3, 12\).*\(6, 24\)"):
+        build_head_kd("rcnn_smoothl1", rcnn_s, rcnn_t)
+
+
+def test_distill_command_line_takes_the_options(capsys) -> None:
+    from maskd.cli import main
+
+    config = str(
+        Path(__file__).resolve().parents[1] / "configs/coco/retinanet_r101_r50/distill.yaml"
+    )
+    with pytest.raises(SystemExit) as exc:
+        main(["distill", "--config", config, "--print_config"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "head_kd: retinanet_l1" in out and "head_kd_weight: 1.0" in out
+    assert main(["distill", "--config", config, "--distill.head_kd", "bogus"]) == 2
+    assert "distill.head_kd" in capsys.readouterr().err
+
+
+def test_run_distill_passes_the_options_and_rejects_segmenters(tmp_path, monkeypatch) -> None:
+    from maskd.engine import jobs
+    from maskd.engine.config import DataArgs, ModelArgs
+    from maskd.engine.optim import OptimSpec
+    from maskd.engine.trainer import TrainerSpec
+
+    weights = tmp_path / "teacher.pt"
+    weights.write_bytes(b"")
+    tokens_file = tmp_path / "tokens.pt"
+    tokens_file.write_bytes(b"")
+    rest = (DataArgs(), OptimSpec(), TrainerSpec(), jobs.RunArgs(out=str(tmp_path / "run")))
+    seg = (
+        ModelArgs(name="deeplabv3_resnet18"),
+        ModelArgs("deeplabv3_resnet18", weights=str(weights)),
+    )
+    with pytest.raises(jobs.ConfigError, match=r"head_kd 'auto' needs a detector"):
+        jobs.run_distill(*seg, jobs.DistillArgs(tokens=str(tokens_file), head_kd="auto"), *rest)
+
+    seen: dict[str, Any] = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_distiller(*args: Any, **kwargs: Any) -> None:
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(jobs, "build_data", lambda *a, **k: (None, 3))
+    monkeypatch.setattr(jobs, "build_model", lambda *a, **k: (nn.Identity(), ["l"], "detection"))
+    monkeypatch.setattr(jobs, "load_token_file", lambda *a, **k: {})
+    monkeypatch.setattr("maskd.distiller.Distiller", fake_distiller)
+    det = (
+        ModelArgs("retinanet_resnet18_fpn"),
+        ModelArgs("retinanet_resnet18_fpn", weights=str(weights)),
+    )
+    args = jobs.DistillArgs(tokens=str(tokens_file), head_kd="retinanet_l1", head_kd_weight=0.5)
+    with pytest.raises(Stop):
+        jobs.run_distill(*det, args, *rest)
+    assert seen["head_kd"] == "retinanet_l1" and seen["head_kd_weight"] == 0.5
