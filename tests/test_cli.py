@@ -8,6 +8,7 @@ independent computation.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 import yaml
 
 from maskd.cli import main
+from maskd.engine.modules import state_fingerprint
 
 SEG = {"kind": "folder", "size": 64, "batch_size": 2, "val_batch_size": 4}
 TRAINER = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.progress_bar=false"]
@@ -99,10 +101,9 @@ def pipeline(tmp_path_factory, seg_data):
         "--trainer.log_every_n_steps=1",
         *TRAINER,
     ]
-    teacher = [
-        "--teacher.name=deeplabv3_resnet18",
-        f"--teacher.weights={base / 'teacher' / 'model.pt'}",
-    ]
+    # A copy: another test resumes the teacher run, which rewrites teacher/model.pt.
+    shutil.copy(base / "teacher" / "model.pt", base / "teacher.pt")
+    teacher = ["--teacher.name=deeplabv3_resnet18", f"--teacher.weights={base / 'teacher.pt'}"]
     assert (
         main(
             [
@@ -221,11 +222,11 @@ def test_learn_masks_trains_only_tokens_and_logs_mask_images(pipeline):
     assert tok.num_tokens == 3 and tok.channels == 7 and not tok.weighted  # 6 shapes + background
     # tokens moved away from their N(0, 0.01²) initialisation (Adam lr 0.01, 2 steps)
     assert tok.mask_token.abs().max() > 0.015
-    # the teacher in the checkpoint is bit-identical to the trained teacher
+    # the checkpoint leaves the frozen teacher out and records its fingerprint
     ckpt = torch.load(pipeline / "masks" / "checkpoints" / "last.ckpt", weights_only=True)
-    teacher, _ = build("deeplabv3_resnet18", 7, weights=str(pipeline / "teacher" / "model.pt"))
-    for k, v in teacher.state_dict().items():
-        assert torch.equal(ckpt["state_dict"][f"net.teacher.{k}"], v), k
+    teacher, _ = build("deeplabv3_resnet18", 7, weights=str(pipeline / "teacher.pt"))
+    assert not [k for k in ckpt["state_dict"] if k.startswith("net.teacher.")]
+    assert ckpt["maskd_teacher"]["sha256"] == state_fingerprint(teacher)
     acc = EventAccumulator(str(pipeline / "masks" / "tensorboard"), size_guidance={"images": 0})
     acc.Reload()
     assert "masks/model.classifier.4" in acc.Tags()["images"]
@@ -236,9 +237,9 @@ def test_distill_checkpoint_and_student(pipeline):
 
     ckpt = torch.load(pipeline / "distill" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["maskd"]["job"] == "distill" and ckpt["global_step"] == 2
-    teacher, _ = build("deeplabv3_resnet18", 7, weights=str(pipeline / "teacher" / "model.pt"))
-    for k, v in teacher.state_dict().items():  # teacher untouched by stage 2
-        assert torch.equal(ckpt["state_dict"][f"net.teacher.{k}"], v), k
+    teacher, _ = build("deeplabv3_resnet18", 7, weights=str(pipeline / "teacher.pt"))
+    assert not [k for k in ckpt["state_dict"] if k.startswith("net.teacher.")]
+    assert ckpt["maskd_teacher"]["sha256"] == state_fingerprint(teacher)  # teacher untouched
     student = torch.load(pipeline / "distill" / "model.pt", weights_only=True)
     for k, v in student.items():
         assert torch.equal(ckpt["state_dict"][f"net.student.{k}"], v), k
@@ -442,3 +443,40 @@ def test_shipped_configs_parse_and_name_registry_models(path, capsys):
     if path.name == "distill.yaml":
         s, t = cfg["student"]["name"], cfg["teacher"]["name"]
         assert models.task_of(s) == models.task_of(t)
+
+
+def test_resume_refuses_other_teacher_weights_then_resumes(pipeline, seg_data, capsys):
+    from maskd.models import build
+
+    teacher_pt = pipeline / "teacher.pt"
+    teacher_state = build("deeplabv3_resnet18", 7, weights=str(teacher_pt))[0].state_dict()
+    common = [
+        f"--data.root={seg_data}",
+        "--data.kind=folder",
+        "--data.size=64",
+        "--data.batch_size=2",
+        "--student.name=fcn_resnet18",
+        f"--distill.tokens={pipeline / 'masks' / 'tokens.pt'}",
+        "--distill.loss_weight=0.5",
+        "--distill.eps=1e-5",
+        f"--run.out={pipeline / 'distill'}",
+        "--teacher.name=deeplabv3_resnet18",
+        "--trainer.max_steps=3",
+        "--run.resume=last",
+        *TRAINER,
+    ]
+    # Other teacher weights: refused with a one-line error, the run folder untouched.
+    other = pipeline / "other_teacher.pt"
+    changed = {k: v.clone() for k, v in teacher_state.items()}
+    first = next(k for k, v in changed.items() if v.is_floating_point())
+    changed[first] += 1.0
+    torch.save(changed, other)
+    before = sorted(p.name for p in (pipeline / "distill" / "checkpoints").iterdir())
+    code, _, err = run_cli(["distill", f"--teacher.weights={other}", *common], capsys)
+    assert code == 1 and "different teacher" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in (pipeline / "distill" / "checkpoints").iterdir()) == before
+
+    # The right teacher: the run resumes from step 2 and finishes step 3.
+    code, _, err = run_cli(["distill", f"--teacher.weights={teacher_pt}", *common], capsys)
+    assert code == 0, err
+    assert json.loads((pipeline / "distill" / "done.json").read_text())["global_step"] == 3

@@ -4,10 +4,15 @@ All three share :class:`MaskdModule`: a training step sums the dict of losses th
 wrapped module returns (every term logged), validation/test run a plain task model
 in eval mode through ``maskd.metrics``, and the optimizer only ever sees parameters
 that require grad (a frozen teacher or frozen tokens can never be stepped).
+
+Stage-1 and stage-2 checkpoints leave the frozen teacher out (it is rebuilt from its own
+weights file when a run starts or resumes); a SHA-256 of its state, stored instead, makes a
+resume with different teacher weights fail loudly.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
@@ -33,6 +38,16 @@ def make_metrics(task: Task, num_classes: int, ignore_index: int = 255) -> nn.Mo
     if task == "segmentation":
         return metrics.SegmentationMetrics(num_classes=num_classes, ignore_index=ignore_index)
     raise ValueError(f"unknown task {task!r} (detection, segmentation)")
+
+
+def state_fingerprint(module: nn.Module) -> str:
+    """SHA-256 over a module's state dict: every entry's name, dtype, shape and bytes."""
+    digest = hashlib.sha256()
+    for name, value in module.state_dict().items():
+        t = value.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{t.dtype}|{tuple(value.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _batch_size(images: Any) -> int:
@@ -157,9 +172,45 @@ class MaskdModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._finish(self.test_metrics, "test")
 
-    # ---- checkpoint metadata ----------------------------------------------------
+    # ---- checkpoints ------------------------------------------------------------
+    def frozen_teacher(self) -> nn.Module | None:
+        """A frozen sub-module (``self.net.teacher``) that checkpoints leave out, or ``None``."""
+        return None
+
+    def _teacher_fingerprint(self) -> str:
+        # The teacher is frozen and in eval mode for the whole run, so one hash serves.
+        cached = getattr(self, "_teacher_sha256", None)
+        if cached is None:
+            teacher = self.frozen_teacher()
+            assert teacher is not None
+            cached = self._teacher_sha256 = state_fingerprint(teacher)
+        return cached
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["maskd"] = self.meta
+        if self.frozen_teacher() is None:
+            return
+        prefix = "net.teacher."
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith(prefix)]:
+            del state[key]
+        checkpoint["maskd_teacher"] = {"prefix": prefix, "sha256": self._teacher_fingerprint()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        info = checkpoint.get("maskd_teacher")
+        teacher = self.frozen_teacher()
+        if info is None or teacher is None:
+            return
+        found = self._teacher_fingerprint()
+        if info.get("sha256") != found:
+            raise ValueError(
+                "this checkpoint was written with a different teacher (state SHA-256 "
+                f"{str(info.get('sha256'))[:12]}…, the teacher now loaded has {found[:12]}…); "
+                "resume with the teacher weights the run started with"
+            )
+        state = checkpoint["state_dict"]
+        for key, value in teacher.state_dict().items():
+            state[info["prefix"] + key] = value
 
 
 class TrainModule(MaskdModule):
@@ -187,6 +238,9 @@ class LearnMasksModule(MaskdModule):
     def learner(self) -> nn.Module:
         return self.net
 
+    def frozen_teacher(self) -> nn.Module | None:
+        return self.net.teacher
+
 
 class DistillModule(MaskdModule):
     """Stage 2: distill a student with frozen tokens (a ``maskd.Distiller``).
@@ -205,6 +259,9 @@ class DistillModule(MaskdModule):
 
     def eval_model(self) -> nn.Module:
         return self.net.student
+
+    def frozen_teacher(self) -> nn.Module | None:
+        return self.net.teacher
 
     def _frozen_ids(self) -> set[int]:
         frozen = {id(p) for p in self.net.teacher.parameters()}
