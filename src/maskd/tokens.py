@@ -22,13 +22,23 @@ _SLICE_ELEMENTS = 2**21
 def _channel_dot(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
     """``Σ_c a[n,c,p] · b[n,c,p]`` → ``[N, P]`` in ``dtype``, without an ``[N, C, P]`` temporary.
 
-    ``a`` may be expanded (stride 0), as the gradient of a ``.sum()`` is.
+    ``a`` may be expanded (stride 0), as the gradient of a ``.sum()`` is. The channels are
+    taken a slice at a time through two reused buffers, so the temporaries stay small and
+    are allocated once.
     """
     n, c, p = b.shape
-    step = max(1, _SLICE_ELEMENTS // max(n * p, 1))
+    step = max(1, min(c, _SLICE_ELEMENTS // max(n * p, 1)))
     out = torch.zeros(n, p, dtype=dtype, device=b.device)
+    product = torch.empty(n, step, p, dtype=dtype, device=b.device)
+    partial = torch.empty(n, p, dtype=dtype, device=b.device)
     for c0 in range(0, c, step):
-        out += (a[:, c0 : c0 + step].to(dtype) * b[:, c0 : c0 + step].to(dtype)).sum(dim=1)
+        width = min(step, c - c0)
+        buf = product[:, :width]
+        a_c, b_c = a[:, c0 : c0 + width], b[:, c0 : c0 + width]
+        if b.dtype != dtype:  # half inputs: multiply in float32, a float16 product can overflow
+            a_c, b_c = a_c.to(dtype), b_c.to(dtype)
+        torch.mul(a_c, b_c, out=buf)
+        out += torch.sum(buf, dim=1, out=partial)
     return out
 
 
