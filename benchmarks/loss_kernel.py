@@ -11,12 +11,15 @@ small shape:
   the token masks alone; unweighted tokens, since the weighting head costs the same in
   every variant.
 
-Each measurement runs in a fresh subprocess. On CPU the peak extra memory is the rise of
+Each measurement runs in ``--processes`` fresh subprocesses (default 3) and reports the
+median over them of each one's median time (one process can land on a slower memory layout
+than the next, by up to a quarter on a small VM) and the median peak memory. On CPU the peak extra memory is the rise of
 the process's peak resident set over its resident set just before the first call
 (glibc is told to serve every large block with mmap so freed memory leaves the RSS);
 on CUDA it is `torch.cuda.max_memory_allocated` over the allocation before the call.
 
-    python benchmarks/loss_kernel.py [--device cpu|cuda] [--repeats 5] [--threads 1] [--quick]
+    python benchmarks/loss_kernel.py [--device cpu|cuda] [--repeats 5] [--processes 3]
+                                     [--threads 1] [--quick]
 
 Writes benchmarks/results/loss_kernel_<device>.json and .md.
 """
@@ -159,13 +162,28 @@ def _worker(
 
 
 def _measure(
-    kernel: str, method: str, h: int, w: int, device: str, repeats: int, threads: int
+    kernel: str,
+    method: str,
+    h: int,
+    w: int,
+    device: str,
+    repeats: int,
+    threads: int,
+    processes: int,
 ) -> dict:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     args = [kernel, method, str(h), str(w), device, str(repeats), str(threads)]
     cmd = [sys.executable, __file__, "--worker", *args]
-    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    runs = []
+    for _ in range(processes):
+        out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return {
+        "median_s": statistics.median(r["median_s"] for r in runs),
+        "peak_extra_bytes": int(statistics.median(r["peak_extra_bytes"] for r in runs)),
+        "repeats": repeats,
+        "per_process_median_s": [r["median_s"] for r in runs],
+    }
 
 
 def _machine(device: str) -> dict:
@@ -218,6 +236,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--processes", type=int, default=3, help="subprocesses per measurement")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads per measurement (0: default)"
     )
@@ -236,7 +255,9 @@ def main() -> None:
                     if method == "literal" and h * w > 10_000
                     else args.repeats
                 )
-                res = _measure(kernel, method, h, w, args.device, reps, args.threads)
+                res = _measure(
+                    kernel, method, h, w, args.device, reps, args.threads, args.processes
+                )
                 row = {
                     "kernel": kernel,
                     "shape": name,
