@@ -10,6 +10,8 @@ Setting of the issue: RetinaNet ResNet-50 FPN teacher → RetinaNet ResNet-18 FP
   modules, masks and loss, backward, SGD step).
 - ``maskd_custom``: the same with the custom (student-side) mask switched on, the authors'
   setting after warm-up.
+- ``maskd_custom_head_kd``: plus the authors' L1 KD on the box-regression outputs (the
+  teacher then also runs its regression branch), their full RetinaNet setting.
 
 Timing interleaves the variants step by step in one process, so a busy machine slows all of
 them alike. The headline time of a variant is its fastest step over ``--steps`` steps after
@@ -50,7 +52,7 @@ from maskd.taps import probe_levels
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SIZE, BATCH, CLASSES, TOKENS, LAYER = 256, 2, 80, 6, "backbone.fpn"
-VARIANTS = ["baseline", "maskd", "maskd_custom"]
+VARIANTS = ["baseline", "maskd", "maskd_custom", "maskd_custom_head_kd"]
 
 
 def build(device: torch.device) -> tuple[nn.Module, nn.Module, dict[str, list[ReceptiveTokens]]]:
@@ -99,7 +101,8 @@ class Steps:
                 {LAYER: LAYER},
                 tokens,
                 loss_weight=7.0,
-                custom_mask_warmup=0 if name == "maskd_custom" else None,
+                custom_mask_warmup=0 if name.startswith("maskd_custom") else None,
+                head_kd="retinanet_l1" if name.endswith("head_kd") else None,
                 example_input=dry,
             ).train()
             for name in variants
