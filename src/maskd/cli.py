@@ -203,11 +203,21 @@ def _preflight(c: Namespace) -> None:
 
 
 def _save_config(parser: ArgumentParser, cfg: Namespace, out: str | Path) -> None:
-    """Write the resolved options next to the results (``config.yaml``)."""
+    """Write the resolved options next to the results (``config.yaml``).
+
+    A different ``config.yaml`` already there (an earlier attempt, a resume with other
+    options) is kept as ``config.<n>.yaml`` with the first free ``n``, never overwritten.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     text = parser.dump(cfg)
-    (out / "config.yaml").write_text(text)
+    path = out / "config.yaml"
+    if path.is_file() and path.read_text() != text:
+        n = 1
+        while (out / f"config.{n}.yaml").exists():
+            n += 1
+        path.replace(out / f"config.{n}.yaml")
+    path.write_text(text)
 
 
 def _cmd_train(parser: ArgumentParser, raw: Namespace, c: Namespace) -> int:
