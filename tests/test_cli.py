@@ -486,3 +486,51 @@ def test_resume_refuses_other_teacher_weights_then_resumes(pipeline, seg_data, c
     code, _, err = run_cli(["distill", f"--teacher.weights={teacher_pt}", *common], capsys)
     assert code == 0, err
     assert json.loads((pipeline / "distill" / "done.json").read_text())["global_step"] == 3
+
+
+def test_distill_aux_logits_with_reused_tokens(pipeline, seg_data, capsys):
+    main_l, aux_l = "model.classifier.4", "model.aux_classifier.4"
+    args = [
+        "distill",
+        "--teacher.name=deeplabv3_resnet18",
+        f"--teacher.weights={pipeline / 'teacher.pt'}",
+        "--student.name=fcn_resnet18",
+        f"--distill.tokens={pipeline / 'masks' / 'tokens.pt'}",
+        f"--distill.pairs={json.dumps({main_l: main_l, aux_l: aux_l})}",
+        "--distill.loss_weight=0.5",
+        "--distill.eps=1e-5",
+        f"--data.root={seg_data}",
+        "--data.kind=folder",
+        "--data.size=64",
+        "--data.batch_size=2",
+        "--trainer.max_steps=1",
+        "--trainer.log_every_n_steps=1",
+        *TRAINER,
+    ]
+    out = pipeline / "distill_aux"
+    code, _, err = run_cli([*args, f"--run.out={out}"], capsys)
+    assert code == 1 and "no tokens for teacher layer 'model.aux_classifier.4'" in err
+    code, _, err = run_cli(
+        [*args, f"--run.out={out}", f"--distill.reuse_tokens={json.dumps({'nope': main_l})}"],
+        capsys,
+    )
+    assert code == 1 and "reuse_tokens names ['nope']" in err
+    code, _, err = run_cli(
+        [
+            *args,
+            f"--run.out={out}",
+            "--run.overwrite=true",
+            f"--distill.reuse_tokens={json.dumps({aux_l: main_l})}",
+            f"--distill.layer_weights={json.dumps({aux_l: 0.4})}",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    rows = next((out / "csv").glob("version_*/metrics.csv")).read_text().splitlines()
+    head = rows[0].split(",")
+    row = next(r.split(",") for r in rows[1:] if r.split(",")[head.index("train/loss_maskd")])
+    value = {k: float(v) for k, v in zip(head, row, strict=True) if v and k.startswith("train/")}
+    expected = 0.5 * (
+        value[f"train/loss_maskd/{main_l}"] + 0.4 * value[f"train/loss_maskd/{aux_l}"]
+    )
+    assert abs(value["train/loss_maskd"] - expected) < 1e-5 * max(1.0, expected)

@@ -325,3 +325,56 @@ def test_learned_tokens_through_a_token_file(tmp_path) -> None:
     # Nothing stays hooked after a step.
     for model in (student, teacher):
         assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_auxiliary_logits_share_tokens_with_their_own_weight() -> None:
+    """The authors' segmentation setting: the aux head's logits, same tokens, weight 0.4."""
+    torch.manual_seed(0)
+
+    def seg(seed: int) -> SegmentationTask:
+        torch.manual_seed(seed)
+        net = deeplabv3_mobilenet_v3_large(
+            weights=None, weights_backbone=None, num_classes=3, aux_loss=True
+        )
+        return SegmentationTask(net, 3, aux_weight=0.4)
+
+    teacher, student = seg(0), seg(1)
+    for m in student.modules():  # the heads' dropout would make the by-hand pass differ
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    tok = ReceptiveTokens(3, 4)
+    nn.init.normal_(tok.mask_token, std=0.5)
+    main, aux = "model.classifier.4", "model.aux_classifier.4"
+    pairs = {main: main, aux: aux}
+    dry = torch.zeros(2, 3, 64, 64)
+    with pytest.raises(ValueError, match=r"layer_weights names \['model.nope'\]"):
+        Distiller(
+            student, teacher, pairs, {main: [tok], aux: [tok]}, layer_weights={"model.nope": 1}
+        )
+    distiller = Distiller(
+        student,
+        teacher,
+        pairs,
+        {main: [tok], aux: [tok]},
+        loss_weight=0.5,
+        eps=1e-5,
+        layer_weights={aux: 0.4},
+        example_input=dry,
+    )
+    g = torch.Generator().manual_seed(4)
+    images = torch.randn(2, 3, 64, 64, generator=g)
+    targets = torch.randint(0, 3, (2, 64, 64), generator=g)
+    losses = distiller(images, targets)
+    assert set(losses) == {"loss_seg", "loss_aux", "loss_maskd"}
+    with torch.no_grad():
+        t_feats = teacher.model.backbone(images)
+        t_main = teacher.model.classifier(t_feats["out"])
+        t_aux = teacher.model.aux_classifier(t_feats["aux"])
+        s_feats = student.model.backbone(images)
+        s_main = distiller.align[0](student.model.classifier(s_feats["out"]))
+        s_aux = distiller.align[1](student.model.aux_classifier(s_feats["aux"]))
+        l_main = masked_distillation_loss(s_main, t_main, tok(t_main), None, eps=1e-5)
+        l_aux = masked_distillation_loss(s_aux, t_aux, tok(t_aux), None, eps=1e-5)
+    assert not torch.allclose(l_main, l_aux)
+    torch.testing.assert_close(losses["loss_maskd"].detach(), 0.5 * (l_main + 0.4 * l_aux))
+    torch.testing.assert_close(distiller.last_level_losses[f"loss_maskd/{aux}"], l_aux)

@@ -111,6 +111,9 @@ def test_lr_factor_matches_formulas():
     )
     poly = OptimSpec(schedule="poly", power=0.9)
     assert lr_factor(30, 100, poly) == pytest.approx(0.7**0.9)
+    floored = OptimSpec(lr=0.02, min_lr=1e-4, schedule="poly", power=0.9)
+    assert 0.02 * lr_factor(30, 100, floored) == pytest.approx(1e-4 + (0.02 - 1e-4) * 0.7**0.9)
+    assert 0.02 * lr_factor(100, 100, floored) == pytest.approx(1e-4)
 
 
 def test_optimizer_skips_frozen_and_applies_bias_multiplier():

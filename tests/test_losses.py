@@ -496,3 +496,24 @@ def test_gradcheck_fused_outputs_and_masks():
         x = rand(2, 3, 3, 4, requires_grad=True)
         assert torch.autograd.gradcheck(lambda a, tok=tok: tok.mask_features(a, True), (x,))
         assert torch.autograd.gradcheck(tok, (x,))
+
+
+def test_level_weights_scale_each_feature_map():
+    torch.manual_seed(12)
+    toks = [ReceptiveTokens(4, 3).double(), ReceptiveTokens(4, 2, weighted=True).double()]
+    s = [rand(2, 4, 5, 6), rand(2, 4, 3, 3)]
+    t = [rand(2, 4, 5, 6), rand(2, 4, 3, 3)]
+    ref = [
+        literal_loss(si, ti, tok(ti), tok.token_weights(ti), eps=1e-5)
+        for tok, si, ti in zip(toks, s, t, strict=True)
+    ]
+    crit = MasKDLoss(toks, loss_weight=0.5, eps=1e-5, level_weights=[1.0, 0.4])
+    assert rel_close(crit(s, t), 0.5 * (ref[0] + 0.4 * ref[1]))
+    keyed = MasKDLoss({"a": toks[0], "b": toks[1]}, eps=1e-5, level_weights={"b": 0.0})
+    assert rel_close(keyed({"a": s[0], "b": s[1]}, {"a": t[0], "b": t[1]}), ref[0])
+    with pytest.raises(ValueError, match="level_weights has 1 entries but there are 2 levels"):
+        MasKDLoss(toks, level_weights=[1.0])
+    with pytest.raises(ValueError, match=r"level_weights\['1'\] must be a finite number >= 0"):
+        MasKDLoss(toks, level_weights=[1.0, float("nan")])
+    with pytest.raises(ValueError, match=r"unknown levels \['c'\]"):
+        MasKDLoss({"a": toks[0], "b": toks[1]}, level_weights={"c": 1.0})

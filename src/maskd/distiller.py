@@ -114,6 +114,9 @@ class Distiller(nn.Module):
             regression, the teacher's RoI head fed the student's proposals), ``"auto"`` (the
             one for the student's type) or ``None`` (off). Other models raise ``ValueError``.
         head_kd_weight: scale of the head-KD term (authors: 1).
+        layer_weights: ``{teacher layer path: multiplier}`` for the masked loss of each of the
+            layer's levels (default 1), e.g. ``{"model.aux_classifier.4": 0.4}`` as the authors
+            weight the auxiliary head's logits in segmentation.
     """
 
     def __init__(
@@ -130,6 +133,7 @@ class Distiller(nn.Module):
         example_input: Any = None,
         head_kd: HeadKDMode | None = None,
         head_kd_weight: float = 1.0,
+        layer_weights: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__()
         for name, model in (("student", student), ("teacher", teacher)):
@@ -182,6 +186,7 @@ class Distiller(nn.Module):
             loss_weight=loss_weight,
             custom_mask_warmup=custom_mask_warmup,
             eps=eps,
+            level_weights=self._level_weights(layer_weights, t_levels),
         )
         self.head_kd: HeadKD | None = None
         if head_kd is not None:
@@ -209,6 +214,27 @@ class Distiller(nn.Module):
         if repeated:
             raise ValueError(f"teacher layers {repeated} appear more than once in pairs")
         return dict(pairs)
+
+    def _level_weights(
+        self, layer_weights: object, t_levels: dict[str, list[str]]
+    ) -> list[float] | None:
+        """Per-level multipliers, in level order, from ``{teacher layer: weight}``."""
+        if layer_weights is None:
+            return None
+        if not isinstance(layer_weights, Mapping):
+            raise TypeError(
+                "layer_weights must be a mapping {teacher layer: weight}, got "
+                f"{type(layer_weights).__name__}"
+            )
+        unknown = sorted(str(k) for k in layer_weights if k not in t_levels)
+        if unknown:
+            raise ValueError(
+                f"layer_weights names {unknown}, which are not distilled teacher layers "
+                f"{list(t_levels)}"
+            )
+        return [
+            layer_weights.get(path, 1.0) for path in self.pairs.values() for _ in t_levels[path]
+        ]
 
     def _check_tokens(
         self,

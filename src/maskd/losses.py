@@ -17,6 +17,7 @@ gradient in place, so forward+backward allocate no more than MSE does.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -186,6 +187,8 @@ class MasKDLoss(nn.Module):
             (features then come as sequences in the same order) or a mapping (features
             come as dicts with the same keys).
         loss_weight: multiplies the sum over feature maps.
+        level_weights: optional per-feature-map multipliers (same order or keys as
+            ``tokens``; default 1 each), e.g. 0.4 for an auxiliary head's logits.
         custom_mask_warmup: after this many training-mode calls, each teacher mask is
             multiplied by the mask of the student's feature (same tokens, no gradient).
             ``None`` disables it.
@@ -202,6 +205,7 @@ class MasKDLoss(nn.Module):
         loss_weight: float = 1.0,
         custom_mask_warmup: int | None = None,
         eps: float = 0.0,
+        level_weights: Sequence[float] | Mapping[str, float] | None = None,
     ) -> None:
         super().__init__()
         if isinstance(tokens, Mapping):
@@ -230,12 +234,43 @@ class MasKDLoss(nn.Module):
                 f"custom_mask_warmup must be None or a non-negative int, got {custom_mask_warmup!r}"
             )
         self.names = names
+        self.level_weights = self._check_level_weights(level_weights, names)
         self.tokens = nn.ModuleList(mods)
         self.tokens.requires_grad_(False)
         self.loss_weight = float(loss_weight)
         self.custom_mask_warmup = custom_mask_warmup
         self.eps = float(eps)
         self.step = 0
+
+    @staticmethod
+    def _check_level_weights(weights: object, names: list[str]) -> list[float]:
+        if weights is None:
+            return [1.0] * len(names)
+        if isinstance(weights, Mapping):
+            unknown = sorted(str(k) for k in weights if str(k) not in names)
+            if unknown:
+                raise ValueError(f"level_weights names unknown levels {unknown}; levels: {names}")
+            by_name = {str(k): v for k, v in weights.items()}
+            values = [by_name.get(n, 1.0) for n in names]
+        elif isinstance(weights, Sequence) and not isinstance(weights, str):
+            values = list(weights)
+            if len(values) != len(names):
+                raise ValueError(
+                    f"level_weights has {len(values)} entries but there are {len(names)} levels"
+                )
+        else:
+            raise TypeError(
+                f"level_weights must be a sequence or mapping of numbers, got {type(weights).__name__}"
+            )
+        for name, v in zip(names, values, strict=True):
+            if (
+                isinstance(v, bool)
+                or not isinstance(v, int | float)
+                or not math.isfinite(v)
+                or v < 0
+            ):
+                raise ValueError(f"level_weights[{name!r}] must be a finite number >= 0, got {v!r}")
+        return [float(v) for v in values]
 
     def get_extra_state(self) -> dict[str, int]:
         return {"step": self.step}
@@ -246,6 +281,7 @@ class MasKDLoss(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"levels={self.names}, loss_weight={self.loss_weight}, "
+            f"level_weights={self.level_weights}, "
             f"custom_mask_warmup={self.custom_mask_warmup}, eps={self.eps}"
         )
 
@@ -284,14 +320,17 @@ class MasKDLoss(nn.Module):
         Args:
             student_feats: ``[N, C_l, H_l, W_l]`` per level, aligned to the teacher's channels.
             teacher_feats: ``[N, C_l, H_l, W_l]`` per level.
-            return_levels: also return ``{level name: detached unweighted loss}``.
+            return_levels: also return ``{level name: detached loss}``, before the level
+                and loss weights.
         """
         students = self._as_list(student_feats, "student_feats")
         teachers = self._as_list(teacher_feats, "teacher_feats")
         custom = self.custom_mask_active
         total: Tensor | None = None
         levels: dict[str, Tensor] = {}
-        for name, tok, s, t in zip(self.names, self.tokens, students, teachers, strict=True):
+        for name, tok, lw, s, t in zip(
+            self.names, self.tokens, self.level_weights, students, teachers, strict=True
+        ):
             check_features(s, f"student_feats[{name!r}]")
             check_features(t, f"teacher_feats[{name!r}]")
             check_same_shape(s, t, f"student_feats[{name!r}]", f"teacher_feats[{name!r}]")
@@ -308,6 +347,8 @@ class MasKDLoss(nn.Module):
                     masks = masks * tok(s.detach())
             loss = masked_distillation_loss(s, t, masks, weights, self.eps)
             levels[name] = loss.detach()
+            if lw != 1.0:
+                loss = loss * lw
             total = loss if total is None else total + loss
         assert total is not None
         if self.training:

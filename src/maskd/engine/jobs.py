@@ -92,6 +92,11 @@ class DistillArgs:
             head outputs); ``auto`` picks the one for the student's type; ``null``: off.
             RetinaNet and Faster R-CNN only.
         head_kd_weight: scale of the head-KD term (authors: 1).
+        reuse_tokens: ``{teacher layer: teacher layer whose tokens it uses}``, e.g. the
+            auxiliary head's logits distilled with the main logits' tokens, as the authors do
+            in segmentation.
+        layer_weights: ``{teacher layer: multiplier}`` of its masked loss (authors: 0.4 for
+            the auxiliary head's logits).
     """
 
     tokens: str = "tokens.pt"
@@ -103,6 +108,8 @@ class DistillArgs:
     eps: float = 0.0
     head_kd: Literal["auto", "retinanet_l1", "rcnn_smoothl1"] | None = None
     head_kd_weight: float = 1.0
+    reuse_tokens: dict[str, str] | None = None
+    layer_weights: dict[str, float] | None = None
 
 
 @dataclass
@@ -233,6 +240,25 @@ def load_token_file(path: str, teacher_layers: list[str]) -> dict[str, list]:
             f"distil exactly one teacher layer with it, not {teacher_layers}"
         )
     return {teacher_layers[0]: list(official)}
+
+
+def _distill_tokens(distill: DistillArgs, teacher_layers: list[str]) -> dict[str, list]:
+    """Token sets per distilled teacher layer, with ``distill.reuse_tokens`` applied."""
+    reuse = dict(distill.reuse_tokens or {})
+    unknown = sorted(k for k in reuse if k not in teacher_layers)
+    if unknown:
+        raise ConfigError(
+            f"distill.reuse_tokens names {unknown}, which are not distilled teacher layers "
+            f"{teacher_layers}"
+        )
+    sources = list(dict.fromkeys(reuse.get(layer, layer) for layer in teacher_layers))
+    loaded = load_token_file(distill.tokens, sources)
+    # A layer without tokens is reported by the Distiller, with the layers the file covers.
+    return {
+        layer: loaded[reuse.get(layer, layer)]
+        for layer in teacher_layers
+        if reuse.get(layer, layer) in loaded
+    }
 
 
 # ---- running --------------------------------------------------------------------------
@@ -418,7 +444,7 @@ def run_distill(
                 "give distill.pairs"
             )
         pairs = dict(zip(s_layers, t_layers, strict=True))
-    tokens = load_token_file(distill.tokens, list(pairs.values()))
+    tokens = _distill_tokens(distill, list(pairs.values()))
     distiller = Distiller(
         s_net,
         t_net,
@@ -431,6 +457,7 @@ def run_distill(
         eps=distill.eps,
         head_kd=distill.head_kd,
         head_kd_weight=distill.head_kd_weight,
+        layer_weights=distill.layer_weights,
     )
     classes = _classes(student, num_classes)
     meta = {

@@ -3,7 +3,8 @@
 Every schedule is a multiplier on the base learning rate, evaluated per optimizer
 step: a linear warm-up from ``warmup_factor`` to 1 over ``warmup_steps``, then
 ``constant``, ``step`` (multiply by ``gamma`` at each milestone), ``cosine``
-(down to ``min_lr``) or ``poly`` (``(1 - t)^power``, as the segmentation recipes).
+(down to ``min_lr``) or ``poly`` (``min_lr + (lr - min_lr)(1 - t)^power``, as the
+segmentation recipes).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class OptimSpec:
         milestones: for ``step``: fractions of the total steps (values < 1) or absolute
             step numbers (values >= 1) where the lr is multiplied by ``gamma``.
         gamma: step decay factor.
-        min_lr: final lr of the cosine schedule.
+        min_lr: final lr of the cosine and poly schedules.
         power: exponent of the poly schedule.
         warmup_steps: linear warm-up length in optimizer steps (0: none).
         warmup_factor: lr multiplier at the first warm-up step.
@@ -111,7 +112,8 @@ def lr_factor(step: int, total_steps: int, spec: OptimSpec) -> float:
         floor = spec.min_lr / spec.lr if spec.lr > 0 else 0.0
         factor = floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
     elif spec.schedule == "poly":
-        factor = max(1.0 - step / total, 0.0) ** spec.power
+        floor = spec.min_lr / spec.lr if spec.lr > 0 else 0.0
+        factor = floor + (1.0 - floor) * max(1.0 - step / total, 0.0) ** spec.power
     else:
         raise ValueError(f"optim.schedule: unknown schedule {spec.schedule!r}")
     if spec.warmup_steps > 0 and step < spec.warmup_steps:
