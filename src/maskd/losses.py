@@ -347,8 +347,7 @@ class MasKDLoss(nn.Module):
                     masks = masks * tok(s.detach())
             loss = masked_distillation_loss(s, t, masks, weights, self.eps)
             levels[name] = loss.detach()
-            if lw != 1.0:
-                loss = loss * lw
+            loss = loss * lw
             total = loss if total is None else total + loss
         assert total is not None
         if self.training:
