@@ -143,7 +143,9 @@ def test_refuses_to_mix_with_existing_files(tmp_path: Path) -> None:
     [
         ({"task": "keypoints"}, "task must be"),
         ({"size": 16}, "at least 32"),
-        ({"train": 0, "val": 0}, "not both 0"),
+        ({"train": 0, "val": 0}, "not all 0"),
+        ({"test": -1}, "must be >= 0"),
+        ({"difficulty": "medium"}, "difficulty must be one of"),
         ({"image_format": "bmp"}, "image_format"),
     ],
 )
@@ -184,3 +186,46 @@ def test_jpeg_images_for_detection(tmp_path: Path) -> None:
     assert ds[1][0].shape == (3, SIZE, SIZE)
     with pytest.raises(ValueError, match="segmentation images are written as PNG"):
         synth.generate(tmp_path / "s", "segmentation", 1, 1, SIZE, image_format="jpg")
+
+
+def test_easy_setting_and_test_split(tmp_path: Path) -> None:
+    """The easy setting: 3 classes, 1-3 upright flat shapes on grey noise; a third split."""
+    import json
+
+    root = synth.generate(tmp_path / "e", "detection", 6, 2, 64, seed=0, test=3, difficulty="easy")
+    hard = synth.generate(tmp_path / "h", "detection", 6, 2, 64, seed=0)
+    ann = json.loads((root / "annotations" / "instances_train.json").read_text())
+    assert [c["name"] for c in ann["categories"]] == ["circle", "triangle", "square"]
+    per_image = np.bincount([a["image_id"] for a in ann["annotations"]], minlength=7)[1:]
+    assert per_image.min() >= 1 and per_image.max() <= 3
+    assert {a["category_id"] for a in ann["annotations"]} <= {1, 2, 3}
+    ds = build_dataset("coco", root, "test")
+    assert len(ds) == 3 and ds.num_classes == 3
+    # background pixels are noise around mid-grey with the documented spread
+    img = np.asarray(Image.open(root / "train" / "000000.png")).astype(float)
+    from pycocotools import mask as mask_utils
+
+    covered = np.zeros(img.shape[:2], bool)
+    for a in ann["annotations"]:
+        if a["image_id"] == 1:
+            covered |= mask_utils.decode(
+                {"size": a["segmentation"]["size"], "counts": a["segmentation"]["counts"]}
+            ).astype(bool)
+    bg = img[~covered]
+    assert abs(bg.mean() - 127.5) < 6 and abs(bg.std() - 0.15 * 255) < 5
+    # the train/val images do not depend on the test count, nor the hard set on the option
+    again = synth.generate(tmp_path / "e2", "detection", 6, 2, 64, seed=0, difficulty="easy")
+    for name in ("000000.png", "000005.png"):
+        assert (again / "train" / name).read_bytes() == (root / "train" / name).read_bytes()
+    assert (hard / "train" / "000000.png").read_bytes() != (
+        root / "train" / "000000.png"
+    ).read_bytes()
+    meta = json.loads((root / "synth_meta.json").read_text())
+    assert meta["difficulty"] == "easy" and meta["test"] == 3
+    seg = synth.generate(tmp_path / "s", "segmentation", 2, 1, 64, seed=0, difficulty="easy")
+    assert (seg / "classes.txt").read_text().split() == [
+        "background",
+        "circle",
+        "triangle",
+        "square",
+    ]

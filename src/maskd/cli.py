@@ -119,6 +119,13 @@ def _synth_parser() -> ArgumentParser:
     p.add_argument("--task", type=Literal["detection", "segmentation"], default="detection")
     p.add_argument("--train", type=int, default=200, help="training images")
     p.add_argument("--val", type=int, default=50, help="validation images")
+    p.add_argument("--test", type=int, default=0, help="test images (0: no test split)")
+    p.add_argument(
+        "--difficulty",
+        type=Literal["hard", "easy"],
+        default="hard",
+        help="hard: photos, clutter, 6 classes; easy: 3 classes on noise",
+    )
     p.add_argument("--size", type=int, default=128, help="image side in pixels")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", type=bool, default=False)
@@ -296,8 +303,19 @@ def _cmd_data(parser: ArgumentParser, raw: Namespace, c: Namespace) -> int:
     from maskd.data import synth
 
     s = c.synth
-    out = synth.generate(s.out, s.task, s.train, s.val, s.size, s.seed, overwrite=s.overwrite)
-    print(f"wrote {s.train} training and {s.val} validation images to {out}")
+    out = synth.generate(
+        s.out,
+        s.task,
+        s.train,
+        s.val,
+        s.size,
+        s.seed,
+        overwrite=s.overwrite,
+        test=s.test,
+        difficulty=s.difficulty,
+    )
+    tail = f" and {s.test} test" if s.test else ""
+    print(f"wrote {s.train} training, {s.val} validation{tail} images to {out}")
     if s.preview > 0 and s.val > 0:
         png = synth.preview(out, s.task, Path(out) / "preview.png", n=s.preview)
         print(f"preview: {png}")

@@ -15,6 +15,7 @@ from maskd.head_kd import HeadKD, HeadKDMode, build_head_kd
 from maskd.learner import freeze
 from maskd.losses import MasKDLoss
 from maskd.taps import FeatureTaps, probe_levels
+from maskd.terms import FeatureTerm, TermContext, build_term
 from maskd.tokens import ReceptiveTokens
 
 __all__ = ["Distiller"]
@@ -38,9 +39,11 @@ class _SizeProbe:
     def __init__(self, model: nn.Module) -> None:
         self.transform = _detection_transform(model)
         self.sizes: tuple[list[tuple[int, int]], tuple[int, ...]] | None = None
+        self.targets: Any = None
 
     def __enter__(self) -> _SizeProbe:
         self.sizes = None
+        self.targets = None
         self._handle = None
         if self.transform is not None:
             self._handle = self.transform.register_forward_hook(self._hook)
@@ -51,6 +54,17 @@ class _SizeProbe:
         if hasattr(image_list, "image_sizes") and hasattr(image_list, "tensors"):
             sizes = [tuple(int(v) for v in s) for s in image_list.image_sizes]
             self.sizes = (sizes, tuple(image_list.tensors.shape[-2:]))
+            self.targets = output[1] if len(output) > 1 else None
+
+    def context(self) -> TermContext:
+        """The boxes of the resized batch and its padded size, for the terms that need them."""
+        if self.sizes is None or not isinstance(self.targets, list | tuple):
+            return TermContext()
+        boxes = [t["boxes"] for t in self.targets if isinstance(t, dict) and "boxes" in t]
+        if len(boxes) != len(self.targets):
+            return TermContext()
+        h, w = self.sizes[1]
+        return TermContext(boxes=boxes, input_size=(int(h), int(w)))
 
     def __exit__(self, *exc: object) -> None:
         if self._handle is not None:
@@ -117,14 +131,20 @@ class Distiller(nn.Module):
         layer_weights: ``{teacher layer path: multiplier}`` for the masked loss of each of the
             layer's levels (default 1), e.g. ``{"model.aux_classifier.4": 0.4}`` as the authors
             weight the auxiliary head's logits in segmentation.
+        terms: further distillation terms (FitNet, CWD, FGD, logits KD; see
+            :mod:`maskd.terms`), as specs ``{"kind": ..., "student": ..., "teacher": ...,
+            "weight": ..., options}`` or built terms. Each adds ``loss_<name>`` to the
+            output and its per-level values to :attr:`last_level_losses` as
+            ``<name>/<teacher level>``. With ``terms``, ``pairs`` and ``tokens`` may be
+            ``None`` (no MasKD loss: a peer method alone).
     """
 
     def __init__(
         self,
         student: nn.Module,
         teacher: nn.Module,
-        pairs: Mapping[str, str],
-        tokens: Mapping[str, Sequence[ReceptiveTokens]],
+        pairs: Mapping[str, str] | None,
+        tokens: Mapping[str, Sequence[ReceptiveTokens]] | None,
         loss_weight: float = 1.0,
         custom_mask_warmup: int | None = None,
         align: bool = True,
@@ -134,6 +154,7 @@ class Distiller(nn.Module):
         head_kd: HeadKDMode | None = None,
         head_kd_weight: float = 1.0,
         layer_weights: Mapping[str, float] | None = None,
+        terms: Sequence[Mapping[str, Any] | FeatureTerm] | None = None,
     ) -> None:
         super().__init__()
         for name, model in (("student", student), ("teacher", teacher)):
@@ -141,14 +162,35 @@ class Distiller(nn.Module):
                 raise TypeError(f"{name} must be an nn.Module, got {type(model).__name__}")
         if student is teacher:
             raise ValueError("student and teacher must be different modules")
-        pairs = self._check_pairs(pairs)
+        built = self._build_terms(terms)
+        if pairs is None and not built:
+            raise TypeError("give pairs and tokens (MasKD), terms, or both")
+        pairs = self._check_pairs(pairs) if pairs is not None else {}
+        if pairs and tokens is None:
+            raise TypeError("pairs need tokens: {teacher layer: [ReceptiveTokens per level]}")
         self.student = student
         self.teacher = teacher
         self.pairs: dict[str, str] = pairs
         self.resize = bool(resize)
 
-        s_feats, s_levels = probe_levels(student, list(pairs), example_input)
-        t_feats, t_levels = probe_levels(teacher, list(pairs.values()), example_input)
+        s_paths = list(dict.fromkeys([*pairs, *(t.student for t in built)]))
+        t_paths = list(dict.fromkeys([*pairs.values(), *(t.teacher for t in built)]))
+        s_feats, s_levels = probe_levels(student, s_paths, example_input)
+        t_feats, t_levels = probe_levels(teacher, t_paths, example_input)
+        self._s_levels, self._t_levels = s_levels, t_levels
+        for term in built:
+            s_list = [s_feats[n] for n in s_levels[term.student]]
+            t_names = t_levels[term.teacher]
+            if len(s_list) != len(t_names):
+                raise ValueError(
+                    f"{term.name} term: student layer {term.student!r} has {len(s_list)} levels "
+                    f"{s_levels[term.student]} but teacher layer {term.teacher!r} has "
+                    f"{len(t_names)} {t_names}"
+                )
+            for s_name, t_name in zip(s_levels[term.student], t_names, strict=True):
+                self._check_spatial(s_name, t_name, s_feats[s_name], t_feats[t_name])
+            term.build(s_list, [t_feats[n] for n in t_names], t_names)
+        self.terms = nn.ModuleList(built)
         self.student_levels: list[str] = []
         self.teacher_levels: list[str] = []
         for s_path, t_path in pairs.items():
@@ -160,7 +202,8 @@ class Distiller(nn.Module):
                 )
             self.student_levels += s_levels[s_path]
             self.teacher_levels += t_levels[t_path]
-        level_tokens = self._check_tokens(tokens, t_levels, t_feats)
+        t_levels = {path: t_levels[path] for path in pairs.values()}
+        level_tokens = self._check_tokens(tokens, t_levels, t_feats) if pairs else []
 
         aligns: list[nn.Module] = []
         for s_name, t_name in zip(self.student_levels, self.teacher_levels, strict=True):
@@ -178,27 +221,47 @@ class Distiller(nn.Module):
             else:
                 aligns.append(nn.Identity())
         self.align = nn.ModuleList(aligns)
-        self.loss = MasKDLoss(
-            [
-                copy.deepcopy(tok).to(t_feats[name].device)
-                for tok, name in zip(level_tokens, self.teacher_levels, strict=True)
-            ],
-            loss_weight=loss_weight,
-            custom_mask_warmup=custom_mask_warmup,
-            eps=eps,
-            level_weights=self._level_weights(layer_weights, t_levels),
-        )
+        self.loss: MasKDLoss | None = None
+        if pairs:
+            self.loss = MasKDLoss(
+                [
+                    copy.deepcopy(tok).to(t_feats[name].device)
+                    for tok, name in zip(level_tokens, self.teacher_levels, strict=True)
+                ],
+                loss_weight=loss_weight,
+                custom_mask_warmup=custom_mask_warmup,
+                eps=eps,
+                level_weights=self._level_weights(layer_weights, t_levels),
+            )
+        elif layer_weights is not None:
+            raise ValueError("layer_weights apply to the MasKD loss, which needs pairs")
         self.head_kd: HeadKD | None = None
         if head_kd is not None:
             self.head_kd = build_head_kd(head_kd, student, teacher, head_kd_weight)
         freeze(teacher)
-        self._student_taps = FeatureTaps(student, list(pairs))
-        t_layers = list(pairs.values())
+        self._student_taps = FeatureTaps(student, s_paths)
+        t_layers = list(t_paths)
         if self.head_kd is not None:
             t_layers += [p for p in self.head_kd.teacher_layers if p not in t_layers]
         self._teacher_taps = FeatureTaps(teacher, t_layers, stop=True)
         self.last_level_losses: dict[str, Tensor] = {}
         self.train(self.training)
+
+    @staticmethod
+    def _build_terms(terms: object) -> list[FeatureTerm]:
+        if terms is None:
+            return []
+        if isinstance(terms, str | Mapping) or not isinstance(terms, Sequence):
+            raise TypeError(f"terms must be a list of term specs, got {terms!r}")
+        built = [build_term(spec) for spec in terms]
+        names = [t.name for t in built]
+        taken = sorted({n for n in names if names.count(n) > 1 or n in ("maskd", "head_kd")})
+        if taken:
+            raise ValueError(
+                f"term names {taken} are used twice or reserved (maskd, head_kd); give each "
+                "term of the same kind its own 'name'"
+            )
+        return built
 
     @staticmethod
     def _check_pairs(pairs: object) -> dict[str, str]:
@@ -333,36 +396,49 @@ class Distiller(nn.Module):
                 "in training mode the student must return a dict of losses, got "
                 f"{type(out).__name__}; wrap segmenters in maskd.SegmentationTask"
             )
-        own = ["loss_maskd"] + (["loss_head_kd"] if self.head_kd is not None else [])
+        own = ["loss_maskd"] if self.loss is not None else []
+        own += ["loss_head_kd"] if self.head_kd is not None else []
+        own += [f"loss_{term.name}" for term in self.terms]
         for key in own:
             if key in out:
                 raise ValueError(f"the student's losses already contain a {key!r} entry")
-        if list(s_named) != self.student_levels:
+        s_all = [name for names in self._s_levels.values() for name in names]
+        if list(s_named) != s_all:
             raise RuntimeError(
-                f"student levels {list(s_named)} differ from those of the dry run "
-                f"{self.student_levels}"
+                f"student levels {list(s_named)} differ from those of the dry run {s_all}"
             )
-        aligned = []
-        for s_name, t_name, s, t, align in zip(
-            self.student_levels,
-            self.teacher_levels,
-            s_named.values(),
-            t_feats,
-            self.align,
-            strict=True,
-        ):
-            self._check_spatial(s_name, t_name, s, t)
-            s = align(s)
-            if s.shape[-2:] != t.shape[-2:]:
-                s = F.interpolate(s, size=t.shape[-2:], mode="bilinear", align_corners=False)
-            aligned.append(s)
-        total, levels = self.loss(aligned, t_feats, return_levels=True)
-        self.last_level_losses = {
-            f"loss_maskd/{name}": value
-            for name, value in zip(self.teacher_levels, levels.values(), strict=True)
-        }
         losses = dict(out)
-        losses["loss_maskd"] = total
+        self.last_level_losses = {}
+        if self.loss is not None:
+            aligned = []
+            for s_name, t_name, t, align in zip(
+                self.student_levels, self.teacher_levels, t_feats, self.align, strict=True
+            ):
+                s = s_named[s_name]
+                self._check_spatial(s_name, t_name, s, t)
+                s = align(s)
+                if s.shape[-2:] != t.shape[-2:]:
+                    s = F.interpolate(s, size=t.shape[-2:], mode="bilinear", align_corners=False)
+                aligned.append(s)
+            total, levels = self.loss(aligned, t_feats, return_levels=True)
+            self.last_level_losses = {
+                f"loss_maskd/{name}": value
+                for name, value in zip(self.teacher_levels, levels.values(), strict=True)
+            }
+            losses["loss_maskd"] = total
+        if self.terms:
+            ctx = s_probe.context()
+            for term in self.terms:
+                s_names = self._s_levels[term.student]
+                t_names = self._t_levels[term.teacher]
+                for s_name, t_name in zip(s_names, t_names, strict=True):
+                    self._check_spatial(s_name, t_name, s_named[s_name], t_named[t_name])
+                result = term([s_named[n] for n in s_names], [t_named[n] for n in t_names], ctx)
+                for key, value in result.items():
+                    if key.startswith("loss"):
+                        losses[key] = value
+                    else:
+                        self.last_level_losses[key] = value
         if self.head_kd is not None:
             losses["loss_head_kd"] = self.head_kd.loss(t_named)
         return losses

@@ -1,8 +1,9 @@
 """A synthetic dataset written to disk in the formats the real loaders read.
 
-`generate(out, task, train, val, size, seed)` renders scenes (`synth_scene`) and writes
-- detection: COCO layout — `out/{train,val}/NNNNNN.png` and
-  `out/annotations/instances_{train,val}.json` (boxes, areas and RLE masks of the
+`generate(out, task, train, val, size, seed, test=0, difficulty="hard")` renders scenes
+(`synth_scene`) and writes
+- detection: COCO layout — `out/{train,val,test}/NNNNNN.png` and
+  `out/annotations/instances_{train,val,test}.json` (boxes, areas and RLE masks of the
   visible part of each object); read it with `build_dataset("coco", out, split)`;
 - segmentation: folder layout — `out/classes.txt`, `out/{split}/images/NNNNNN.png`,
   `out/{split}/masks/NNNNNN.png` (palette PNG of class indices, 0 = background);
@@ -23,15 +24,26 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from maskd.data.preview import preview
-from maskd.data.synth_scene import Scene, photos, render_scene
+from maskd.data.synth_scene import EASY_SHAPES, Scene, photos, render_easy_scene, render_scene
 from maskd.data.synth_shapes import SHAPES
 
-__all__ = ["CLASSES", "generate", "preview", "render_scene"]
+__all__ = ["CLASSES", "DIFFICULTIES", "classes", "generate", "preview", "render_scene"]
 
 CLASSES = SHAPES  # detection labels 1..6 / segmentation classes 1..6 (0 = background)
 FORMAT_VERSION = 1
-_SPLITS = ("train", "val")
-_OWN_ENTRIES = ("train", "val", "annotations", "classes.txt", "synth_meta.json")
+_SPLITS = ("train", "val", "test")  # the index seeds each split's scenes: append only
+_OWN_ENTRIES = ("train", "val", "test", "annotations", "classes.txt", "synth_meta.json")
+# "hard": photo backgrounds, clutter, 6 classes, occlusion; "easy": 3 classes on noise
+DIFFICULTIES = ("hard", "easy")
+
+
+def classes(difficulty: str = "hard") -> tuple[str, ...]:
+    """The class names a dataset of this difficulty uses (labels 1..len)."""
+    return EASY_SHAPES if difficulty == "easy" else CLASSES
+
+
+def _render(rng: np.random.Generator, size: int, difficulty: str) -> Scene:
+    return render_easy_scene(rng, size) if difficulty == "easy" else render_scene(rng, size)
 
 
 def _palette() -> list[int]:
@@ -107,15 +119,22 @@ def generate(
     seed: int = 0,
     image_format: str = "png",
     overwrite: bool = False,
+    test: int = 0,
+    difficulty: str = "hard",
 ) -> Path:
-    """Render `train` + `val` scenes of size×size px and write them under `out`.
+    """Render `train` + `val` (+ `test`) scenes of size×size px and write them under `out`.
 
     task: "detection" (COCO layout) or "segmentation" (folder layout); see the module
     docstring. image_format: "png" or "jpg" (detection images; masks are always PNG).
     A non-empty `out` is refused unless `overwrite=True`, which first deletes the entries
     this function writes (`train/`, `val/`, `annotations/`, `classes.txt`,
-    `synth_meta.json`) and leaves any other file alone. Returns `out`.
+    `synth_meta.json`) and leaves any other file alone. `test` > 0 adds a third split
+    (independent of the other two; the train and val images do not change with it).
+    difficulty: "hard" (the default scenes) or "easy" (see `synth_scene.render_easy_scene`).
+    Returns `out`.
     """
+    if difficulty not in DIFFICULTIES:
+        raise ValueError(f"difficulty must be one of {DIFFICULTIES}, got {difficulty!r}")
     if task not in ("detection", "segmentation"):
         raise ValueError(f"task must be 'detection' or 'segmentation', got {task!r}")
     if image_format not in ("png", "jpg"):
@@ -124,18 +143,23 @@ def generate(
         raise ValueError("segmentation images are written as PNG (lossless, like the masks)")
     if size < 32:
         raise ValueError(f"size must be at least 32 px, got {size}")
-    if train < 0 or val < 0 or train + val == 0:
-        raise ValueError(f"train and val must be >= 0 and not both 0, got {train}, {val}")
+    if train < 0 or val < 0 or test < 0 or train + val + test == 0:
+        raise ValueError(
+            f"train, val and test must be >= 0 and not all 0, got {train}, {val}, {test}"
+        )
     out = Path(out)
     _prepare_out(out, overwrite)
-    counts = {"train": train, "val": val}
+    counts = {"train": train, "val": val, "test": test}
+    names = classes(difficulty)
     if task == "segmentation":
-        (out / "classes.txt").write_text("\n".join(("background", *CLASSES)) + "\n")
+        (out / "classes.txt").write_text("\n".join(("background", *names)) + "\n")
     for split in _SPLITS:
+        if split == "test" and not test:
+            continue
         if task == "detection":
-            _write_detection_split(out, split, counts[split], size, seed, image_format)
+            _write_detection_split(out, split, counts[split], size, seed, image_format, difficulty)
         else:
-            _write_segmentation_split(out, split, counts[split], size, seed)
+            _write_segmentation_split(out, split, counts[split], size, seed, difficulty)
     _write_json(
         out / "synth_meta.json",
         {
@@ -144,32 +168,35 @@ def generate(
             "task": task,
             "train": train,
             "val": val,
+            "test": test,
+            "difficulty": difficulty,
             "size": size,
             "seed": seed,
             "image_format": image_format,
-            "classes": list(CLASSES),
-            "backgrounds": [name for name, _ in photos()],
+            "classes": list(names),
+            "backgrounds": [name for name, _ in photos()] if difficulty == "hard" else [],
         },
     )
     return out
 
 
 def _write_detection_split(
-    out: Path, split: str, count: int, size: int, seed: int, image_format: str
+    out: Path, split: str, count: int, size: int, seed: int, image_format: str, difficulty: str
 ) -> None:
     image_dir = out / split
     image_dir.mkdir(parents=True, exist_ok=True)
     (out / "annotations").mkdir(exist_ok=True)
     images, annotations = [], []
     for index in range(count):
-        scene = render_scene(_scene_rng(seed, split, index), size)
+        scene = _render(_scene_rng(seed, split, index), size, difficulty)
         name = f"{index:06d}.{image_format}"
         _save_image(scene.image, image_dir / name, image_format)
         image_id = index + 1
         images.append({"id": image_id, "file_name": name, "width": size, "height": size})
         annotations += _coco_annotations(scene, image_id, len(annotations) + 1)
     categories = [
-        {"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASSES)
+        {"id": i + 1, "name": name, "supercategory": "shape"}
+        for i, name in enumerate(classes(difficulty))
     ]
     info = {"description": f"maskd synthetic shapes, {split} split", "seed": seed}
     _write_json(
@@ -184,13 +211,15 @@ def _write_detection_split(
     )
 
 
-def _write_segmentation_split(out: Path, split: str, count: int, size: int, seed: int) -> None:
+def _write_segmentation_split(
+    out: Path, split: str, count: int, size: int, seed: int, difficulty: str
+) -> None:
     image_dir, mask_dir = out / split / "images", out / split / "masks"
     image_dir.mkdir(parents=True, exist_ok=True)
     mask_dir.mkdir(parents=True, exist_ok=True)
     palette = _palette()
     for index in range(count):
-        scene = render_scene(_scene_rng(seed, split, index), size)
+        scene = _render(_scene_rng(seed, split, index), size, difficulty)
         lut = np.asarray([0, *scene.labels], dtype=np.uint8)
         mask = Image.fromarray(lut[scene.instances])  # mode L
         mask.putpalette(palette)  # L → P, indices unchanged

@@ -268,3 +268,44 @@ def render_scene(rng: np.random.Generator, size: int, top_strokes: bool = True) 
             Image.fromarray(image).filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 0.8)))
         )
     return Scene(image=image, instances=instances, labels=labels, areas=areas)
+
+
+EASY_SHAPES = SHAPES[:3]  # circle, triangle, square: labels 1..3 in both settings
+EASY_RADIUS = (0.08, 0.25)  # outer radius, as a fraction of the image side (uniform)
+EASY_NOISE = 0.15 * 255.0  # per-pixel background noise (std) around mid-grey
+
+
+def render_easy_scene(rng: np.random.Generator, size: int) -> Scene:
+    """The easy setting: 1-3 upright, flat-coloured circles, triangles or squares on
+    per-pixel Gaussian noise around mid-grey; no clutter, photos, strokes or blur.
+
+    Objects may overlap (a later one hides an earlier one); each keeps at least
+    MIN_VISIBLE of its pixels, as in `render_scene`.
+    """
+    canvas = 127.5 + rng.normal(0, EASY_NOISE, size=(size, size, 3)).astype(np.float32)
+    instances = np.zeros((size, size), dtype=np.int32)
+    labels: list[int] = []
+    areas: list[int] = []
+    for _ in range(int(rng.integers(1, 4))):
+        label = int(rng.integers(len(EASY_SHAPES)))
+        colour = random_colour(rng)
+        for _ in range(15):
+            radius = rng.uniform(*EASY_RADIUS) * size
+            cx, cy = rng.uniform(radius * 0.6, size - radius * 0.6, 2)
+            alpha = shape_alpha(EASY_SHAPES[label], size, size, cx, cy, radius)
+            mask = alpha >= 0.5
+            hidden = np.bincount(instances[mask], minlength=len(areas) + 1)[1:]
+            visible = np.bincount(instances.ravel(), minlength=len(areas) + 1)[1:]
+            if mask.sum() >= 12 and np.all(
+                visible - hidden >= MIN_VISIBLE * np.asarray(areas, dtype=float)
+            ):
+                break
+        else:
+            continue
+        canvas *= 1 - alpha[..., None]
+        canvas += alpha[..., None] * colour
+        instances[mask] = len(labels) + 1
+        labels.append(label + 1)
+        areas.append(int(mask.sum()))
+    image = np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
+    return Scene(image=image, instances=instances, labels=labels, areas=areas)

@@ -76,7 +76,7 @@ class DistillArgs:
 
     Args:
         tokens: token file from ``maskd learn-masks`` (``tokens.pt``) or a released MasKD
-            mask checkpoint.
+            mask checkpoint; ``null``: no MasKD loss (a peer method of ``terms`` alone).
         pairs: ``{student layer: teacher layer}`` (``None``: the two models' default layers,
             in order).
         loss_weight: MasKD loss weight (authors: 1 Faster R-CNN, 7 RetinaNet, 10 FCOS,
@@ -97,9 +97,12 @@ class DistillArgs:
             in segmentation.
         layer_weights: ``{teacher layer: multiplier}`` of its masked loss (authors: 0.4 for
             the auxiliary head's logits).
+        terms: further distillation terms (:mod:`maskd.terms`), each
+            ``{kind: fitnet|cwd|fgd|logits_kd, student: layer, teacher: layer, weight: w,
+            ...options}``; ``student`` / ``teacher`` default to the first distilled pair's.
     """
 
-    tokens: str = "tokens.pt"
+    tokens: str | None = "tokens.pt"
     pairs: dict[str, str] | None = None
     loss_weight: float = 1.0
     custom_mask_warmup: int | None = None
@@ -110,6 +113,7 @@ class DistillArgs:
     head_kd_weight: float = 1.0
     reuse_tokens: dict[str, str] | None = None
     layer_weights: dict[str, float] | None = None
+    terms: list[dict[str, Any]] | None = None
 
 
 @dataclass
@@ -403,6 +407,25 @@ def run_learn_masks(
     return _fit_and_finish(module, dm, trainer, run, callbacks, None)
 
 
+def _term_specs(distill: DistillArgs, task: str) -> list[dict[str, Any]]:
+    """``distill.terms`` checked before anything is built: kinds, options, the task."""
+    from maskd.terms import TERMS
+
+    specs = []
+    for i, spec in enumerate(distill.terms or []):
+        if not isinstance(spec, dict):
+            raise ConfigError(f"distill.terms[{i}] must be a mapping with a 'kind', got {spec!r}")
+        kind = spec.get("kind")
+        if kind not in TERMS:
+            raise ConfigError(
+                f"distill.terms[{i}]: unknown kind {kind!r}; valid kinds: {sorted(TERMS)}"
+            )
+        if kind == "fgd" and task != "detection":
+            raise ConfigError(f"distill.terms[{i}]: fgd needs ground-truth boxes (detection)")
+        specs.append(dict(spec))
+    return specs
+
+
 def run_distill(
     student: ModelArgs,
     teacher: ModelArgs,
@@ -429,8 +452,11 @@ def run_distill(
             f"but {student.name!r} is a {task} model; set distill.head_kd null"
         )
     _check_files(student, teacher)
-    if not Path(distill.tokens).is_file():
+    if distill.tokens is None and not distill.terms:
+        raise ConfigError("distill.tokens is null and distill.terms is empty: nothing to distil")
+    if distill.tokens is not None and not Path(distill.tokens).is_file():
         raise FileNotFoundError(f"distill.tokens: no such file {distill.tokens!r}")
+    terms = _term_specs(distill, task)
     _seed(run)
     dm, num_classes = build_data(data, task, run.seed)
     _seed(run)
@@ -444,11 +470,14 @@ def run_distill(
                 "give distill.pairs"
             )
         pairs = dict(zip(s_layers, t_layers, strict=True))
-    tokens = _distill_tokens(distill, list(pairs.values()))
+    terms = [{**dict(zip(("student", "teacher"), next(iter(pairs.items())), strict=True)), **t}
+             for t in terms]  # fmt: skip
+    maskd_on = distill.tokens is not None
+    tokens = _distill_tokens(distill, list(pairs.values())) if maskd_on else None
     distiller = Distiller(
         s_net,
         t_net,
-        pairs,
+        pairs if maskd_on else None,
         tokens,
         loss_weight=distill.loss_weight,
         custom_mask_warmup=distill.custom_mask_warmup,
@@ -458,6 +487,7 @@ def run_distill(
         head_kd=distill.head_kd,
         head_kd_weight=distill.head_kd_weight,
         layer_weights=distill.layer_weights,
+        terms=terms,
     )
     classes = _classes(student, num_classes)
     meta = {

@@ -1,0 +1,563 @@
+"""Does distilling make a better student? Teacher, student alone, peers, MasKD and ablations.
+
+Trains every model of the table from scratch through the ``maskd`` command line, on a
+synthetic dataset with three splits (train / val / test), and writes
+``benchmarks/results/quality_<task>_<device>.{json,md,png}``:
+
+- the teacher and the stage-1 tokens are trained once and shared by every row;
+- every student row has the same data, recipe, step count and seeds; only its
+  distillation term differs; each row runs ``--seeds`` seeds (initialisation, data order);
+- loss weights are chosen on the validation split by ``--tune`` (the same grid of weights
+  for every method, seed 0) and read from its result file; the test split is reported and
+  never used to choose anything.
+
+Every trained model is a *cell* with its own folder and ``result.json``; a re-run skips
+finished cells, so a run stopped midway (or split over several sittings) ends with the same
+table. ``--workers 2`` runs two cells at once, each on one torch thread.
+
+    python benchmarks/quality.py --tune          # the validation sweep (writes *_tuning_*)
+    python benchmarks/quality.py                 # the table, with the tuned weights
+    python benchmarks/quality.py --quick --work /tmp/q --out /tmp/q/results   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).resolve().parent / "results"
+CONFIGS = ROOT / "configs" / "quality"
+METRIC = {"detection": "map", "segmentation": "miou"}
+SECOND = {"detection": "map_50", "segmentation": "pixel_acc"}
+# data: (train, val, test, size); models and the layer every term distils
+TASKS: dict[str, dict[str, Any]] = {
+    "detection": {
+        "data": (1500, 200, 300, 64),
+        "student": "fcos_resnet18_fpn",
+        "teacher": "fcos_resnet50_fpn",
+        "options": {"min_size": 64, "max_size": 64},
+        "peers": ("fitnet", "cwd", "fgd"),
+        "tune_grid": (0.1, 0.3, 1.0, 3.0),
+    },
+}
+QUICK = {"data": (16, 8, 8, 64), "teacher_steps": 4, "student_steps": 2, "tokens_steps": 2}
+
+
+@dataclass
+class Row:
+    """One row of the table: how its students are trained."""
+
+    name: str
+    label: str
+    method: str | None = None  # "maskd", a peer term kind, or None (student alone)
+    tokens: str = "tokens"  # which stage-1 variant (MasKD rows)
+    overrides: list[str] = field(default_factory=list)
+    ablation: bool = False
+
+
+ROWS = [
+    Row("student", "student alone"),
+    Row("fitnet", "FitNet", "fitnet"),
+    Row("cwd", "CWD", "cwd"),
+    Row("fgd", "FGD", "fgd"),
+    Row("maskd", "MasKD", "maskd"),
+    Row("maskd_nodice", "MasKD, no Dice term in stage 1", "maskd", "tokens_nodice", ablation=True),
+    Row(
+        "maskd_unweighted", "MasKD, unweighted tokens", "maskd", "tokens_unweighted", ablation=True
+    ),
+    Row("maskd_t1", "MasKD, T = 1", "maskd", "tokens_t1", ablation=True),
+    Row(
+        "maskd_nocustom",
+        "MasKD, custom mask off",
+        "maskd",
+        overrides=["--distill.custom_mask_warmup=null"],
+        ablation=True,
+    ),
+    Row(
+        "maskd_random", "MasKD, untrained (random) tokens", "maskd", "tokens_random", ablation=True
+    ),
+    Row("maskd_ones", "MasKD, all-ones masks (= FitNet at MasKD's weight)", "ones", ablation=True),
+]
+TOKEN_VARIANTS = {
+    "tokens": [],
+    "tokens_nodice": ["--masks.dice_weight=0.0"],
+    "tokens_unweighted": ["--masks.weighted=false"],
+    "tokens_t1": ["--masks.num_tokens=1"],
+}
+
+
+@dataclass
+class Cell:
+    """One unit of work: trains (or writes) one thing into its own folder."""
+
+    name: str
+    deps: list[str]
+    commands: list[tuple[list[str], str | None]]  # (command, file that marks it done)
+    done_file: str = "result.json"
+    finish: Any = None  # callable(cell_dir) -> None, writes done_file
+
+
+def _maskd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "maskd.cli", *args]
+
+
+def _run(cmd: list[str], log: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    with log.open("a") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT, env=env)
+
+
+class Plan:
+    """The cells of one task and the settings they share."""
+
+    def __init__(self, task: str, args: argparse.Namespace) -> None:
+        self.task = task
+        self.spec = TASKS[task]
+        self.args = args
+        self.quick = args.quick
+        self.work = args.work / task
+        self.data = self.work / "data"
+        self.cfg = CONFIGS / task
+        self.trainer = [
+            f"--trainer.accelerator={args.accelerator}",
+            "--trainer.progress_bar=false",
+        ]
+        self.resume = ["--run.resume=auto"]  # a cell stopped midway continues
+        if self.quick:
+            self.trainer += ["--trainer.checkpoint_every_n_steps=1"]
+
+    # ---- the shared parts -------------------------------------------------------------
+    def _steps(self, kind: str) -> list[str]:
+        return [f"--trainer.max_steps={QUICK[kind + '_steps']}"] if self.quick else []
+
+    def _eval(self, name: str, weights: Path, out: Path, split: str) -> list[str]:
+        return _maskd(
+            "evaluate",
+            f"--model.name={name}",
+            f"--model.options={json.dumps(self.spec['options'])}",
+            f"--model.weights={weights}",
+            f"--data.root={self.data}",
+            f"--data.val_split={split}",
+            "--data.val_batch_size=50",
+            f"--out={out}",
+            *self.trainer[:1],
+        )
+
+    def _model_cell(self, name: str, deps: list[str], train: list[str], model: str,
+                    splits: tuple[str, ...]) -> Cell:  # fmt: skip
+        folder = self.work / name
+        cmds = [(train, "done.json")] + [
+            (self._eval(model, folder / "model.pt", folder / f"{s}.json", s), f"{s}.json")
+            for s in splits
+        ]
+
+        def finish(d: Path) -> None:
+            result = {s: json.loads((d / f"{s}.json").read_text()) for s in splits}
+            (d / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+
+        return Cell(name, deps, cmds, finish=finish)
+
+    def data_cell(self) -> Cell:
+        train, val, test, size = QUICK["data"] if self.quick else self.spec["data"]
+        cmd = _maskd(
+            "data", "synth", "--out", str(self.data), "--task", self.task,
+            "--train", str(train), "--val", str(val), "--test", str(test), "--size", str(size),
+            "--seed", "0", "--difficulty", "easy", "--overwrite", "true", "--preview", "8",
+        )  # fmt: skip
+
+        def finish(d: Path) -> None:
+            (d / "done.txt").write_text("ok\n")
+
+        return Cell("data", [], [(cmd, None)], done_file="done.txt", finish=finish)
+
+    def teacher_cell(self) -> Cell:
+        cmd = _maskd(
+            "train", "--config", str(self.cfg / "teacher.yaml"), f"--data.root={self.data}",
+            f"--run.out={self.work / 'teacher'}", *self.trainer, *self._steps("teacher"),
+            *self.resume,
+        )  # fmt: skip
+        return self._model_cell("teacher", ["data"], cmd, self.spec["teacher"], ("val", "test"))
+
+    def token_cells(self, variants: set[str]) -> list[Cell]:
+        cells = []
+        teacher = self.work / "teacher" / "model.pt"
+        for variant in sorted(variants):
+            out = self.work / variant
+            if variant == "tokens_random":
+                cmd = [sys.executable, __file__, "--random-tokens", str(out / "tokens.pt"),
+                       "--task", self.task]  # fmt: skip
+            else:
+                cmd = _maskd(
+                    "learn-masks", "--config", str(self.cfg / "learn_masks.yaml"),
+                    f"--teacher.weights={teacher}", f"--data.root={self.data}",
+                    f"--run.out={out}", *TOKEN_VARIANTS[variant], *self.trainer,
+                    *self._steps("tokens"), *self.resume,
+                )  # fmt: skip
+
+            def finish(d: Path) -> None:
+                (d / "done.txt").write_text("ok\n")
+
+            cells.append(
+                Cell(
+                    variant, ["teacher"], [(cmd, "tokens.pt")], done_file="done.txt", finish=finish
+                )
+            )
+        return cells
+
+    def student_cell(self, row: Row, seed: int, weight: float | None, name: str,
+                     splits: tuple[str, ...]) -> Cell:  # fmt: skip
+        out = self.work / name
+        common = [f"--data.root={self.data}", f"--run.out={out}", f"--run.seed={seed}"]
+        common += [*self.trainer, *self._steps("student"), *self.resume]
+        if row.method is None:
+            cmd = _maskd("train", "--config", str(self.cfg / "student.yaml"), *common)
+            return self._model_cell(name, ["data"], cmd, self.spec["student"], splits)
+        cmd = _maskd(
+            "distill", "--config", str(self.cfg / "distill.yaml"),
+            f"--teacher.weights={self.work / 'teacher' / 'model.pt'}", *common, *row.overrides,
+        )  # fmt: skip
+        deps = ["teacher"]
+        if row.method == "maskd":
+            cmd += [f"--distill.tokens={self.work / row.tokens / 'tokens.pt'}"]
+            cmd += [f"--distill.loss_weight={weight}"]
+            deps.append(row.tokens)
+        else:
+            kind = "fitnet" if row.method == "ones" else row.method
+            method_cfg = yaml.safe_load((self.cfg / f"{kind}.yaml").read_text())["distill"]
+            terms = [{**t, "weight": weight} for t in method_cfg["terms"]]
+            cmd += ["--distill.tokens=null", f"--distill.terms={json.dumps(terms)}"]
+        return self._model_cell(name, deps, cmd, self.spec["student"], splits)
+
+
+# ---- scheduling -----------------------------------------------------------------------------
+def run_cells(cells: list[Cell], work: Path, workers: int) -> None:
+    """Run the unfinished cells, each once its dependencies are done, ``workers`` at a time."""
+    by_name = {c.name: c for c in cells}
+    done = {c.name for c in cells if (work / c.name / c.done_file).is_file()}
+    pending = [c for c in cells if c.name not in done]
+    running: dict[Future, Cell] = {}
+
+    def execute(cell: Cell) -> None:
+        folder = work / cell.name
+        folder.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        for cmd, marker in cell.commands:
+            if marker is None or not (folder / marker).is_file():
+                _run(cmd, folder / "log.txt")
+        cell.finish(folder)
+        print(f"[{datetime.now():%H:%M:%S}] {cell.name} done in "
+              f"{time.perf_counter() - started:.0f} s", flush=True)  # fmt: skip
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        while pending or running:
+            ready = [c for c in pending if all(d in done or d not in by_name for d in c.deps)]
+            for cell in ready[: workers - len(running)]:
+                pending.remove(cell)
+                running[pool.submit(execute, cell)] = cell
+            if not running:
+                raise RuntimeError(f"cells {[c.name for c in pending]} wait on missing cells")
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                cell = running.pop(future)
+                future.result()  # a failed cell stops the run; its log says why
+                done.add(cell.name)
+
+
+# ---- tuning and the table -------------------------------------------------------------------
+def tuning_methods(plan: Plan) -> list[str]:
+    return [*plan.spec["peers"], "maskd"]
+
+
+def tune(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
+    rows = {r.method: r for r in ROWS if r.method and not r.ablation}
+    grid = plan.spec["tune_grid"][:1] if plan.quick else plan.spec["tune_grid"]
+    cells = [plan.data_cell(), plan.teacher_cell(), *plan.token_cells({"tokens"})]
+    names: dict[tuple[str, float], str] = {}
+    for method in tuning_methods(plan):
+        for w in grid:
+            names[(method, w)] = f"tune_{method}_w{w:g}"
+            cells.append(plan.student_cell(rows[method], 0, w, names[(method, w)], ("val",)))
+    run_cells(cells, plan.work, args.workers)
+    metric = METRIC[plan.task]
+    results: dict[str, Any] = {}
+    for method in tuning_methods(plan):
+        scores = {f"{w:g}": _read(plan.work / names[(method, w)])["val"][metric] for w in grid}
+        best = max(scores, key=lambda k: scores[k])
+        results[method] = {"val": scores, "chosen": float(best)}
+    report = {
+        "benchmark": "quality_tuning",
+        "task": plan.task,
+        "command": _command(),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": _machine(args.accelerator),
+        "protocol": "seed 0, validation split, the same weight grid for every method",
+        "grid": list(grid),
+        "methods": results,
+    }
+    _write(args.out, f"quality_{plan.task}_tuning_{args.accelerator}", report, _tuning_md(report))
+    return report
+
+
+def chosen_weights(plan: Plan, args: argparse.Namespace) -> dict[str, float]:
+    path = args.out / f"quality_{plan.task}_tuning_{args.tuning_device or args.accelerator}.json"
+    if not path.is_file():
+        raise SystemExit(f"no tuning results at {path}: run with --tune first")
+    methods = json.loads(path.read_text())["methods"]
+    return {m: float(v["chosen"]) for m, v in methods.items()}
+
+
+def table(plan: Plan, args: argparse.Namespace) -> dict[str, Any] | None:
+    seeds = list(range(1 if plan.quick else args.seeds))
+    rows = [r for r in ROWS if args.ablations or not r.ablation]
+    if plan.quick:  # one cell of each kind
+        rows = [r for r in rows if not r.ablation] + [ROWS[-2]]
+    if args.rows:
+        rows = [r for r in rows if r.name in args.rows]
+    weights: dict[str, float] = {}
+    if any(r.method for r in rows):
+        weights = chosen_weights(plan, args)
+        weights["ones"] = weights["maskd"]
+    variants = {r.tokens for r in rows if r.method == "maskd"}
+    cells = [plan.data_cell(), plan.teacher_cell(), *plan.token_cells(variants)]
+    for row in rows:
+        for seed in seeds:
+            w = weights.get(row.method) if row.method else None
+            cells.append(plan.student_cell(row, seed, w, f"{row.name}_s{seed}", ("val", "test")))
+    run_cells(cells, plan.work, args.workers)
+    if args.rows:  # part of the table: its cells are trained, the report waits for the rest
+        return None
+    return _report(plan, args, rows, seeds, weights)
+
+
+def _read(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / "result.json").read_text())
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _report(plan: Plan, args: argparse.Namespace, rows: list[Row], seeds: list[int],
+            weights: dict[str, float]) -> dict[str, Any]:  # fmt: skip
+    key, second = METRIC[plan.task], SECOND[plan.task]
+    teacher = _read(plan.work / "teacher")["test"]
+    teacher_val = _read(plan.work / "teacher")["val"][key]
+    sizes = QUICK["data"] if plan.quick else plan.spec["data"]
+    base = [100 * _read(plan.work / f"student_s{s}")["test"][key] for s in seeds]
+    base_mean = statistics.fmean(base)
+    gap = 100 * teacher[key] - base_mean
+    out_rows = []
+    for row in rows:
+        results = [_read(plan.work / f"{row.name}_s{s}") for s in seeds]
+        values = [100 * r["test"][key] for r in results]
+        diffs = [v - b for v, b in zip(values, base, strict=True)]
+        mean, std = _stats(values)
+        d_mean, d_std = _stats(diffs)
+        out_rows.append(
+            {
+                "row": row.name,
+                "label": row.label,
+                "ablation": row.ablation,
+                "weight": weights.get(row.method) if row.method else None,
+                "test": values,
+                "test_second": [100 * r["test"][second] for r in results],
+                "val": [100 * r["val"][key] for r in results],
+                "mean": mean,
+                "std": std,
+                "diff_to_student": diffs,
+                "diff_mean": d_mean,
+                "diff_std": d_std,
+                "gap_closed": (mean - base_mean) / gap if gap else None,
+                "beats_student_every_seed": all(d > 0 for d in diffs),
+            }
+        )
+    report = {
+        "benchmark": "quality",
+        "task": plan.task,
+        "command": _command(),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": _machine(args.accelerator),
+        "data": {
+            **dict(zip(("train", "val", "test", "size"), sizes, strict=True)),
+            "difficulty": "easy",
+        },
+        "teacher": {
+            "model": plan.spec["teacher"],
+            "test": 100 * teacher[key],
+            "val": 100 * teacher_val,
+        },
+        "student_model": plan.spec["student"],
+        "metric": f"test {key}",
+        "seeds": seeds,
+        "rows": out_rows,
+    }
+    stem = f"quality_{plan.task}_{args.accelerator}"
+    _write(args.out, stem, report, _table_md(report))
+    _plot(report, args.out / f"{stem}.png")
+    return report
+
+
+def _tuning_md(r: dict[str, Any]) -> str:
+    grid = [f"{w:g}" for w in r["grid"]]
+    lines = ["| method | " + " | ".join(f"w = {w}" for w in grid) + " | chosen |"]
+    lines.append("|---|" + "---:|" * (len(grid) + 1))
+    for m, v in r["methods"].items():
+        cells = [f"{100 * v['val'][w]:.1f}" for w in grid]
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {v['chosen']:g} |")
+    return (
+        f"Machine: {r['machine']}\n\nCommand: `{r['command']}`\n\nDate: {r['date']}\n\n"
+        f"Validation {'AP' if r['task'] == 'detection' else 'mIoU'} (percent), {r['protocol']}:"
+        "\n\n" + "\n".join(lines) + "\n"
+    )
+
+
+def _table_md(r: dict[str, Any]) -> str:
+    name = "AP" if r["task"] == "detection" else "mIoU"
+    lines = [
+        f"| row | weight | test {name}, mean ± std | per seed | Δ to student alone (paired) "
+        "| gap closed |",
+        "|---|---:|---:|---|---:|---:|",
+        f"| teacher ({r['teacher']['model']}) | | {r['teacher']['test']:.1f} | | | |",
+    ]
+    for row in r["rows"]:
+        seeds = ", ".join(f"{v:.1f}" for v in row["test"])
+        weight = "" if row["weight"] is None else f"{row['weight']:g}"
+        if row["row"] == "student":
+            delta, closed = "", ""
+        else:
+            noise = " (within noise)" if abs(row["diff_mean"]) <= 2 * row["diff_std"] else ""
+            delta = f"{row['diff_mean']:+.1f} ± {row['diff_std']:.1f}{noise}"
+            closed = f"{100 * row['gap_closed']:.0f} %" if row["gap_closed"] is not None else ""
+        lines.append(
+            f"| {row['label']} | {weight} | {row['mean']:.1f} ± {row['std']:.1f} | {seeds} "
+            f"| {delta} | {closed} |"
+        )
+    d = r["data"]
+    return (
+        f"Machine: {r['machine']}\n\nCommand: `{r['command']}`\n\nDate: {r['date']}\n\n"
+        f"Data: synthetic, easy setting, {d['size']} px; {d['train']} train / {d['val']} val / "
+        f"{d['test']} test images. Student {r['student_model']}, seeds {r['seeds']}. "
+        f"Metric: {r['metric']} (percent). Δ is the mean ± std over seeds of the paired "
+        'difference (same seed) to the student alone; "within noise" marks |mean| ≤ 2 std. '
+        "Gap closed = (row mean − student mean) / (teacher − student mean).\n\n"
+        + "\n".join(lines)
+        + "\n"
+    )
+
+
+def _plot(r: dict[str, Any], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = r["rows"]
+    fig = Figure(figsize=(1.0 + 0.8 * len(rows), 3.6), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    xs = range(len(rows))
+    ax.bar(xs, [row["mean"] for row in rows], color=["#999" if row["ablation"] else "#4a7ebb"
+                                                      for row in rows])  # fmt: skip
+    for x, row in zip(xs, rows, strict=True):
+        ax.plot([x] * len(row["test"]), row["test"], "k.", ms=5)
+    ax.axhline(r["teacher"]["test"], color="#c44", lw=1, ls="--", label="teacher")
+    base = next(row["mean"] for row in rows if row["row"] == "student")
+    ax.axhline(base, color="#444", lw=1, ls=":", label="student alone")
+    lo = min(min(row["test"]) for row in rows)
+    ax.set_ylim(max(0.0, lo - 5), r["teacher"]["test"] + 3)
+    ax.set_xticks(list(xs), [row["row"] for row in rows], rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel(f"test {'AP' if r['task'] == 'detection' else 'mIoU'} (%)")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+# ---- helpers --------------------------------------------------------------------------------
+def _command() -> str:
+    return " ".join(["python", *sys.argv])
+
+
+def _machine(accelerator: str) -> dict[str, Any]:
+    import torch
+
+    info = {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "torch_threads_per_cell": 1}  # fmt: skip
+    if accelerator == "gpu" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def _write(out: Path, stem: str, report: dict[str, Any], md: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / f"{stem}.md").write_text(md)
+    print(md, flush=True)
+
+
+def random_tokens(path: Path, task: str) -> None:
+    """Untrained tokens (their initialisation, seed 0) for every level the row distils."""
+    import torch
+
+    from maskd.models import build
+    from maskd.taps import probe_levels
+    from maskd.token_io import save_tokens
+    from maskd.tokens import ReceptiveTokens
+
+    spec = TASKS[task]
+    teacher, layers = build(spec["teacher"], num_classes=3, **spec["options"])
+    feats, levels = probe_levels(teacher, layers)
+    torch.manual_seed(0)
+    cfg = yaml.safe_load((CONFIGS / task / "learn_masks.yaml").read_text())["masks"]
+    tokens = {
+        layer: [
+            ReceptiveTokens(feats[n].shape[1], cfg["num_tokens"], cfg["weighted"]) for n in names
+        ]
+        for layer, names in levels.items()
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_tokens(path, tokens)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", choices=sorted(TASKS), default="detection")
+    parser.add_argument("--tune", action="store_true", help="run the validation sweep")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--ablations", type=int, default=1, help="0: main rows only")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--accelerator", default="cpu")
+    parser.add_argument("--tuning-device", default=None, help="read *_tuning_<this>.json")
+    parser.add_argument("--quick", action="store_true", help="tiny data, a few steps, 1 seed")
+    parser.add_argument("--rows", nargs="+", choices=[r.name for r in ROWS],
+                        help="train only these rows' cells (no report)")  # fmt: skip
+    parser.add_argument("--work", type=Path, default=Path("runs/quality"))
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--random-tokens", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.random_tokens:
+        random_tokens(args.random_tokens, args.task)
+        return
+    plan = Plan(args.task, args)
+    if args.tune:
+        tune(plan, args)
+    else:
+        table(plan, args)
+
+
+if __name__ == "__main__":
+    main()
