@@ -51,10 +51,12 @@ TASKS: dict[str, dict[str, Any]] = {
         "teacher": "fcos_resnet50_fpn",
         "options": {"min_size": 64, "max_size": 64},
         "peers": ("fitnet", "cwd", "fgd"),
-        "tune_grid": (0.1, 0.3, 1.0, 3.0),
+        # each method's published default weight; the sweep tries it ×0.3, ×1 and ×3
+        "defaults": {"fitnet": 1.0, "cwd": 10.0, "fgd": 1.0, "maskd": 10.0},
     },
 }
 QUICK = {"data": (16, 8, 8, 64), "teacher_steps": 4, "student_steps": 2, "tokens_steps": 2}
+TUNE_FACTORS = (0.3, 1.0, 3.0)
 
 
 @dataclass
@@ -109,6 +111,7 @@ class Cell:
     commands: list[tuple[list[str], str | None]]  # (command, file that marks it done)
     done_file: str = "result.json"
     finish: Any = None  # callable(cell_dir) -> None, writes done_file
+    keep: bool = False  # a trained student: its result is also kept under results/
 
 
 def _maskd(*args: str) -> list[str]:
@@ -133,6 +136,7 @@ class Plan:
         self.quick = args.quick
         self.work = args.work / task
         self.data = self.work / "data"
+        self.kept = args.out / "quality_cells" / task  # committed results of student cells
         self.cfg = CONFIGS / task
         self.trainer = [
             f"--trainer.accelerator={args.accelerator}",
@@ -141,6 +145,11 @@ class Plan:
         self.resume = ["--run.resume=auto"]  # a cell stopped midway continues
         if self.quick:
             self.trainer += ["--trainer.checkpoint_every_n_steps=1"]
+
+    def read(self, name: str) -> dict[str, Any]:
+        """A cell's result, from the work folder or from the kept copy."""
+        path = self.work / name / "result.json"
+        return json.loads((path if path.is_file() else self.kept / f"{name}.json").read_text())
 
     # ---- the shared parts -------------------------------------------------------------
     def _steps(self, kind: str) -> list[str]:
@@ -171,7 +180,7 @@ class Plan:
             result = {s: json.loads((d / f"{s}.json").read_text()) for s in splits}
             (d / "result.json").write_text(json.dumps(result, indent=1) + "\n")
 
-        return Cell(name, deps, cmds, finish=finish)
+        return Cell(name, deps, cmds, finish=finish, keep=name != "teacher")
 
     def data_cell(self) -> Cell:
         train, val, test, size = QUICK["data"] if self.quick else self.spec["data"]
@@ -246,21 +255,46 @@ class Plan:
 
 
 # ---- scheduling -----------------------------------------------------------------------------
-def run_cells(cells: list[Cell], work: Path, workers: int) -> None:
-    """Run the unfinished cells, each once its dependencies are done, ``workers`` at a time."""
+def run_cells(cells: list[Cell], work: Path, workers: int, kept: Path) -> None:
+    """Run the unfinished cells, each once its dependencies are done, ``workers`` at a time.
+
+    A student cell whose result was kept under ``kept`` (committed with the results) is
+    done, even in a fresh work folder. A cell whose command fails records the error as its
+    result (a diverged run is a result too) and the others go on.
+    """
     by_name = {c.name: c for c in cells}
-    done = {c.name for c in cells if (work / c.name / c.done_file).is_file()}
+    done = {
+        c.name
+        for c in cells
+        if (work / c.name / c.done_file).is_file()
+        or (c.keep and (kept / f"{c.name}.json").is_file())
+    }
     pending = [c for c in cells if c.name not in done]
     running: dict[Future, Cell] = {}
+    for cell in cells:  # finished before results were kept
+        result = work / cell.name / "result.json"
+        if cell.keep and result.is_file() and not (kept / f"{cell.name}.json").is_file():
+            kept.mkdir(parents=True, exist_ok=True)
+            (kept / f"{cell.name}.json").write_text(result.read_text())
 
     def execute(cell: Cell) -> None:
         folder = work / cell.name
         folder.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
-        for cmd, marker in cell.commands:
-            if marker is None or not (folder / marker).is_file():
-                _run(cmd, folder / "log.txt")
-        cell.finish(folder)
+        try:
+            for cmd, marker in cell.commands:
+                if marker is None or not (folder / marker).is_file():
+                    _run(cmd, folder / "log.txt")
+            cell.finish(folder)
+        except subprocess.CalledProcessError:
+            if not cell.keep:
+                raise
+            lines = (folder / "log.txt").read_text().strip().splitlines()
+            error = next((ln for ln in reversed(lines) if "error" in ln.lower()), lines[-1])
+            (folder / "result.json").write_text(json.dumps({"error": error}) + "\n")
+        if cell.keep:
+            kept.mkdir(parents=True, exist_ok=True)
+            (kept / f"{cell.name}.json").write_text((folder / "result.json").read_text())
         print(f"[{datetime.now():%H:%M:%S}] {cell.name} done in "
               f"{time.perf_counter() - started:.0f} s", flush=True)  # fmt: skip
 
@@ -284,30 +318,42 @@ def tuning_methods(plan: Plan) -> list[str]:
     return [*plan.spec["peers"], "maskd"]
 
 
+def cell_name(row: Row, weight: float | None, seed: int) -> str:
+    """``student_s0``, ``maskd_w10_s1``: the same settings give the same cell."""
+    return f"{row.name}_s{seed}" if weight is None else f"{row.name}_w{weight:g}_s{seed}"
+
+
 def tune(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
+    """Seed 0 of every method at its default weight ×0.3, ×1, ×3; the best on validation.
+
+    These cells are also the table's seed-0 cells at the chosen weight (the test split is
+    evaluated too, and never read here).
+    """
     rows = {r.method: r for r in ROWS if r.method and not r.ablation}
-    grid = plan.spec["tune_grid"][:1] if plan.quick else plan.spec["tune_grid"]
+    factors = (1.0,) if plan.quick else TUNE_FACTORS
     cells = [plan.data_cell(), plan.teacher_cell(), *plan.token_cells({"tokens"})]
-    names: dict[tuple[str, float], str] = {}
-    for method in tuning_methods(plan):
-        for w in grid:
-            names[(method, w)] = f"tune_{method}_w{w:g}"
-            cells.append(plan.student_cell(rows[method], 0, w, names[(method, w)], ("val",)))
-    run_cells(cells, plan.work, args.workers)
+    grid = {m: [plan.spec["defaults"][m] * f for f in factors] for m in tuning_methods(plan)}
+    for method, weights in grid.items():
+        for w in weights:
+            name = cell_name(rows[method], w, 0)
+            cells.append(plan.student_cell(rows[method], 0, w, name, ("val", "test")))
+    run_cells(cells, plan.work, args.workers, plan.kept)
     metric = METRIC[plan.task]
     results: dict[str, Any] = {}
-    for method in tuning_methods(plan):
-        scores = {f"{w:g}": _read(plan.work / names[(method, w)])["val"][metric] for w in grid}
-        best = max(scores, key=lambda k: scores[k])
-        results[method] = {"val": scores, "chosen": float(best)}
+    for method, weights in grid.items():
+        scores = {f"{w:g}": _score(plan.read(cell_name(rows[method], w, 0)), "val", metric)
+                  for w in weights}  # fmt: skip
+        finite = {k: v for k, v in scores.items() if v == v}
+        best = max(finite, key=lambda k: finite[k]) if finite else None
+        results[method] = {"val": scores, "chosen": None if best is None else float(best)}
     report = {
         "benchmark": "quality_tuning",
         "task": plan.task,
         "command": _command(),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": _machine(args.accelerator),
-        "protocol": "seed 0, validation split, the same weight grid for every method",
-        "grid": list(grid),
+        "protocol": "seed 0, validation split, each method's default weight x0.3, x1, x3",
+        "factors": list(factors),
         "methods": results,
     }
     _write(args.out, f"quality_{plan.task}_tuning_{args.accelerator}", report, _tuning_md(report))
@@ -319,6 +365,9 @@ def chosen_weights(plan: Plan, args: argparse.Namespace) -> dict[str, float]:
     if not path.is_file():
         raise SystemExit(f"no tuning results at {path}: run with --tune first")
     methods = json.loads(path.read_text())["methods"]
+    missing = [m for m, v in methods.items() if v["chosen"] is None]
+    if missing:
+        raise SystemExit(f"tuning found no weight that trains for {missing}; see {path}")
     return {m: float(v["chosen"]) for m, v in methods.items()}
 
 
@@ -338,8 +387,8 @@ def table(plan: Plan, args: argparse.Namespace) -> dict[str, Any] | None:
     for row in rows:
         for seed in seeds:
             w = weights.get(row.method) if row.method else None
-            cells.append(plan.student_cell(row, seed, w, f"{row.name}_s{seed}", ("val", "test")))
-    run_cells(cells, plan.work, args.workers)
+            cells.append(plan.student_cell(row, seed, w, cell_name(row, w, seed), ("val", "test")))
+    run_cells(cells, plan.work, args.workers, plan.kept)
     if args.rows:  # part of the table: its cells are trained, the report waits for the rest
         return None
     return _report(plan, args, rows, seeds, weights)
@@ -347,6 +396,11 @@ def table(plan: Plan, args: argparse.Namespace) -> dict[str, Any] | None:
 
 def _read(folder: Path) -> dict[str, Any]:
     return json.loads((folder / "result.json").read_text())
+
+
+def _score(result: dict[str, Any], split: str, metric: str) -> float:
+    """The split's metric, or NaN for a cell whose training failed (diverged)."""
+    return float("nan") if "error" in result else float(result[split][metric])
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
@@ -359,13 +413,14 @@ def _report(plan: Plan, args: argparse.Namespace, rows: list[Row], seeds: list[i
     teacher = _read(plan.work / "teacher")["test"]
     teacher_val = _read(plan.work / "teacher")["val"][key]
     sizes = QUICK["data"] if plan.quick else plan.spec["data"]
-    base = [100 * _read(plan.work / f"student_s{s}")["test"][key] for s in seeds]
+    base = [100 * _score(plan.read(f"student_s{s}"), "test", key) for s in seeds]
     base_mean = statistics.fmean(base)
     gap = 100 * teacher[key] - base_mean
     out_rows = []
     for row in rows:
-        results = [_read(plan.work / f"{row.name}_s{s}") for s in seeds]
-        values = [100 * r["test"][key] for r in results]
+        w = weights.get(row.method) if row.method else None
+        results = [plan.read(cell_name(row, w, s)) for s in seeds]
+        values = [100 * _score(r, "test", key) for r in results]
         diffs = [v - b for v, b in zip(values, base, strict=True)]
         mean, std = _stats(values)
         d_mean, d_std = _stats(diffs)
@@ -376,15 +431,16 @@ def _report(plan: Plan, args: argparse.Namespace, rows: list[Row], seeds: list[i
                 "ablation": row.ablation,
                 "weight": weights.get(row.method) if row.method else None,
                 "test": values,
-                "test_second": [100 * r["test"][second] for r in results],
-                "val": [100 * r["val"][key] for r in results],
+                "test_second": [100 * _score(r, "test", second) for r in results],
+                "val": [100 * _score(r, "val", key) for r in results],
+                "errors": [r["error"] for r in results if "error" in r],
                 "mean": mean,
                 "std": std,
                 "diff_to_student": diffs,
                 "diff_mean": d_mean,
                 "diff_std": d_std,
                 "gap_closed": (mean - base_mean) / gap if gap else None,
-                "beats_student_every_seed": all(d > 0 for d in diffs),
+                "beats_student_every_seed": all(d > 0 for d in diffs),  # False with NaN
             }
         )
     report = {
@@ -413,17 +469,33 @@ def _report(plan: Plan, args: argparse.Namespace, rows: list[Row], seeds: list[i
     return report
 
 
+T_975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571}  # Student's t, 0.975, n - 1 dof
+
+
+def _within_noise(diffs: list[float]) -> bool:
+    """Whether the 95 % t-interval of the mean paired difference contains 0."""
+    n = len(diffs)
+    if n < 2:
+        return True
+    mean, std = _stats(diffs)
+    return abs(mean) <= T_975.get(n, 2.0) * std / n**0.5
+
+
 def _tuning_md(r: dict[str, Any]) -> str:
-    grid = [f"{w:g}" for w in r["grid"]]
-    lines = ["| method | " + " | ".join(f"w = {w}" for w in grid) + " | chosen |"]
-    lines.append("|---|" + "---:|" * (len(grid) + 1))
+    factors = [f"×{f:g}" for f in r["factors"]]
+    lines = ["| method | " + " | ".join(f"weight {f}" for f in factors) + " | chosen |"]
+    lines.append("|---|" + "---:|" * (len(factors) + 1))
     for m, v in r["methods"].items():
-        cells = [f"{100 * v['val'][w]:.1f}" for w in grid]
-        lines.append(f"| {m} | " + " | ".join(cells) + f" | {v['chosen']:g} |")
+        cells = [
+            f"{k}: " + ("diverged" if score != score else f"{100 * score:.1f}")
+            for k, score in v["val"].items()
+        ]
+        chosen = "none" if v["chosen"] is None else f"{v['chosen']:g}"
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {chosen} |")
     return (
         f"Machine: {r['machine']}\n\nCommand: `{r['command']}`\n\nDate: {r['date']}\n\n"
-        f"Validation {'AP' if r['task'] == 'detection' else 'mIoU'} (percent), {r['protocol']}:"
-        "\n\n" + "\n".join(lines) + "\n"
+        f"Validation {'AP' if r['task'] == 'detection' else 'mIoU'} (percent) per loss weight, "
+        f"{r['protocol']}:\n\n" + "\n".join(lines) + "\n"
     )
 
 
@@ -440,8 +512,10 @@ def _table_md(r: dict[str, Any]) -> str:
         weight = "" if row["weight"] is None else f"{row['weight']:g}"
         if row["row"] == "student":
             delta, closed = "", ""
+        elif row["errors"]:
+            delta, closed = f"diverged in {len(row['errors'])} of {len(row['test'])} seeds", ""
         else:
-            noise = " (within noise)" if abs(row["diff_mean"]) <= 2 * row["diff_std"] else ""
+            noise = " (within noise)" if _within_noise(row["diff_to_student"]) else ""
             delta = f"{row['diff_mean']:+.1f} ± {row['diff_std']:.1f}{noise}"
             closed = f"{100 * row['gap_closed']:.0f} %" if row["gap_closed"] is not None else ""
         lines.append(
@@ -454,7 +528,8 @@ def _table_md(r: dict[str, Any]) -> str:
         f"Data: synthetic, easy setting, {d['size']} px; {d['train']} train / {d['val']} val / "
         f"{d['test']} test images. Student {r['student_model']}, seeds {r['seeds']}. "
         f"Metric: {r['metric']} (percent). Δ is the mean ± std over seeds of the paired "
-        'difference (same seed) to the student alone; "within noise" marks |mean| ≤ 2 std. '
+        'difference (same seed) to the student alone; "within noise": its two-sided 95 % '
+        "t-interval contains 0 (always, with one seed). "
         "Gap closed = (row mean − student mean) / (teacher − student mean).\n\n"
         + "\n".join(lines)
         + "\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,23 +38,40 @@ def test_quality_quick_runs_every_kind_of_cell_and_resumes(tmp_path):
     base = [sys.executable, str(QUALITY), "--quick", "--work", str(work), "--out", str(out)]
     subprocess.run([*base, "--tune"], check=True, capture_output=True, text=True, timeout=900)
     tuning = json.loads((out / "quality_detection_tuning_cpu.json").read_text())
-    assert sorted(tuning["methods"]) == ["cwd", "fgd", "fitnet", "maskd"]
+    defaults = {"fitnet": 1, "cwd": 10, "fgd": 1, "maskd": 10}  # x1 only in --quick
+    assert sorted(tuning["methods"]) == sorted(defaults)
     for method, entry in tuning["methods"].items():
-        cell = work / "detection" / f"tune_{method}_w{tuning['grid'][0]:g}" / "result.json"
-        assert entry["val"][f"{tuning['grid'][0]:g}"] == json.loads(cell.read_text())["val"]["map"]
-        assert entry["chosen"] == tuning["grid"][0]
+        cell = work / "detection" / f"{method}_w{defaults[method]}_s0" / "result.json"
+        assert entry["val"] == {str(defaults[method]): json.loads(cell.read_text())["val"]["map"]}
+        assert entry["chosen"] == defaults[method]
     subprocess.run(base, check=True, capture_output=True, text=True, timeout=900)
     report = json.loads((out / "quality_detection_cpu.json").read_text())
     rows = {r["row"]: r for r in report["rows"]}
     assert set(rows) == {"student", "fitnet", "cwd", "fgd", "maskd", "maskd_random"}
+    kept = out / "quality_cells" / "detection"
     for name, row in rows.items():
-        result = json.loads((work / "detection" / f"{name}_s0" / "result.json").read_text())
+        cell = "student_s0" if name == "student" else f"{name}_w{row['weight']:g}_s0"
+        result = json.loads((work / "detection" / cell / "result.json").read_text())
+        assert json.loads((kept / f"{cell}.json").read_text()) == result
         assert row["test"] == [100 * result["test"]["map"]]
         assert row["diff_to_student"] == [row["test"][0] - rows["student"]["test"][0]]
     assert rows["maskd"]["weight"] == tuning["methods"]["maskd"]["chosen"]
     assert (out / "quality_detection_cpu.png").stat().st_size > 1000
     md = (out / "quality_detection_cpu.md").read_text()
     assert "| MasKD, untrained (random) tokens |" in md and "teacher (fcos_resnet50_fpn)" in md
-    # a second run finds every cell finished and trains nothing
+    # a second run finds every cell finished and trains nothing; so does a fresh work folder
+    # for the students whose results were kept (teacher and tokens are trained again)
     again = subprocess.run(base, check=True, capture_output=True, text=True, timeout=120)
     assert " done in " not in again.stdout
+    shutil.rmtree(work / "detection" / "fitnet_w1_s0")
+    again = subprocess.run(base, check=True, capture_output=True, text=True, timeout=120)
+    assert " done in " not in again.stdout
+
+
+def test_within_noise_uses_the_t_interval():
+    sys.path.insert(0, str(QUALITY.parent))
+    from quality import _within_noise
+
+    assert _within_noise([1.0])  # one seed tells nothing
+    assert not _within_noise([1.0, 1.1, 0.9])  # mean 1.0, std 0.1: far from 0
+    assert _within_noise([1.0, -0.2, 0.5])  # mean 0.43, std 0.6: 4.30 * 0.6 / sqrt(3) = 1.49

@@ -191,6 +191,43 @@ def test_crash_mid_write_leaves_previous_checkpoint(tmp_path, monkeypatch):
     assert torch.load(path, weights_only=True)["step"] == 3
 
 
+def test_written_files_get_the_permissions_of_a_plain_open(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_save({"a": 1}, tmp_path / "model.pt")
+        (tmp_path / "plain").write_text("x")
+        os.umask(0o002)
+        atomic_save({"a": 1}, tmp_path / "group.pt")
+    finally:
+        os.umask(old)
+    mode = lambda name: (tmp_path / name).stat().st_mode & 0o777  # noqa: E731
+    assert mode("model.pt") == mode("plain") == 0o644
+    assert mode("group.pt") == 0o664
+
+
+def test_stale_temporaries_of_a_killed_write_are_removed_on_start(tmp_path):
+    from maskd.atomic import remove_stale_temporaries
+
+    (tmp_path / "checkpoints").mkdir()
+    stale = [tmp_path / "checkpoints" / ".last.ckpt.k3j2.tmp", tmp_path / ".model.pt.x9.tmp"]
+    keep = [tmp_path / "notes.tmp", tmp_path / ".other.pt.x9.tmp", tmp_path / "model.pt"]
+    for path in stale + keep:
+        path.write_bytes(b"0" * 10)
+    removed = remove_stale_temporaries(tmp_path, ("model.pt", "tokens.pt"))
+    removed += remove_stale_temporaries(tmp_path / "checkpoints", ("last.ckpt",))
+    assert sorted(removed) == sorted(stale)
+    assert all(p.exists() for p in keep) and not any(p.exists() for p in stale)
+    # a run started in that folder removes them too
+    from maskd.engine.jobs import RunArgs, _fit_and_finish
+
+    stale[0].write_bytes(b"0")
+    module = TrainModule(TinySeg(), "segmentation", 3, metrics_factory=PixelAccuracy)
+    data = MaskdDataModule(RandomSegData(4), RandomSegData(2), batch_size=2)
+    spec = TrainerSpec(max_steps=1, accelerator="cpu", progress_bar=False, val_every_n_epochs=0)
+    _fit_and_finish(module, data, spec, RunArgs(out=str(tmp_path), validate=False), None, None)
+    assert not stale[0].exists() and (tmp_path / "done.json").is_file()
+
+
 # ---- training and exact resume ----------------------------------------------------
 
 
@@ -388,3 +425,29 @@ def test_distill_reads_our_token_files_and_released_ones(tmp_path):
         load_token_file(str(tmp_path / "official.pth"), ["a", "b"])
     with pytest.raises(FileNotFoundError):
         load_token_file(str(tmp_path / "none.pt"), ["a"])
+
+
+def test_custom_mask_warmup_counts_optimizer_steps(tmp_path):
+    """With 2 micro-batches per optimizer step, the warm-up follows global_step, not calls."""
+    from maskd.distiller import Distiller
+    from maskd.tokens import ReceptiveTokens
+
+    torch.manual_seed(0)
+    seen: list[tuple[int, bool]] = []
+
+    class Record(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append((trainer.global_step, pl_module.net.loss.custom_mask_active))
+
+    distiller = Distiller(
+        TinySeg(), TinySeg(), {"body": "body"}, {"body": [ReceptiveTokens(8, 2)]},
+        custom_mask_warmup=2, example_input=torch.zeros(1, 3, 16, 16),
+    )  # fmt: skip
+    module = DistillModule(distiller, "segmentation", 3, metrics_factory=PixelAccuracy)
+    data = MaskdDataModule(RandomSegData(12), RandomSegData(2), batch_size=2, seed=1)
+    trainer = tiny_trainer(tmp_path, 3, accumulate_grad_batches=2, callbacks=[Record()])
+    trainer.fit(module, datamodule=data)
+    # 6 micro-batches; the student-side mask is on from optimizer step 2 on, i.e. for the
+    # forward of micro-batches 5 and 6 (whose start sees global_step 2)
+    assert trainer.global_step == 3 and len(seen) == 6
+    assert distiller.loss.step == 3  # 2 at the last batch's start, + its own forward

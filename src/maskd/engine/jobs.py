@@ -14,17 +14,19 @@ in its output folder::
 from __future__ import annotations
 
 import json
+import pickle
 import time
+import zipfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
-import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
+from maskd.atomic import remove_stale_temporaries
 from maskd.engine.callbacks import MaskImageLogger, TokenSaver
 from maskd.engine.checkpoint import atomic_save, find_last_checkpoint
 from maskd.engine.config import DataArgs, ModelArgs
@@ -32,6 +34,7 @@ from maskd.engine.datamodule import MaskdDataModule
 from maskd.engine.modules import DistillModule, LearnMasksModule, MaskdModule, TrainModule
 from maskd.engine.optim import OptimSpec
 from maskd.engine.trainer import TrainerSpec, build_trainer
+from maskd.models.weights import load_file
 
 __all__ = [
     "DistillArgs",
@@ -175,7 +178,7 @@ def _checkpoint_prefix(path: str) -> str | None:
         raise FileNotFoundError(f"weights: no such file {path!r}")
     if p.suffix != ".ckpt":
         return None
-    obj = torch.load(p, map_location="cpu", weights_only=True)
+    obj = load_file(p)
     meta = obj.get("maskd") if isinstance(obj, Mapping) else None
     return meta.get("weights_prefix") if isinstance(meta, Mapping) else None
 
@@ -268,6 +271,18 @@ def _distill_tokens(distill: DistillArgs, teacher_layers: list[str]) -> dict[str
 # ---- running --------------------------------------------------------------------------
 
 
+def _check_resumable(path: Path, argument: str) -> str:
+    """A checkpoint file Lightning can open: not empty, not truncated (a whole zip archive)."""
+    if path.stat().st_size == 0:
+        raise ValueError(f"{argument}: {str(path)!r} is empty (0 bytes)")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(
+            f"{argument}: {str(path)!r} is truncated or not a torch checkpoint; "
+            "start over with --run.overwrite true, or resume from another checkpoint"
+        )
+    return str(path)
+
+
 def _resume_path(run: RunArgs) -> str | None:
     out = Path(run.out)
     if run.resume is None:
@@ -288,10 +303,10 @@ def _resume_path(run: RunArgs) -> str | None:
             if run.resume == "auto":
                 return None
             raise FileNotFoundError(f"--run.resume last: no checkpoint in {out / 'checkpoints'}")
-        return str(last)
+        return _check_resumable(last, "run.resume")
     if not Path(run.resume).is_file():
         raise FileNotFoundError(f"run.resume: no such checkpoint {run.resume!r}")
-    return run.resume
+    return _check_resumable(Path(run.resume), "run.resume")
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -311,9 +326,18 @@ def _fit_and_finish(
 ) -> dict[str, float]:
     out = Path(run.out)
     ckpt = _resume_path(run)
+    # a kill during a checkpoint or weights write leaves a temporary file: drop it
+    remove_stale_temporaries(out, ("model.pt", "tokens.pt"))
+    remove_stale_temporaries(out / "checkpoints", ("last.ckpt",))
     trainer = build_trainer(trainer_spec, out, callbacks=callbacks)
     start = time.perf_counter()
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+    except pickle.UnpicklingError as err:  # raised while Lightning reads the checkpoint
+        raise ValueError(
+            f"run.resume: {ckpt!r} holds Python objects other than tensors and plain "
+            f"containers, which are not loaded for safety ({str(err).splitlines()[0]})"
+        ) from err
     fit_seconds = time.perf_counter() - start
     metrics: dict[str, float] = {}
     if run.validate:

@@ -22,6 +22,7 @@ from torch import nn
 
 from maskd.engine.optim import OptimSpec, build_optimizer, build_scheduler
 from maskd.engine.sampling import mix_seed
+from maskd.losses import MasKDLoss
 from maskd.tokens import ReceptiveTokens
 
 __all__ = ["DistillModule", "LearnMasksModule", "MaskdModule", "TrainModule", "make_metrics"]
@@ -262,6 +263,13 @@ class DistillModule(MaskdModule):
 
     def frozen_teacher(self) -> nn.Module | None:
         return self.net.teacher
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # The custom-mask warm-up counts optimizer steps (what configs mean), not forward
+        # calls: they differ with gradient accumulation. global_step is restored on resume.
+        loss = getattr(self.net, "loss", None)
+        if isinstance(loss, MasKDLoss):
+            loss.step = int(self.global_step)
 
     def _frozen_ids(self) -> set[int]:
         frozen = {id(p) for p in self.net.teacher.parameters()}

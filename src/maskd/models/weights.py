@@ -17,12 +17,42 @@ from __future__ import annotations
 import pickle
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 _COUNTER = "num_batches_tracked"
 _SHOWN = 12
+
+
+def load_file(path: str | Path, *, argument: str = "weights") -> Any:
+    """``torch.load(path, weights_only=True)`` with one clear error for every bad file.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is empty, truncated or not a torch file, or it holds pickled
+            Python objects other than tensors and plain containers (never loaded, for safety).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{argument}: no such file {str(path)!r}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{argument}: {str(path)!r} is empty (0 bytes)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"{argument}: {str(path)!r} holds Python objects other than tensors and plain "
+            f"containers, which are not loaded for safety; save the model's state_dict() "
+            f"instead ({err.__class__.__name__}: {str(err).splitlines()[0]})"
+        ) from err
+    except Exception as err:  # torch raises several types for a corrupt or foreign file
+        first = str(err).splitlines()[0] if str(err) else "no details"
+        raise ValueError(
+            f"{argument}: cannot read {str(path)!r} as a torch checkpoint (truncated or not "
+            f"a checkpoint; {type(err).__name__}: {first})"
+        ) from err
 
 
 def read_state_dict(path: str | Path, *, argument: str = "weights") -> dict[str, Tensor]:
@@ -32,21 +62,7 @@ def read_state_dict(path: str | Path, *, argument: str = "weights") -> dict[str,
     ``"state_dict"`` (Lightning and many training scripts) or ``"model"`` (torchvision's
     reference scripts). Key prefixes are left untouched here.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{argument}: no such file {str(path)!r}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"{argument}: {str(path)!r} holds Python objects other than tensors and plain "
-            f"containers, which are not loaded for safety; save the model's state_dict() "
-            f"instead ({err.__class__.__name__}: {str(err).splitlines()[0]})"
-        ) from err
-    except Exception as err:  # torch raises several types for a corrupt or foreign file
-        raise ValueError(
-            f"{argument}: cannot read {str(path)!r} as a torch checkpoint: {err}"
-        ) from err
+    obj = load_file(path, argument=argument)
     if not isinstance(obj, Mapping):
         raise TypeError(f"{argument}: {str(path)!r} holds a {type(obj).__name__}, not a state dict")
     for key in ("state_dict", "model"):

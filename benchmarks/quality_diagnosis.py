@@ -1,0 +1,170 @@
+"""Why does (or doesn't) MasKD help in the quality benchmark? Masks, loss scales, gradients.
+
+Reads the benchmark's teacher, token variants and data (``benchmarks/quality.py`` work
+folder) and measures, on the validation split only:
+
+- per token variant and FPN level: each token's soft coverage (mean mask value), the share
+  of pixels it marks (> 0.5), the mean pairwise Dice between tokens (1 = collapsed onto one
+  mask), the share of its mass inside ground-truth boxes against the boxes' share of the
+  image, and the token weights' spread;
+- at the student's initialisation (seed 0) on one training batch: each distillation term's
+  value at weight 1 and the norm of its gradient on the student's parameters, beside the
+  task loss's; the same at the end of training for the trained seed-0 students, where their
+  cells exist.
+
+    python benchmarks/quality_diagnosis.py --work runs/quality
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from maskd.data import build_dataset, detection_collate
+from maskd.distiller import Distiller
+from maskd.losses import dice_diversity
+from maskd.models import build
+from maskd.taps import FeatureTaps
+from maskd.token_io import load_tokens
+from quality import CONFIGS, RESULTS, TASKS, _machine, _write
+
+
+def _batch(root: Path, split: str, n: int) -> tuple[list[torch.Tensor], list[dict]]:
+    ds = build_dataset("coco", root, split)
+    return detection_collate([ds[i] for i in range(n)])
+
+
+def mask_statistics(teacher: torch.nn.Module, tokens: dict, images: list, targets: list) -> dict:
+    """Per level: coverage, marked share, Dice, mass inside boxes, weight spread."""
+    taps = FeatureTaps(teacher, list(tokens), stop=True)
+    with torch.no_grad():
+        taps.run(images)
+        image_list, tgts = teacher.transform(images, targets)
+    h_in, w_in = image_list.tensors.shape[-2:]
+    out = {}
+    names = [n for path in tokens for n in taps.levels()[path]]
+    toks = [t for group in tokens.values() for t in group]
+    for name, tok in zip(names, toks, strict=True):
+        x = taps.features[name]
+        n, _, h, w = x.shape
+        with torch.no_grad():
+            m = tok(x)  # [N, T, H, W]
+            weights = tok.token_weights(x)  # [N, T] or None
+        inside = torch.zeros(n, h, w)
+        for i, t in enumerate(tgts):
+            for x1, y1, x2, y2 in t["boxes"].tolist():
+                inside[i, int(y1 / h_in * h) : int(-(-y2 // 1) / h_in * h + 1),
+                       int(x1 / w_in * w) : int(-(-x2 // 1) / w_in * w + 1)] = 1  # fmt: skip
+        mass_in = (m * inside[:, None]).sum(dim=(2, 3)) / m.sum(dim=(2, 3)).clamp_min(1e-12)
+        out[name] = {
+            "size": [h, w],
+            "coverage": m.mean(dim=(0, 2, 3)).tolist(),
+            "marked": (m > 0.5).float().mean(dim=(0, 2, 3)).tolist(),
+            "dice": float(dice_diversity(m)) if m.shape[1] > 1 else None,
+            "mass_in_boxes": mass_in.mean(dim=0).tolist(),
+            "box_share": float(inside.mean()),
+            "weights": None if weights is None else weights.mean(dim=0).tolist(),
+        }
+    return out
+
+
+def loss_scales(plan_work: Path, spec: dict, images: list, targets: list, student_w: Path | None):
+    """Each term at weight 1 and its gradient norm on the student, beside the task loss."""
+    teacher, _ = build(spec["teacher"], num_classes=3, weights=str(plan_work / "teacher" / "model.pt"),
+                       **spec["options"])  # fmt: skip
+    torch.manual_seed(0)
+    student, layers = build(spec["student"], num_classes=3, **spec["options"])
+    if student_w is not None:
+        student.load_state_dict(torch.load(student_w, weights_only=True))
+    fpn = layers[0]
+    terms = [{"kind": k, "student": fpn, "teacher": fpn} for k in ("fitnet", "cwd")]
+    terms.append({"kind": "fgd", "student": fpn, "teacher": fpn, "detector": "fcos"})
+    tokens = load_tokens(plan_work / "tokens" / "tokens.pt")
+    d = Distiller(student, teacher, {fpn: fpn}, tokens, terms=terms).train()
+    losses = d(images, targets)
+    params = [p for p in student.parameters() if p.requires_grad]
+    task = sum(v for k, v in losses.items() if not k.startswith("loss_"))
+    parts = {"task": task} | {k: v for k, v in losses.items() if k.startswith("loss_")}
+    out = {}
+    for name, value in parts.items():
+        grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
+        norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None))
+        out[name] = {"value": float(value.detach()), "grad_norm": float(norm)}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", choices=sorted(TASKS), default="detection")
+    parser.add_argument("--work", type=Path, default=Path("runs/quality"))
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--images", type=int, default=32)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    spec = TASKS[args.task]
+    work = args.work / args.task
+    images, targets = _batch(work / "data", "val", args.images)
+    teacher, _ = build(spec["teacher"], num_classes=3, weights=str(work / "teacher" / "model.pt"),
+                       **spec["options"])  # fmt: skip
+    teacher.eval()
+    masks = {}
+    for variant in ("tokens", "tokens_nodice", "tokens_unweighted", "tokens_t1", "tokens_random"):
+        path = work / variant / "tokens.pt"
+        if path.is_file():
+            masks[variant] = mask_statistics(teacher, load_tokens(path), images, targets)
+    train_images, train_targets = _batch(work / "data", "train", 16)
+    scales = {"init": loss_scales(work, spec, train_images, train_targets, None)}
+    tuning = args.out / f"quality_{args.task}_tuning_cpu.json"
+    trained = {"student": work / "student_s0"}
+    if tuning.is_file():
+        chosen = json.loads(tuning.read_text())["methods"]["maskd"]["chosen"]
+        trained["maskd"] = work / f"maskd_w{chosen:g}_s0"
+    for row, folder in trained.items():
+        if (folder / "model.pt").is_file():
+            scales[f"trained {row}"] = loss_scales(
+                work, spec, train_images, train_targets, folder / "model.pt"
+            )
+    report = {
+        "benchmark": "quality_diagnosis",
+        "task": args.task,
+        "command": " ".join(["python", *sys.argv]),
+        "machine": _machine("cpu"),
+        "configs": str(CONFIGS / args.task),
+        "masks": masks,
+        "loss_scales": scales,
+    }
+    _write(args.out, f"quality_{args.task}_diagnosis_cpu", report, _md(report))
+
+
+def _md(r: dict[str, Any]) -> str:
+    lines = ["Masks of the teacher's tokens on 32 validation images, per FPN level "
+             "(means over tokens; per-token values in the JSON):", "",
+             "| tokens | level | coverage | marked > 0.5 | pairwise Dice | mass in boxes | "
+             "boxes' share | max token weight |", "|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for variant, levels in r["masks"].items():
+        for level, v in levels.items():
+            mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+            dice = "" if v["dice"] is None else f"{v['dice']:.2f}"
+            wmax = "" if v["weights"] is None else f"{max(v['weights']):.2f}"
+            lines.append(
+                f"| {variant} | {level.split(':')[-1]} | {mean(v['coverage']):.2f} | "
+                f"{mean(v['marked']):.2f} | {dice} | {mean(v['mass_in_boxes']):.2f} | "
+                f"{v['box_share']:.2f} | {wmax} |"
+            )
+    lines += ["", "Loss values at weight 1 and gradient norms on the student's parameters "
+              "(one training batch of 16):", "", "| student | term | value | gradient norm |",
+              "|---|---|---:|---:|"]  # fmt: skip
+    for when, parts in r["loss_scales"].items():
+        for name, v in parts.items():
+            lines.append(f"| {when} | {name} | {v['value']:.4g} | {v['grad_norm']:.4g} |")
+    return f"Machine: {r['machine']}\n\nCommand: `{r['command']}`\n\n" + "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
