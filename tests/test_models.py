@@ -522,3 +522,30 @@ def test_real_lightning_checkpoint(tmp_path):
     trainer.save_checkpoint(tmp_path / "last.ckpt")
     model, _ = M.build("lraspp_mobilenet_v3_large", K, weights=tmp_path / "last.ckpt")
     _same(model, module.model.state_dict())
+
+
+def test_fcos_box_regression_bias_option():
+    from maskd.models import build
+
+    torch.manual_seed(0)
+    model, _ = build("fcos_resnet18_fpn", num_classes=2, min_size=64, max_size=64,
+                     box_regression_bias=0.5)  # fmt: skip
+    bias = model.head.regression_head.bbox_reg.bias
+    assert torch.equal(bias, torch.full_like(bias, 0.5))
+    torch.manual_seed(0)
+    default, _ = build("fcos_resnet18_fpn", num_classes=2, min_size=64, max_size=64)
+    assert torch.equal(default.head.regression_head.bbox_reg.bias, torch.zeros(4))
+
+    # (nearly) every distance starts positive, so the ReLU passes a gradient for every side;
+    # with torchvision's zero bias many start clipped
+    def active(net):
+        outputs = []
+        net.head.regression_head.bbox_reg.register_forward_hook(lambda m, i, o: outputs.append(o))
+        torch.manual_seed(0)
+        with torch.no_grad():
+            net.eval()([torch.rand(3, 64, 64)])
+        return float(torch.cat([o.flatten() for o in outputs]).gt(0).float().mean())
+
+    assert active(model) > 0.99 and active(default) < 0.9
+    with pytest.raises(ValueError, match="FCOS only"):
+        build("retinanet_resnet18_fpn", num_classes=2, box_regression_bias=0.5)

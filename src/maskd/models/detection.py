@@ -64,6 +64,7 @@ def build_detector(
     max_size: int = 1333,
     trainable_backbone_layers: int | None = None,
     frozen_bn: bool | None = None,
+    box_regression_bias: float | None = None,
     **kwargs: Any,
 ) -> tuple[nn.Module, list[str]]:
     """Build ``arch`` (fasterrcnn | retinanet | fcos) on ``backbone`` with FPN.
@@ -73,6 +74,11 @@ def build_detector(
     checkpoint will be loaded afterwards (only affects the BatchNorm/freezing defaults).
     ``min_size`` / ``max_size``: the shorter side is resized to ``min_size`` (a random one of
     a tuple per training batch, for scale jitter) unless the longer would exceed ``max_size``.
+    ``box_regression_bias`` (FCOS only): start the box-regression conv's bias at this value
+    instead of 0. FCOS clips its (left, top, right, bottom) distances with a ReLU, and a box
+    with one side at 0 has zero area, so GIoU gives it no gradient; trained from scratch, a
+    seed whose initial outputs are mostly negative never learns to regress boxes (loss stuck
+    at 1). A positive start (e.g. 0.5: boxes the size of the anchor) keeps every side alive.
     Other ``kwargs`` go to the torchvision detector class (e.g. ``score_thresh``).
     Returns the detector and ``["backbone.fpn"]``, whose output dict holds every FPN level.
     """
@@ -121,6 +127,14 @@ def build_detector(
         else:
             fpn_backbone = _mobilenet_p3_p7(net, trainable)
     model = cls(fpn_backbone, num_classes + 1, min_size=min_size, max_size=max_size, **kwargs)
+    if box_regression_bias is not None:
+        if arch != "fcos":
+            raise ValueError(f"box_regression_bias applies to FCOS only, not {arch!r}")
+        if isinstance(box_regression_bias, bool) or not isinstance(
+            box_regression_bias, int | float
+        ):
+            raise TypeError(f"box_regression_bias must be a number, got {box_regression_bias!r}")
+        nn.init.constant_(model.head.regression_head.bbox_reg.bias, float(box_regression_bias))
     return model, [FPN_LAYER]
 
 
@@ -162,5 +176,5 @@ def _check_kwargs(cls: type[nn.Module], kwargs: dict[str, Any]) -> None:
     if unknown:
         raise TypeError(
             f"unexpected keyword argument(s) {unknown} for {cls.__name__}; "
-            f"accepted: {sorted(allowed | {'trainable_backbone_layers', 'frozen_bn'})}"
+            f"accepted: {sorted(allowed | {'trainable_backbone_layers', 'frozen_bn', 'box_regression_bias'})}"
         )
