@@ -77,3 +77,48 @@ def test_bad_resume_checkpoints_give_one_line(data, tmp_path, capsys):
         elif "truncated" in path.name:
             message = "truncated or not a torch checkpoint"
         assert err.count("\n") == 1 and message in err and "Traceback" not in err, err
+
+
+def test_a_finished_run_without_checkpoints_is_not_overwritten(data, tmp_path, capsys):
+    args = [
+        "train",
+        "--model.name=fcos_resnet18_fpn",
+        f"--model.options={json.dumps({'min_size': 64, 'max_size': 64})}",
+        f"--data.root={data}",
+        "--data.batch_size=2",
+        "--trainer.max_steps=1",
+        "--trainer.accelerator=cpu",
+        "--trainer.progress_bar=false",
+    ]
+    out = tmp_path / "run"
+    for name in ("done.json", "model.pt", "tokens.pt"):
+        out.mkdir(exist_ok=True)
+        (out / name).write_bytes(b"earlier output")
+        for resume in ([], ["--run.resume=auto"]):
+            code = main([*args, f"--run.out={out}", *resume])
+            err = capsys.readouterr().err
+            assert code == 1 and f"holds a run's outputs ({name})" in err, err
+            assert (out / name).read_bytes() == b"earlier output"
+        (out / name).unlink()
+
+
+def test_evaluate_checks_its_output_path_first(data, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    for out, message in (
+        (blocker / "m.json", "cannot create the folder"),
+        (tmp_path, "is a folder"),
+    ):
+        code = main(
+            [
+                "evaluate",
+                "--model.name=fcos_resnet18_fpn",
+                f"--model.options={json.dumps({'min_size': 64, 'max_size': 64})}",
+                f"--data.root={data}",
+                "--trainer.accelerator=cpu",
+                f"--out={out}",
+            ]
+        )
+        captured = capsys.readouterr()
+        assert code == 1 and message in captured.err, captured.err
+        assert "map" not in captured.out  # refused before evaluating anything

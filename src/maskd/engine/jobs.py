@@ -14,6 +14,7 @@ in its output folder::
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import time
 import zipfile
@@ -283,14 +284,23 @@ def _check_resumable(path: Path, argument: str) -> str:
     return str(path)
 
 
+_OUTPUTS = ("done.json", "model.pt", "tokens.pt")  # what a run leaves besides checkpoints
+
+
 def _resume_path(run: RunArgs) -> str | None:
     out = Path(run.out)
+    earlier = [name for name in _OUTPUTS if (out / name).is_file()]
     if run.resume is None:
         last = find_last_checkpoint(out)
         if last is not None and not run.overwrite:
             raise ConfigError(
                 f"{out} already holds a checkpoint ({last}); pass --run.resume last to continue "
                 "it or --run.overwrite true to start over"
+            )
+        if earlier and not run.overwrite:
+            raise ConfigError(
+                f"{out} already holds a run's outputs ({', '.join(earlier)}) and no checkpoint "
+                "to continue from; pass --run.overwrite true to replace them, or another --run.out"
             )
         if run.overwrite:
             # Start over: drop what marks the old run as resumable or finished.
@@ -300,6 +310,11 @@ def _resume_path(run: RunArgs) -> str | None:
     if run.resume in ("last", "auto"):
         last = find_last_checkpoint(out)
         if last is None:
+            if run.resume == "auto" and earlier and not run.overwrite:
+                raise ConfigError(
+                    f"--run.resume auto: {out} holds a run's outputs ({', '.join(earlier)}) "
+                    "but no checkpoint to continue from; pass --run.overwrite true to replace them"
+                )
             if run.resume == "auto":
                 return None
             raise FileNotFoundError(f"--run.resume last: no checkpoint in {out / 'checkpoints'}")
@@ -534,6 +549,8 @@ def run_evaluate(
 
     task = models.task_of(model.name)
     _check_files(model)
+    if out:
+        _check_writable(Path(out), "out")
     dm, num_classes = build_data(data, task, 0, train=False)
     net, _, _ = build_model(model, num_classes)
     module = TrainModule(net, task, _classes(model, num_classes))
@@ -544,5 +561,25 @@ def run_evaluate(
         k.removeprefix("test/"): float(v) for k, v in (results[0] if results else {}).items()
     }
     if out and lt.is_global_zero:
-        _write_json(Path(out), metrics)
+        try:
+            _write_json(Path(out), metrics)
+        except OSError as err:  # the metrics are printed by the caller all the same
+            raise OSError(
+                f"out: cannot write {out!r} ({err.strerror}); metrics: {metrics}"
+            ) from err
     return metrics
+
+
+def _check_writable(path: Path, argument: str) -> None:
+    """Fail before any work when ``path`` cannot be written (its folder made if need be)."""
+    if path.is_dir():
+        raise IsADirectoryError(f"{argument}: {str(path)!r} is a folder; give a file name")
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OSError(
+            f"{argument}: cannot create the folder {str(folder)!r} ({err.strerror})"
+        ) from err
+    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise PermissionError(f"{argument}: {str(path)!r} is not writable")
