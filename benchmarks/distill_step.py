@@ -12,6 +12,8 @@ Setting of the issue: RetinaNet ResNet-50 FPN teacher → RetinaNet ResNet-18 FP
   setting after warm-up.
 - ``maskd_custom_head_kd``: plus the authors' L1 KD on the box-regression outputs (the
   teacher then also runs its regression branch), their full RetinaNet setting.
+- ``fitnet``, ``cwd``, ``fgd``: the peer methods alone (``maskd.terms``) on the same levels,
+  at their papers' defaults (FGD: the authors' RetinaNet coefficients).
 
 Timing interleaves the variants step by step in one process, so a busy machine slows all of
 them alike. The headline time of a variant is its fastest step over ``--steps`` steps after
@@ -52,7 +54,12 @@ from maskd.taps import probe_levels
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SIZE, BATCH, CLASSES, TOKENS, LAYER = 256, 2, 80, 6, "backbone.fpn"
-VARIANTS = ["baseline", "maskd", "maskd_custom", "maskd_custom_head_kd"]
+VARIANTS = ["baseline", "maskd", "maskd_custom", "maskd_custom_head_kd", "fitnet", "cwd", "fgd"]
+PEERS = {
+    "fitnet": {"kind": "fitnet"},
+    "cwd": {"kind": "cwd", "weight": 10.0},
+    "fgd": {"kind": "fgd", "detector": "retinanet"},
+}
 
 
 def build(device: torch.device) -> tuple[nn.Module, nn.Module, dict[str, list[ReceptiveTokens]]]:
@@ -106,8 +113,14 @@ class Steps:
                 example_input=dry,
             ).train()
             for name in variants
-            if name != "baseline"
+            if name.startswith("maskd")
         }
+        for name in variants:
+            if name in PEERS:
+                term = {**PEERS[name], "student": LAYER, "teacher": LAYER}
+                self.distillers[name] = Distiller(
+                    student, teacher, None, None, terms=[term], example_input=dry
+                ).train()
         if not self.distillers:
             # The dry runs a Distiller makes at construction, so every variant's process
             # starts equally warmed up (this matters for the peak-memory measurement).
@@ -115,6 +128,7 @@ class Steps:
             probe_levels(teacher, [LAYER], dry)
         params = list(student.parameters())
         params += [p for d in self.distillers.values() for p in d.align.parameters()]
+        params += [p for d in self.distillers.values() for p in d.terms.parameters()]
         self.opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
         for p in teacher.parameters():
             p.requires_grad_(False)

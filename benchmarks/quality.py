@@ -57,6 +57,8 @@ TASKS: dict[str, dict[str, Any]] = {
 }
 QUICK = {"data": (16, 8, 8, 64), "teacher_steps": 4, "student_steps": 2, "tokens_steps": 2}
 TUNE_FACTORS = (0.3, 1.0, 3.0)
+TUNE_STEP = 3.0
+MAX_EXTENSIONS = 2
 
 
 @dataclass
@@ -326,34 +328,63 @@ def cell_name(row: Row, weight: float | None, seed: int) -> str:
 def tune(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
     """Seed 0 of every method at its default weight ×0.3, ×1, ×3; the best on validation.
 
+    Where a method's best weight is the largest (smallest) one tried, the grid grows by one
+    more ×3 step that way, at most ``MAX_EXTENSIONS`` times: the same rule for every method.
     These cells are also the table's seed-0 cells at the chosen weight (the test split is
     evaluated too, and never read here).
     """
     rows = {r.method: r for r in ROWS if r.method and not r.ablation}
     factors = (1.0,) if plan.quick else TUNE_FACTORS
-    cells = [plan.data_cell(), plan.teacher_cell(), *plan.token_cells({"tokens"})]
+    base = [plan.data_cell(), plan.teacher_cell(), *plan.token_cells({"tokens"})]
     grid = {m: [plan.spec["defaults"][m] * f for f in factors] for m in tuning_methods(plan)}
-    for method, weights in grid.items():
-        for w in weights:
-            name = cell_name(rows[method], w, 0)
-            cells.append(plan.student_cell(rows[method], 0, w, name, ("val", "test")))
-    run_cells(cells, plan.work, args.workers, plan.kept)
     metric = METRIC[plan.task]
+
+    def scores(method: str) -> dict[float, float]:
+        return {w: _score(plan.read(cell_name(rows[method], w, 0)), "val", metric)
+                for w in grid[method]}  # fmt: skip
+
+    for extension in range(MAX_EXTENSIONS + 1):
+        cells = list(base)
+        for method, weights in grid.items():
+            for w in weights:
+                name = cell_name(rows[method], w, 0)
+                cells.append(plan.student_cell(rows[method], 0, w, name, ("val", "test")))
+        run_cells(cells, plan.work, args.workers, plan.kept)
+        grown = False
+        for method, weights in grid.items():
+            finite = {w: v for w, v in scores(method).items() if v == v}
+            if plan.quick or extension == MAX_EXTENSIONS or not finite:
+                continue
+            best = max(finite, key=lambda w: finite[w])
+            if best == max(weights):
+                weights.append(round(best * TUNE_STEP, 6))
+                grown = True
+            elif best == min(weights):
+                weights.insert(0, round(best / TUNE_STEP, 6))
+                grown = True
+        if not grown:
+            break
     results: dict[str, Any] = {}
-    for method, weights in grid.items():
-        scores = {f"{w:g}": _score(plan.read(cell_name(rows[method], w, 0)), "val", metric)
-                  for w in weights}  # fmt: skip
-        finite = {k: v for k, v in scores.items() if v == v}
-        best = max(finite, key=lambda k: finite[k]) if finite else None
-        results[method] = {"val": scores, "chosen": None if best is None else float(best)}
+    for method in grid:
+        by_weight = scores(method)
+        finite = {w: v for w, v in by_weight.items() if v == v}
+        best = max(finite, key=lambda w: finite[w]) if finite else None
+        results[method] = {
+            "val": {f"{w:g}": v for w, v in by_weight.items()},
+            "chosen": best,
+            "default": plan.spec["defaults"][method],
+        }
     report = {
         "benchmark": "quality_tuning",
         "task": plan.task,
         "command": _command(),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": _machine(args.accelerator),
-        "protocol": "seed 0, validation split, each method's default weight x0.3, x1, x3",
-        "factors": list(factors),
+        "protocol": (
+            "seed 0, validation split; each method's default weight x0.3, x1, x3, and one more "
+            f"x{TUNE_STEP:g} step beyond the best while it is at an edge (at most "
+            f"{MAX_EXTENSIONS})"
+        ),
         "methods": results,
     }
     _write(args.out, f"quality_{plan.task}_tuning_{args.accelerator}", report, _tuning_md(report))
@@ -482,16 +513,15 @@ def _within_noise(diffs: list[float]) -> bool:
 
 
 def _tuning_md(r: dict[str, Any]) -> str:
-    factors = [f"×{f:g}" for f in r["factors"]]
-    lines = ["| method | " + " | ".join(f"weight {f}" for f in factors) + " | chosen |"]
-    lines.append("|---|" + "---:|" * (len(factors) + 1))
+    lines = ["| method | default weight | validation score per weight tried | chosen |"]
+    lines.append("|---|---:|---|---:|")
     for m, v in r["methods"].items():
-        cells = [
+        tried = ", ".join(
             f"{k}: " + ("diverged" if score != score else f"{100 * score:.1f}")
-            for k, score in v["val"].items()
-        ]
+            for k, score in sorted(v["val"].items(), key=lambda kv: float(kv[0]))
+        )
         chosen = "none" if v["chosen"] is None else f"{v['chosen']:g}"
-        lines.append(f"| {m} | " + " | ".join(cells) + f" | {chosen} |")
+        lines.append(f"| {m} | {v['default']:g} | {tried} | {chosen} |")
     return (
         f"Machine: {r['machine']}\n\nCommand: `{r['command']}`\n\nDate: {r['date']}\n\n"
         f"Validation {'AP' if r['task'] == 'detection' else 'mIoU'} (percent) per loss weight, "
