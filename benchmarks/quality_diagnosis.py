@@ -74,14 +74,13 @@ def mask_statistics(teacher: torch.nn.Module, tokens: dict, images: list, target
     return out
 
 
-def loss_scales(plan_work: Path, spec: dict, images: list, targets: list, student_w: Path | None):
-    """Each term at weight 1 and its gradient norm on the student, beside the task loss."""
+def loss_scales(plan_work: Path, spec: dict, images: list, targets: list) -> dict:
+    """Each term at weight 1 (fresh connectors, as when training starts) and its gradient
+    norm on the student's parameters, beside the task loss's."""
     teacher, _ = build(spec["teacher"], num_classes=3, weights=str(plan_work / "teacher" / "model.pt"),
                        **spec["options"])  # fmt: skip
     torch.manual_seed(0)
     student, layers = build(spec["student"], num_classes=3, **spec["options"])
-    if student_w is not None:
-        student.load_state_dict(torch.load(student_w, weights_only=True))
     fpn = layers[0]
     terms = [{"kind": k, "student": fpn, "teacher": fpn} for k in ("fitnet", "cwd")]
     terms.append({"kind": "fgd", "student": fpn, "teacher": fpn, "detector": "fcos"})
@@ -97,6 +96,32 @@ def loss_scales(plan_work: Path, spec: dict, images: list, targets: list, studen
         norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None))
         out[name] = {"value": float(value.detach()), "grad_norm": float(norm)}
     return out
+
+
+def _curve(cell: Path, key: str | None) -> dict[str, Any]:
+    """Task and (weighted) distillation loss over the first and last 50 logged steps."""
+    import csv
+
+    logs = sorted(cell.glob("csv/version_*/metrics.csv"))
+    if not logs:
+        return {}
+    rows = [r for r in csv.DictReader(logs[-1].open()) if r.get("train/loss")]
+    task = ("classification", "bbox_regression", "bbox_ctrness")
+
+    def mean(part: list[dict], name: str | None) -> float | None:
+        if name is None:
+            vals = [sum(float(r[f"train/{t}"]) for t in task) for r in part]
+        else:
+            vals = [float(r[f"train/{name}"]) for r in part if r.get(f"train/{name}")]
+        return sum(vals) / len(vals) if vals else None
+
+    first, last = rows[:5], rows[-5:]
+    return {
+        "task_first": mean(first, None),
+        "task_last": mean(last, None),
+        "distill_first": mean(first, key) if key else None,
+        "distill_last": mean(last, key) if key else None,
+    }
 
 
 def main() -> None:
@@ -119,17 +144,15 @@ def main() -> None:
         if path.is_file():
             masks[variant] = mask_statistics(teacher, load_tokens(path), images, targets)
     train_images, train_targets = _batch(work / "data", "train", 16)
-    scales = {"init": loss_scales(work, spec, train_images, train_targets, None)}
+    scales = {"initialised": loss_scales(work, spec, train_images, train_targets)}
     tuning = args.out / f"quality_{args.task}_tuning_cpu.json"
-    trained = {"student": work / "student_s0"}
+    curves = {}
     if tuning.is_file():
-        chosen = json.loads(tuning.read_text())["methods"]["maskd"]["chosen"]
-        trained["maskd"] = work / f"maskd_w{chosen:g}_s0"
-    for row, folder in trained.items():
-        if (folder / "model.pt").is_file():
-            scales[f"trained {row}"] = loss_scales(
-                work, spec, train_images, train_targets, folder / "model.pt"
-            )
+        for method, entry in json.loads(tuning.read_text())["methods"].items():
+            if entry["chosen"] is not None:
+                cell = work / f"{method}_w{entry['chosen']:g}_s0"
+                curves[method] = {"weight": entry["chosen"], **_curve(cell, f"loss_{method}")}
+    curves["student"] = _curve(work / "student_s0", None)
     report = {
         "benchmark": "quality_diagnosis",
         "task": args.task,
@@ -138,6 +161,7 @@ def main() -> None:
         "configs": str(CONFIGS / args.task),
         "masks": masks,
         "loss_scales": scales,
+        "training": curves,
     }
     _write(args.out, f"quality_{args.task}_diagnosis_cpu", report, _md(report))
 
@@ -163,6 +187,20 @@ def _md(r: dict[str, Any]) -> str:
     for when, parts in r["loss_scales"].items():
         for name, v in parts.items():
             lines.append(f"| {when} | {name} | {v['value']:.4g} | {v['grad_norm']:.4g} |")
+    lines += ["", "During training (seed-0 cell at the chosen weight; means of the first and "
+              "last five logged steps; the distillation loss with its weight):", "",
+              "| row | weight | task loss first → last | distillation loss first → last |",
+              "|---|---:|---|---|"]  # fmt: skip
+    fmt = lambda v: "" if v is None else f"{v:.3g}"  # noqa: E731
+    for row, c in r["training"].items():
+        if not c:
+            continue
+        dist = "" if c["distill_first"] is None else (
+            f"{fmt(c['distill_first'])} → {fmt(c['distill_last'])}")  # fmt: skip
+        lines.append(
+            f"| {row} | {c.get('weight', '')} | {fmt(c['task_first'])} → {fmt(c['task_last'])} "
+            f"| {dist} |"
+        )
     return f"Machine: {r['machine']}\n\nCommand: `{r['command']}`\n\n" + "\n".join(lines) + "\n"
 
 
