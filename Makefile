@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test lint format demo bench clean
+.PHONY: venv test lint format demo bench bench-quality clean
 
 venv: $(STAMP)
 
@@ -32,6 +32,12 @@ demo: venv
 
 bench: venv
 	$(BIN)/python benchmarks/loss_kernel.py
+
+# The student-quality table: validation sweep, then every row with 3 seeds (hours on 2 cores;
+# resumable: a re-run skips finished cells).
+bench-quality: venv
+	$(BIN)/python benchmarks/quality.py --tune
+	$(BIN)/python benchmarks/quality.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info .pytest_cache .ruff_cache
