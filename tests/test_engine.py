@@ -221,6 +221,7 @@ def test_stale_temporaries_of_a_killed_write_are_removed_on_start(tmp_path):
     from maskd.engine.jobs import RunArgs, _fit_and_finish
 
     stale[0].write_bytes(b"0")
+    (tmp_path / "model.pt").unlink()  # an earlier run's output: the run would refuse to start
     module = TrainModule(TinySeg(), "segmentation", 3, metrics_factory=PixelAccuracy)
     data = MaskdDataModule(RandomSegData(4), RandomSegData(2), batch_size=2)
     spec = TrainerSpec(max_steps=1, accelerator="cpu", progress_bar=False, val_every_n_epochs=0)

@@ -11,6 +11,7 @@ import csv
 import itertools
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -351,3 +352,25 @@ def test_distill_command_runs_every_peer_term(tmp_path) -> None:
     bad = json.dumps([{"kind": "bogus"}])
     assert main([*base, f"--distill.terms={bad}", f"--run.out={tmp_path / 'bad'}"]) == 1
     assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+OVERLAYS = sorted(
+    p for p in (Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml") if p.stem in TERMS
+)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_peer_configs_parse_over_their_distill_config(overlay, capsys) -> None:
+    import yaml
+
+    from maskd.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["distill", "--config", str(overlay.parent / "distill.yaml"), "--config",
+              str(overlay), "--print_config"])  # fmt: skip
+    assert exc.value.code == 0
+    distill = yaml.safe_load(capsys.readouterr().out)["distill"]
+    assert distill["tokens"] is None and distill["terms"]
+    for spec in distill["terms"]:
+        assert spec["kind"] == overlay.stem
+        build_term(spec)  # valid kind and options
