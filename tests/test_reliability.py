@@ -18,6 +18,20 @@ def data(tmp_path_factory):
     return root
 
 
+def _train_args(data) -> list[str]:
+    """One training step of a small detector on ``data``."""
+    return [
+        "train",
+        "--model.name=fcos_resnet18_fpn",
+        f"--model.options={json.dumps({'min_size': 64, 'max_size': 64})}",
+        f"--data.root={data}",
+        "--data.batch_size=2",
+        "--trainer.max_steps=1",
+        "--trainer.accelerator=cpu",
+        "--trainer.progress_bar=false",
+    ]
+
+
 def _bad_files(tmp_path):
     from maskd.models import build
 
@@ -55,16 +69,7 @@ def test_bad_weight_files_give_one_line(data, tmp_path, capsys):
 
 
 def test_bad_resume_checkpoints_give_one_line(data, tmp_path, capsys):
-    args = [
-        "train",
-        "--model.name=fcos_resnet18_fpn",
-        f"--model.options={json.dumps({'min_size': 64, 'max_size': 64})}",
-        f"--data.root={data}",
-        "--data.batch_size=2",
-        "--trainer.max_steps=1",
-        "--trainer.accelerator=cpu",
-        "--trainer.progress_bar=false",
-    ]
+    args = _train_args(data)
     for i, (path, message) in enumerate(_bad_files(tmp_path).items()):
         out = tmp_path / f"run{i}"
         (out / "checkpoints").mkdir(parents=True)
@@ -80,16 +85,7 @@ def test_bad_resume_checkpoints_give_one_line(data, tmp_path, capsys):
 
 
 def test_a_finished_run_without_checkpoints_is_not_overwritten(data, tmp_path, capsys):
-    args = [
-        "train",
-        "--model.name=fcos_resnet18_fpn",
-        f"--model.options={json.dumps({'min_size': 64, 'max_size': 64})}",
-        f"--data.root={data}",
-        "--data.batch_size=2",
-        "--trainer.max_steps=1",
-        "--trainer.accelerator=cpu",
-        "--trainer.progress_bar=false",
-    ]
+    args = _train_args(data)
     out = tmp_path / "run"
     for name in ("done.json", "model.pt", "tokens.pt"):
         out.mkdir(exist_ok=True)

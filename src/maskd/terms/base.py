@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from maskd.terms.connectors import AlignMode, build_connector
 
-__all__ = ["FeatureTerm", "TermContext"]
+__all__ = ["FeatureTerm", "TemperatureTerm", "TermContext"]
 
 
 @dataclass
@@ -123,3 +123,23 @@ class FeatureTerm(nn.Module):
             total = loss if total is None else total + loss
         assert total is not None
         return {f"loss_{self.name}": total * self.weight, **out}
+
+
+class TemperatureTerm(FeatureTerm):
+    """A term whose distributions are softened by a temperature ``tau`` (> 0).
+
+    Args:
+        tau: the temperature τ.
+        **kwargs: :class:`FeatureTerm`'s.
+    """
+
+    def __init__(self, *args: object, tau: float = 1.0, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        if isinstance(tau, bool) or not isinstance(tau, int | float) or not tau > 0:
+            raise ValueError(f"{self.kind} term: tau must be a number > 0, got {tau!r}")
+        if not math.isfinite(tau):
+            raise ValueError(f"{self.kind} term: tau must be finite, got {tau!r}")
+        self.tau = float(tau)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, tau={self.tau}"

@@ -9,13 +9,11 @@ Each channel of a ``[N, C, H, W]`` map becomes a distribution over its ``H·W`` 
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from maskd._precision import accum_dtype
-from maskd.terms.base import FeatureTerm, TermContext
+from maskd.terms.base import TemperatureTerm, TermContext
 
 __all__ = ["CWDTerm", "channel_wise_divergence"]
 
@@ -29,7 +27,7 @@ def channel_wise_divergence(s: Tensor, t: Tensor, tau: float = 1.0) -> Tensor:
     return kl * (tau * tau) / (n * c)
 
 
-class CWDTerm(FeatureTerm):
+class CWDTerm(TemperatureTerm):
     """Channel-wise distillation on aligned features.
 
     Args:
@@ -39,17 +37,6 @@ class CWDTerm(FeatureTerm):
     """
 
     kind = "cwd"
-
-    def __init__(self, *args: object, tau: float = 1.0, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        if isinstance(tau, bool) or not isinstance(tau, int | float) or not tau > 0:
-            raise ValueError(f"cwd term: tau must be a number > 0, got {tau!r}")
-        if not math.isfinite(tau):
-            raise ValueError(f"cwd term: tau must be finite, got {tau!r}")
-        self.tau = float(tau)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, tau={self.tau}"
 
     def level_loss(self, s: Tensor, t: Tensor, index: int, ctx: TermContext) -> Tensor:
         return channel_wise_divergence(s, t, self.tau)

@@ -7,13 +7,11 @@ with the softmax over the ``C`` classes of ``[N, C, H, W]`` logits.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from maskd._precision import accum_dtype
-from maskd.terms.base import FeatureTerm, TermContext
+from maskd.terms.base import TemperatureTerm, TermContext
 
 __all__ = ["LogitsKDTerm", "pixel_kd_loss"]
 
@@ -27,7 +25,7 @@ def pixel_kd_loss(s: Tensor, t: Tensor, tau: float = 1.0) -> Tensor:
     return kl * (tau * tau) / (n * h * w)
 
 
-class LogitsKDTerm(FeatureTerm):
+class LogitsKDTerm(TemperatureTerm):
     """Logits KD on raw (unaligned by default) segmentation logits.
 
     Args:
@@ -37,17 +35,6 @@ class LogitsKDTerm(FeatureTerm):
 
     kind = "logits_kd"
     default_align = False
-
-    def __init__(self, *args: object, tau: float = 1.0, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        if isinstance(tau, bool) or not isinstance(tau, int | float) or not tau > 0:
-            raise ValueError(f"logits_kd term: tau must be a number > 0, got {tau!r}")
-        if not math.isfinite(tau):
-            raise ValueError(f"logits_kd term: tau must be finite, got {tau!r}")
-        self.tau = float(tau)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, tau={self.tau}"
 
     def level_loss(self, s: Tensor, t: Tensor, index: int, ctx: TermContext) -> Tensor:
         return pixel_kd_loss(s, t, self.tau)
