@@ -375,11 +375,7 @@ def tune(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
             "default": plan.spec["defaults"][method],
         }
     report = {
-        "benchmark": "quality_tuning",
-        "task": plan.task,
-        "command": _command(),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": _machine(args.accelerator),
+        **_header("quality_tuning", plan.task, args),
         "protocol": (
             "seed 0, validation split; each method's default weight x0.3, x1, x3, and one more "
             f"x{TUNE_STEP:g} step beyond the best while it is at an edge (at most "
@@ -425,10 +421,6 @@ def table(plan: Plan, args: argparse.Namespace) -> dict[str, Any] | None:
     return _report(plan, args, rows, seeds, weights)
 
 
-def _read(folder: Path) -> dict[str, Any]:
-    return json.loads((folder / "result.json").read_text())
-
-
 def _score(result: dict[str, Any], split: str, metric: str) -> float:
     """The split's metric, or NaN for a cell whose training failed (diverged)."""
     return float("nan") if "error" in result else float(result[split][metric])
@@ -441,8 +433,8 @@ def _stats(values: list[float]) -> tuple[float, float]:
 def _report(plan: Plan, args: argparse.Namespace, rows: list[Row], seeds: list[int],
             weights: dict[str, float]) -> dict[str, Any]:  # fmt: skip
     key, second = METRIC[plan.task], SECOND[plan.task]
-    teacher = _read(plan.work / "teacher")["test"]
-    teacher_val = _read(plan.work / "teacher")["val"][key]
+    teacher_result = plan.read("teacher")
+    teacher, teacher_val = teacher_result["test"], teacher_result["val"][key]
     sizes = QUICK["data"] if plan.quick else plan.spec["data"]
     base = [100 * _score(plan.read(f"student_s{s}"), "test", key) for s in seeds]
     base_mean = statistics.fmean(base)
@@ -475,11 +467,7 @@ def _report(plan: Plan, args: argparse.Namespace, rows: list[Row], seeds: list[i
             }
         )
     report = {
-        "benchmark": "quality",
-        "task": plan.task,
-        "command": _command(),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": _machine(args.accelerator),
+        **_header("quality", plan.task, args),
         "data": {
             **dict(zip(("train", "val", "test", "size"), sizes, strict=True)),
             "difficulty": "easy",
@@ -592,6 +580,17 @@ def _plot(r: dict[str, Any], path: Path) -> None:
 
 
 # ---- helpers --------------------------------------------------------------------------------
+def _header(benchmark: str, task: str, args: argparse.Namespace) -> dict[str, Any]:
+    """What every result file starts with: which benchmark, the command, when, where."""
+    return {
+        "benchmark": benchmark,
+        "task": task,
+        "command": _command(),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": _machine(args.accelerator),
+    }
+
+
 def _command() -> str:
     return " ".join(["python", *sys.argv])
 
