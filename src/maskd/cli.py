@@ -12,6 +12,7 @@ files they name end the command with one ``maskd: error: ...`` line and exit sta
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -390,17 +391,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = cfg.command
     sub_parser = parser._subcommands_action._name_parser_map[command]
     raw = cfg[command]
+    from maskd.engine.interrupt import Interrupted, SignalReceived, raise_on_signal
+
+    handlers = {s: signal.signal(s, raise_on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         inst = sub_parser.instantiate(raw) if command not in ("data",) else raw
         return _COMMANDS[command](sub_parser, raw, inst)
-    except KeyboardInterrupt:
-        print("maskd: interrupted", file=sys.stderr)
-        return 130
+    except Interrupted as err:
+        print(f"maskd: {err}", file=sys.stderr)
+        if err.checkpoint is not None:
+            how = "again" if command == "demo" else "with --run.resume=auto"
+            print(f"maskd: to continue, run the same command {how}", file=sys.stderr)
+        return err.exit_code
+    except (KeyboardInterrupt, SignalReceived) as err:
+        signum = getattr(err, "signum", signal.SIGINT)
+        print(f"maskd: stopped by {signal.Signals(signum).name}", file=sys.stderr)
+        return 128 + signum
     except (ValueError, TypeError, KeyError, OSError, RuntimeError, ArithmeticError) as err:
         if os.environ.get("MASKD_DEBUG"):
             raise
         print(f"maskd: error: {_one_line(err)}", file=sys.stderr)
         return 1
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from maskd.engine.callbacks import MaskImageLogger, TokenSaver
 from maskd.engine.checkpoint import atomic_save, find_last_checkpoint
 from maskd.engine.config import DataArgs, ModelArgs
 from maskd.engine.datamodule import MaskdDataModule
+from maskd.engine.interrupt import Interrupted, SignalReceived, StopOnSignal
 from maskd.engine.modules import DistillModule, LearnMasksModule, MaskdModule, TrainModule
 from maskd.engine.optim import OptimSpec
 from maskd.engine.trainer import TrainerSpec, build_trainer
@@ -344,10 +345,14 @@ def _fit_and_finish(
     # a kill during a checkpoint or weights write leaves a temporary file: drop it
     remove_stale_temporaries(out, ("model.pt", "tokens.pt"))
     remove_stale_temporaries(out / "checkpoints", ("last.ckpt",))
-    trainer = build_trainer(trainer_spec, out, callbacks=callbacks)
+    trainer = build_trainer(trainer_spec, out, callbacks=[*(callbacks or []), StopOnSignal()])
     start = time.perf_counter()
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+    except SignalReceived as sig:  # a second signal, or one before the first step ended
+        last = out / "checkpoints" / "last.ckpt"
+        kept = last if last.is_file() else None
+        raise Interrupted(sig.signum, trainer.global_step, kept, saved=False) from None
     except pickle.UnpicklingError as err:  # raised while Lightning reads the checkpoint
         raise ValueError(
             f"run.resume: {ckpt!r} holds Python objects other than tensors and plain "
