@@ -118,3 +118,96 @@ def test_evaluate_checks_its_output_path_first(data, tmp_path, capsys):
         captured = capsys.readouterr()
         assert code == 1 and message in captured.err, captured.err
         assert "map" not in captured.out  # refused before evaluating anything
+
+
+def _coco_copy(data, tmp_path, edit):
+    """A copy of ``data`` whose training annotations went through ``edit``."""
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(data, root)
+    ann = root / "annotations" / "instances_train.json"
+    coco = json.loads(ann.read_text())
+    edit(coco)
+    ann.write_text(json.dumps(coco))
+    return root
+
+
+def _degenerate(coco):
+    for a in coco["annotations"]:
+        a["bbox"] = [a["bbox"][0], a["bbox"][1], 0, a["bbox"][3]]
+
+
+def _outside(coco):
+    for a in coco["annotations"]:
+        a["bbox"] = [1000, 1000, 5, 5]
+
+
+def _none(coco):
+    coco["annotations"] = []
+
+
+@pytest.mark.parametrize(
+    "edit, reason",
+    [(_degenerate, None), (_outside, "outside the image"), (_none, "0 boxes kept")],
+)
+def test_a_training_split_without_usable_boxes_is_refused(data, tmp_path, capsys, edit, reason):
+    root = _coco_copy(data, tmp_path, edit)
+    n = len(json.loads((data / "annotations" / "instances_train.json").read_text())["annotations"])
+    if edit is _degenerate:
+        reason = f"dropped ({n} of zero or negative size"
+    out = tmp_path / "run"
+    code = main([*_train_args(root), f"--run.out={out}"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1, err
+    assert "training split 'train'" in err and "no usable box" in err and reason in err, err
+    assert not out.exists()  # refused before the run folder was made
+
+
+def test_every_run_prints_the_data_summary(data, tmp_path, capsys):
+    coco = json.loads((data / "annotations" / "instances_train.json").read_text())
+    assert main([*_train_args(data), f"--run.out={tmp_path / 'run'}"]) == 0
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if ln.startswith("data: train:"))
+    assert f"{len(coco['images'])} images" in line
+    assert f"{len(coco['annotations'])} boxes kept" in line
+    assert "data: val:" in out
+
+
+def test_segmentation_masks_without_a_labelled_pixel_are_refused(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "seg"
+    synth = ["data", "synth", "--out", str(root), "--task", "segmentation", "--train", "2"]
+    assert main([*synth, "--val", "2", "--size", "32", "--preview", "0"]) == 0
+    for mask in (root / "train" / "masks").glob("*.png"):
+        Image.fromarray(np.full((32, 32), 255, np.uint8)).save(mask)
+    code = main(
+        ["train", "--model.name=lraspp_mobilenet_v3_large", f"--data.root={root}",
+         "--data.kind=folder", "--data.size=32", "--trainer.max_steps=1",
+         "--trainer.accelerator=cpu", f"--run.out={tmp_path / 'run'}"]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 1 and "training split 'train'" in err and "no labelled pixel" in err, err
+
+
+def _listing(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_refused_resume_names_the_checkpoint_and_leaves_the_folder(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = [*_train_args(data), f"--run.out={out}", "--trainer.checkpoint_every_n_steps=1"]
+    assert main(args) == 0
+    (out / "done.json").unlink()  # as if stopped before the end
+    (out / "model.pt").unlink()
+    before = _listing(out)
+    other = [a.replace("fcos_resnet18_fpn", "retinanet_resnet18_fpn") for a in args]
+    capsys.readouterr()
+    assert main([*other, "--run.resume=last"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and len(err) < 400, err
+    assert "is a checkpoint of `maskd train` of fcos_resnet18_fpn" in err
+    assert "this run is `maskd train` of retinanet_resnet18_fpn" in err
+    assert _listing(out) == before  # no config rotation, no new log files

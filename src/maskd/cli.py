@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -232,8 +233,8 @@ def _cmd_train(parser: ArgumentParser, raw: Namespace, c: Namespace) -> int:
     from maskd.engine.jobs import run_train
 
     _preflight(c)
-    _save_config(parser, raw, c.run.out)
-    _print_metrics(run_train(c.model, c.data, c.optim, c.trainer, c.run))
+    save = partial(_save_config, parser, raw, c.run.out)  # once the run is accepted
+    _print_metrics(run_train(c.model, c.data, c.optim, c.trainer, c.run, on_start=save))
     return 0
 
 
@@ -241,8 +242,10 @@ def _cmd_learn(parser: ArgumentParser, raw: Namespace, c: Namespace) -> int:
     from maskd.engine.jobs import run_learn_masks
 
     _preflight(c)
-    _save_config(parser, raw, c.run.out)
-    _print_metrics(run_learn_masks(c.teacher, c.masks, c.data, c.optim, c.trainer, c.run))
+    save = partial(_save_config, parser, raw, c.run.out)  # once the run is accepted
+    _print_metrics(
+        run_learn_masks(c.teacher, c.masks, c.data, c.optim, c.trainer, c.run, on_start=save)
+    )
     print(f"tokens: {Path(c.run.out) / 'tokens.pt'}")
     return 0
 
@@ -251,8 +254,12 @@ def _cmd_distill(parser: ArgumentParser, raw: Namespace, c: Namespace) -> int:
     from maskd.engine.jobs import run_distill
 
     _preflight(c)
-    _save_config(parser, raw, c.run.out)
-    _print_metrics(run_distill(c.student, c.teacher, c.distill, c.data, c.optim, c.trainer, c.run))
+    save = partial(_save_config, parser, raw, c.run.out)  # once the run is accepted
+    _print_metrics(
+        run_distill(
+            c.student, c.teacher, c.distill, c.data, c.optim, c.trainer, c.run, on_start=save
+        )
+    )
     return 0
 
 

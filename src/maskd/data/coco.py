@@ -198,23 +198,27 @@ class CocoDetection(SkipBadSamples, Dataset):
         self._log_summary()
 
     def _log_summary(self) -> None:
+        logger.info("%s: %s", self.ann_file, self.summary())
+
+    def summary(self) -> str:
+        """One line: images, boxes kept, clipped and dropped (and why), crowd, skipped."""
         s = self.box_stats
-        logger.info(
-            "%s: %d images (%d without boxes), %d classes, %d boxes kept, %d clipped to the "
-            "image, %d dropped (%d zero/negative size, %d outside the image), %d crowd "
-            "ignored, %d images skipped",
-            self.ann_file,
-            len(self.ids),
-            s["images_without_boxes"],
-            self.num_classes,
-            s["boxes_kept"],
-            s["clipped"],
-            s["dropped_degenerate"] + s["dropped_outside"],
-            s["dropped_degenerate"],
-            s["dropped_outside"],
-            s["crowd_ignored"],
-            self.skipped,
+        dropped = s["dropped_degenerate"] + s["dropped_outside"]
+        return (
+            f"{len(self.ids)} images ({s['images_without_boxes']} without boxes), "
+            f"{s['boxes_kept']} boxes kept ({s['clipped']} clipped to the image), {dropped} "
+            f"dropped ({s['dropped_degenerate']} of zero or negative size, "
+            f"{s['dropped_outside']} outside the image), {s['crowd_ignored']} crowd ignored, "
+            f"{self.skipped} images skipped"
         )
+
+    def check_usable(self) -> None:
+        """Raise ``ValueError`` when no image has a box to learn from."""
+        if self.box_stats["boxes_kept"] == 0:
+            raise ValueError(
+                f"{self.ann_file} has no usable box: {self.summary()}; boxes need a positive "
+                "width and height inside the image ([x, y, w, h] in pixels)"
+            )
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -79,6 +79,27 @@ class SegmentationFiles(SkipBadSamples, Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def summary(self) -> str:
+        """One line: image/mask pairs and skipped samples."""
+        return f"{len(self.samples)} image/mask pairs, {self.num_classes} classes, " + (
+            f"{self.skipped} samples skipped"
+        )
+
+    def check_usable(self) -> None:
+        """Raise ``ValueError`` when no mask holds a labelled pixel (reads masks until one does)."""
+        for _, mask_path in self.samples:
+            try:
+                mask = self._read_mask(mask_path)
+            except BadSampleError:
+                continue
+            if ((mask != self.ignore_index) & (mask < self.num_classes)).any():
+                return
+        raise ValueError(
+            f"no labelled pixel in any of the {len(self.samples)} masks (every pixel is the "
+            f"ignore index {self.ignore_index} or out of range 0..{self.num_classes - 1}); "
+            f"first mask: {self.samples[0][1] if self.samples else 'none'}"
+        )
+
     def _describe(self, index: int) -> str:
         image_path, mask_path = self.samples[index]
         return f"{image_path} / {mask_path}"

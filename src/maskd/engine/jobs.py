@@ -18,7 +18,7 @@ import os
 import pickle
 import time
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -213,10 +213,14 @@ def build_data(
     train_set = None
     if train:
         train_tf = build_transforms(task, True, _size(data.size), **data.train_transforms)
-        train_set = _limit(
-            build_dataset(data.kind, data.root, data.train_split, train_tf, **opts),
-            data.limit_train,
-        )
+        full_train = build_dataset(data.kind, data.root, data.train_split, train_tf, **opts)
+        try:
+            full_train.check_usable()
+        except ValueError as err:
+            raise ConfigError(f"data: training split {data.train_split!r}: {err}") from None
+        print(f"data: {data.train_split}: {full_train.summary()}", flush=True)
+        train_set = _limit(full_train, data.limit_train)
+    print(f"data: {data.val_split}: {val_set.summary()}", flush=True)
     num_classes = int(val_set.num_classes)
     dm = MaskdDataModule(
         train_set,
@@ -325,6 +329,42 @@ def _resume_path(run: RunArgs) -> str | None:
     return _check_resumable(Path(run.resume), "run.resume")
 
 
+def _describe_run(meta: Mapping[str, Any]) -> str:
+    """``maskd distill`` of fcos_resnet18_fpn from fcos_resnet50_fpn, 81 classes."""
+    job = meta.get("job", "?")
+    model = (meta.get("model") or {}).get("name")
+    teacher = (meta.get("teacher") or {}).get("name")
+    what = {"train": f"{model}", "learn-masks": f"tokens on {teacher}"}.get(
+        job, f"{model} from {teacher}"
+    )
+    return f"`maskd {job}` of {what}, {meta.get('num_classes', '?')} classes"
+
+
+def _check_checkpoint(path: str, module: MaskdModule) -> None:
+    """Refuse, before anything is written, a checkpoint of another job, model or teacher."""
+    obj = load_file(path, argument="run.resume", mmap=True)
+    meta = obj.get("maskd") if isinstance(obj, Mapping) else None
+    if not isinstance(meta, Mapping):
+        raise ConfigError(f"run.resume: {path!r} is not a checkpoint written by maskd")
+    want = module.meta
+    keys = ("job", "num_classes")
+    names = [(m.get(k) or {}).get("name") for m in (meta, want) for k in ("model", "teacher")]
+    if any(meta.get(k) != want.get(k) for k in keys) or names[:2] != names[2:]:
+        raise ConfigError(
+            f"run.resume: {path!r} is a checkpoint of {_describe_run(meta)}; this run is "
+            f"{_describe_run(want)}"
+        )
+    info = obj.get("maskd_teacher")
+    if isinstance(info, Mapping) and module.frozen_teacher() is not None:
+        found = module._teacher_fingerprint()
+        if info.get("sha256") != found:
+            raise ConfigError(
+                f"run.resume: {path!r} was written with a different teacher (state SHA-256 "
+                f"{str(info.get('sha256'))[:12]}…, the teacher now loaded has {found[:12]}…); "
+                "resume with the teacher weights the run started with"
+            )
+
+
 def _write_json(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -339,9 +379,19 @@ def _fit_and_finish(
     run: RunArgs,
     callbacks: list | None,
     state_dict: Any,
+    on_start: Callable[[], None] | None = None,
 ) -> dict[str, float]:
+    """Fit (or resume), then write ``model.pt``, ``metrics.json`` and ``done.json``.
+
+    Everything that can refuse the run (the resume checkpoint's job, model and teacher) is
+    checked before the first write; ``on_start`` (e.g. saving the resolved config) runs then.
+    """
     out = Path(run.out)
     ckpt = _resume_path(run)
+    if ckpt is not None:
+        _check_checkpoint(ckpt, module)
+    if on_start is not None:
+        on_start()
     # a kill during a checkpoint or weights write leaves a temporary file: drop it
     remove_stale_temporaries(out, ("model.pt", "tokens.pt"))
     remove_stale_temporaries(out / "checkpoints", ("last.ckpt",))
@@ -384,6 +434,8 @@ def run_train(
     optim: OptimSpec,
     trainer: TrainerSpec,
     run: RunArgs,
+    *,
+    on_start: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """Train a task model (teacher, or a plain student as the baseline)."""
     from maskd import models
@@ -403,7 +455,7 @@ def run_train(
     module = TrainModule(
         net, task, _classes(model, num_classes), optim=optim, seed=run.seed, meta=meta
     )
-    return _fit_and_finish(module, dm, trainer, run, None, net.state_dict)
+    return _fit_and_finish(module, dm, trainer, run, None, net.state_dict, on_start)
 
 
 def _classes(model: ModelArgs, num_classes: int) -> int:
@@ -417,6 +469,8 @@ def run_learn_masks(
     optim: OptimSpec,
     trainer: TrainerSpec,
     run: RunArgs,
+    *,
+    on_start: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """Stage 1: learn receptive tokens on a frozen teacher; writes ``tokens.pt``."""
     from maskd import models
@@ -448,7 +502,7 @@ def run_learn_masks(
         norm = (IMAGENET_MEAN, IMAGENET_STD) if task == "segmentation" else (None, None)
         if len({tuple(i.shape) for i in images}) == 1:
             callbacks.append(MaskImageLogger(images, *norm))
-    return _fit_and_finish(module, dm, trainer, run, callbacks, None)
+    return _fit_and_finish(module, dm, trainer, run, callbacks, None, on_start)
 
 
 def _term_specs(distill: DistillArgs, task: str) -> list[dict[str, Any]]:
@@ -478,6 +532,8 @@ def run_distill(
     optim: OptimSpec,
     trainer: TrainerSpec,
     run: RunArgs,
+    *,
+    on_start: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """Stage 2: distil the student through the teacher's frozen tokens; writes ``model.pt``."""
     from maskd import models
@@ -543,7 +599,7 @@ def run_distill(
         "weights_prefix": "net.student.",
     }
     module = DistillModule(distiller, task, classes, optim=optim, seed=run.seed, meta=meta)
-    return _fit_and_finish(module, dm, trainer, run, None, distiller.student_state_dict)
+    return _fit_and_finish(module, dm, trainer, run, None, distiller.student_state_dict, on_start)
 
 
 def run_evaluate(

@@ -26,7 +26,7 @@ _COUNTER = "num_batches_tracked"
 _SHOWN = 12
 
 
-def load_file(path: str | Path, *, argument: str = "weights") -> Any:
+def load_file(path: str | Path, *, argument: str = "weights", mmap: bool = False) -> Any:
     """``torch.load(path, weights_only=True)`` with one clear error for every bad file.
 
     Raises:
@@ -40,7 +40,7 @@ def load_file(path: str | Path, *, argument: str = "weights") -> Any:
     if path.stat().st_size == 0:
         raise ValueError(f"{argument}: {str(path)!r} is empty (0 bytes)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         raise ValueError(
             f"{argument}: {str(path)!r} holds Python objects other than tensors and plain "
