@@ -75,3 +75,21 @@ def test_within_noise_uses_the_t_interval():
     assert _within_noise([1.0])  # one seed tells nothing
     assert not _within_noise([1.0, 1.1, 0.9])  # mean 1.0, std 0.1: far from 0
     assert _within_noise([1.0, -0.2, 0.5])  # mean 0.43, std 0.6: 4.30 * 0.6 / sqrt(3) = 1.49
+
+
+def test_quality_quick_segmentation_has_its_own_peers_and_no_ablations(tmp_path):
+    """The segmentation table: logits KD instead of FGD, the authors' MasKD setting."""
+    work, out = tmp_path / "work", tmp_path / "out"
+    base = [sys.executable, str(QUALITY), "--quick", "--task", "segmentation"]
+    base += ["--work", str(work), "--out", str(out)]
+    subprocess.run([*base, "--tune"], check=True, capture_output=True, text=True, timeout=900)
+    tuning = json.loads((out / "quality_segmentation_tuning_cpu.json").read_text())
+    assert sorted(tuning["methods"]) == ["cwd", "fitnet", "logits_kd", "maskd"]
+    subprocess.run(base, check=True, capture_output=True, text=True, timeout=900)
+    report = json.loads((out / "quality_segmentation_cpu.json").read_text())
+    rows = {r["row"]: r for r in report["rows"]}
+    assert set(rows) == {"student", "fitnet", "cwd", "logits_kd", "maskd"}
+    result = json.loads((work / "segmentation" / "student_s0" / "result.json").read_text())
+    assert rows["student"]["test"] == [100 * result["test"]["miou"]]
+    assert report["teacher"]["model"] == "deeplabv3_resnet18"
+    assert "mIoU" in (out / "quality_segmentation_cpu.md").read_text()

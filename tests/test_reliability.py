@@ -211,3 +211,48 @@ def test_a_refused_resume_names_the_checkpoint_and_leaves_the_folder(data, tmp_p
     assert "is a checkpoint of `maskd train` of fcos_resnet18_fpn" in err
     assert "this run is `maskd train` of retinanet_resnet18_fpn" in err
     assert _listing(out) == before  # no config rotation, no new log files
+
+
+def test_bad_token_files_give_one_line_naming_the_problem(data, tmp_path, capsys):
+    import argparse
+
+    from maskd import ReceptiveTokens, save_tokens
+    from maskd.models import build
+
+    from maskd.data import synth
+
+    classes = len(synth.classes("hard"))
+    teacher, _ = build("fcos_resnet18_fpn", num_classes=classes, min_size=64, max_size=64)
+    teacher_pt = tmp_path / "teacher.pt"
+    torch.save(teacher.state_dict(), teacher_pt)
+    other = tmp_path / "other.pt"
+    save_tokens(other, {"some.other.layer": [ReceptiveTokens(8, 2)]})
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    unsafe = tmp_path / "unsafe.pt"
+    torch.save({"mask_token": torch.zeros(2, 8), "cfg": argparse.Namespace(a=1)}, unsafe)
+    cases = {
+        other: "holds tokens for the teacher layer(s) ['some.other.layer'], not for ['backbone.fpn']",
+        empty: "is empty (0 bytes)",
+        unsafe: "not loaded for safety",
+    }
+    for path, message in cases.items():
+        code = main(
+            [
+                "distill",
+                "--student.name=fcos_resnet18_fpn",
+                "--teacher.name=fcos_resnet18_fpn",
+                f"--student.options={json.dumps({'min_size': 64, 'max_size': 64})}",
+                f"--teacher.options={json.dumps({'min_size': 64, 'max_size': 64})}",
+                f"--teacher.weights={teacher_pt}",
+                f"--distill.tokens={path}",
+                f"--data.root={data}",
+                "--trainer.max_steps=1",
+                "--trainer.accelerator=cpu",
+                f"--run.out={tmp_path / 'run'}",
+            ]
+        )
+        err = capsys.readouterr().err
+        assert code == 1 and err.count("\n") == 1 and message in err, err
+        assert "trusted=True" not in err and not err.rstrip().endswith(":"), err
+        assert not (tmp_path / "run").exists()

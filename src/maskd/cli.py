@@ -367,7 +367,11 @@ def _one_line(err: BaseException) -> str:
     text = str(err).strip() or type(err).__name__
     if isinstance(err, KeyError) and len(err.args) == 1:
         text = str(err.args[0])
-    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+    parts = [line.strip() for line in text.splitlines() if line.strip()]
+    line = parts[0] if parts else type(err).__name__
+    for part in parts[1:]:  # "...model (FCOS):" + "shape mismatches" reads as one sentence
+        line += (" " if line.endswith(":") else "; ") + part
+    return line
 
 
 def _quiet() -> None:

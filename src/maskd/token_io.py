@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import pickle
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -14,6 +13,7 @@ from torch import Tensor
 
 from maskd.atomic import atomic_torch_save
 from maskd.tokens import ReceptiveTokens
+from maskd.torch_files import UnsafeFileError, load_file
 
 __all__ = ["load_official_tokens", "load_tokens", "save_tokens"]
 
@@ -74,17 +74,11 @@ def save_tokens(
 
 
 def _safe_load(path: Path, trusted: bool = False) -> Any:
+    if not trusted:  # tensors and plain containers only, one clear error for a bad file
+        return load_file(path, argument="tokens")
     if not path.is_file():
-        raise FileNotFoundError(f"token file not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=not trusted)
-    except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"{path} holds objects other than tensors and plain containers, so it was not "
-            "loaded (weights_only=True). If you trust its source, pass trusted=True."
-        ) from err
-    except (RuntimeError, EOFError, OSError) as err:
-        raise ValueError(f"{path} is not a readable torch file: {err}") from err
+        raise FileNotFoundError(f"tokens: no such file {str(path)!r}")
+    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def load_tokens(path: str | os.PathLike[str]) -> TokenDict:
@@ -169,7 +163,10 @@ def load_official_tokens(
         src = "state dict"
     else:
         path = Path(path_or_state_dict)
-        obj = _safe_load(path, trusted)
+        try:
+            obj = _safe_load(path, trusted)
+        except UnsafeFileError as err:
+            raise UnsafeFileError(f"{err}; if you trust its source, pass trusted=True") from err
         src = str(path)
     if not isinstance(obj, Mapping):
         raise ValueError(f"{src}: expected a dict of tensors, found {type(obj).__name__}")

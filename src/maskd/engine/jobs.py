@@ -266,7 +266,13 @@ def _distill_tokens(distill: DistillArgs, teacher_layers: list[str]) -> dict[str
         )
     sources = list(dict.fromkeys(reuse.get(layer, layer) for layer in teacher_layers))
     loaded = load_token_file(distill.tokens, sources)
-    # A layer without tokens is reported by the Distiller, with the layers the file covers.
+    missing = [layer for layer in sources if layer not in loaded]
+    if missing:
+        raise ConfigError(
+            f"distill.tokens: {distill.tokens} holds tokens for the teacher layer(s) "
+            f"{sorted(loaded)}, not for {missing}; learn tokens on those layers, or distil "
+            "the layers the file holds (distill.pairs)"
+        )
     return {
         layer: loaded[reuse.get(layer, layer)]
         for layer in teacher_layers

@@ -14,45 +14,15 @@ Python values only, never arbitrary pickled objects.
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
 
-import torch
 from torch import Tensor, nn
+
+from maskd.torch_files import load_file
 
 _COUNTER = "num_batches_tracked"
 _SHOWN = 12
-
-
-def load_file(path: str | Path, *, argument: str = "weights", mmap: bool = False) -> Any:
-    """``torch.load(path, weights_only=True)`` with one clear error for every bad file.
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: the file is empty, truncated or not a torch file, or it holds pickled
-            Python objects other than tensors and plain containers (never loaded, for safety).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{argument}: no such file {str(path)!r}")
-    if path.stat().st_size == 0:
-        raise ValueError(f"{argument}: {str(path)!r} is empty (0 bytes)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"{argument}: {str(path)!r} holds Python objects other than tensors and plain "
-            f"containers, which are not loaded for safety; save the model's state_dict() "
-            f"instead ({err.__class__.__name__}: {str(err).splitlines()[0]})"
-        ) from err
-    except Exception as err:  # torch raises several types for a corrupt or foreign file
-        first = str(err).splitlines()[0] if str(err) else "no details"
-        raise ValueError(
-            f"{argument}: cannot read {str(path)!r} as a torch checkpoint (truncated or not "
-            f"a checkpoint; {type(err).__name__}: {first})"
-        ) from err
 
 
 def read_state_dict(path: str | Path, *, argument: str = "weights") -> dict[str, Tensor]:

@@ -1,0 +1,44 @@
+"""Reading torch files safely: tensors and plain containers only, one clear error per bad file."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["UnsafeFileError", "load_file"]
+
+
+class UnsafeFileError(ValueError):
+    """A torch file that holds pickled Python objects, refused without loading them."""
+
+
+def load_file(path: str | Path, *, argument: str = "weights", mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)`` with one clear error for every bad file.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is empty, truncated or not a torch file, or it holds pickled
+            Python objects other than tensors and plain containers (never loaded, for safety).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{argument}: no such file {str(path)!r}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{argument}: {str(path)!r} is empty (0 bytes)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        raise UnsafeFileError(
+            f"{argument}: {str(path)!r} holds Python objects other than tensors and plain "
+            f"containers, which are not loaded for safety; keep only tensors in it (e.g. a "
+            f"state_dict()) ({err.__class__.__name__}: {str(err).splitlines()[0]})"
+        ) from err
+    except Exception as err:  # torch raises several types for a corrupt or foreign file
+        first = str(err).splitlines()[0] if str(err) else "no details"
+        raise ValueError(
+            f"{argument}: cannot read {str(path)!r} as a torch checkpoint (truncated or not "
+            f"a checkpoint; {type(err).__name__}: {first})"
+        ) from err
