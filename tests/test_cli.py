@@ -507,7 +507,8 @@ def test_distill_aux_logits_with_reused_tokens(pipeline, seg_data, capsys):
     ]
     out = pipeline / "distill_aux"
     code, _, err = run_cli([*args, f"--run.out={out}"], capsys)
-    assert code == 1 and "no tokens for teacher layer 'model.aux_classifier.4'" in err
+    assert code == 1 and "not for ['model.aux_classifier.4']" in err, err
+    assert "holds tokens for the teacher layer(s) ['model.classifier.4']" in err
     code, _, err = run_cli(
         [*args, f"--run.out={out}", f"--distill.reuse_tokens={json.dumps({'nope': main_l})}"],
         capsys,

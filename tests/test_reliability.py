@@ -217,9 +217,8 @@ def test_bad_token_files_give_one_line_naming_the_problem(data, tmp_path, capsys
     import argparse
 
     from maskd import ReceptiveTokens, save_tokens
-    from maskd.models import build
-
     from maskd.data import synth
+    from maskd.models import build
 
     classes = len(synth.classes("hard"))
     teacher, _ = build("fcos_resnet18_fpn", num_classes=classes, min_size=64, max_size=64)
@@ -256,3 +255,20 @@ def test_bad_token_files_give_one_line_naming_the_problem(data, tmp_path, capsys
         assert code == 1 and err.count("\n") == 1 and message in err, err
         assert "trusted=True" not in err and not err.rstrip().endswith(":"), err
         assert not (tmp_path / "run").exists()
+
+
+def test_a_bug_keeps_its_traceback_while_user_errors_are_one_line(data, tmp_path, monkeypatch):
+    import maskd.engine.jobs as jobs
+    from maskd.errors import UserError, UserTypeError
+
+    args = [*_train_args(data), f"--run.out={tmp_path / 'run'}"]
+    for bug in (KeyError("state"), TypeError("unsupported operand"), RuntimeError("CUDA")):
+
+        def broken(*a, bug=bug, **k):
+            raise bug
+
+        monkeypatch.setattr(jobs, "run_train", broken)
+        with pytest.raises(type(bug)):
+            main(args)
+    # the user-error family is still caught by `except TypeError` in Python code
+    assert issubclass(UserTypeError, TypeError) and issubclass(UserTypeError, UserError)

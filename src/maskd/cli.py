@@ -25,6 +25,7 @@ from maskd.engine.config import DataArgs, ModelArgs
 from maskd.engine.jobs import DistillArgs, MaskArgs, RunArgs
 from maskd.engine.optim import OptimSpec
 from maskd.engine.trainer import TrainerSpec
+from maskd.errors import UserError, UserValueError
 
 __all__ = ["build_parser", "main"]
 
@@ -277,7 +278,7 @@ def _cmd_visualize(parser: ArgumentParser, raw: Namespace, c: Namespace) -> int:
 
     tokens = load_tokens(c.tokens)
     if c.teacher.num_classes is None:
-        raise ValueError("teacher.num_classes is required (the class count the teacher has)")
+        raise UserValueError("teacher.num_classes is required (the class count the teacher has)")
     model, _, _ = build_model(c.teacher, c.teacher.num_classes)
     images = load_images(c.images, c.size)
     mean = std = None
@@ -418,7 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         signum = getattr(err, "signum", signal.SIGINT)
         print(f"maskd: stopped by {signal.Signals(signum).name}", file=sys.stderr)
         return 128 + signum
-    except (ValueError, TypeError, KeyError, OSError, RuntimeError, ArithmeticError) as err:
+    except (UserError, OSError) as err:  # anything else is a bug: its traceback stays
         if os.environ.get("MASKD_DEBUG"):
             raise
         print(f"maskd: error: {_one_line(err)}", file=sys.stderr)

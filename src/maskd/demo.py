@@ -27,6 +27,8 @@ from typing import Any
 
 import yaml
 
+from maskd.errors import UserValueError
+
 __all__ = ["default_configs", "run_demo"]
 
 STAGES = ("data", "teacher", "student", "masks", "distill", "evaluate")
@@ -100,7 +102,7 @@ def run_demo(
     from maskd.engine.jobs import run_distill, run_evaluate, run_learn_masks, run_train
 
     if task not in ("detection", "segmentation"):
-        raise ValueError(f"task must be 'detection' or 'segmentation', got {task!r}")
+        raise UserValueError(f"task must be 'detection' or 'segmentation', got {task!r}")
     if threads is not None:
         torch.set_num_threads(threads)
     out = (

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from maskd.errors import UserRuntimeError, UserTypeError, UserValueError
 from maskd.head_kd import HeadKD, HeadKDMode, build_head_kd
 from maskd.learner import freeze
 from maskd.losses import MasKDLoss
@@ -159,15 +160,15 @@ class Distiller(nn.Module):
         super().__init__()
         for name, model in (("student", student), ("teacher", teacher)):
             if not isinstance(model, nn.Module):
-                raise TypeError(f"{name} must be an nn.Module, got {type(model).__name__}")
+                raise UserTypeError(f"{name} must be an nn.Module, got {type(model).__name__}")
         if student is teacher:
-            raise ValueError("student and teacher must be different modules")
+            raise UserValueError("student and teacher must be different modules")
         built = self._build_terms(terms)
         if pairs is None and not built:
-            raise TypeError("give pairs and tokens (MasKD), terms, or both")
+            raise UserTypeError("give pairs and tokens (MasKD), terms, or both")
         pairs = self._check_pairs(pairs) if pairs is not None else {}
         if pairs and tokens is None:
-            raise TypeError("pairs need tokens: {teacher layer: [ReceptiveTokens per level]}")
+            raise UserTypeError("pairs need tokens: {teacher layer: [ReceptiveTokens per level]}")
         self.student = student
         self.teacher = teacher
         self.pairs: dict[str, str] = pairs
@@ -182,7 +183,7 @@ class Distiller(nn.Module):
             s_list = [s_feats[n] for n in s_levels[term.student]]
             t_names = t_levels[term.teacher]
             if len(s_list) != len(t_names):
-                raise ValueError(
+                raise UserValueError(
                     f"{term.name} term: student layer {term.student!r} has {len(s_list)} levels "
                     f"{s_levels[term.student]} but teacher layer {term.teacher!r} has "
                     f"{len(t_names)} {t_names}"
@@ -195,7 +196,7 @@ class Distiller(nn.Module):
         self.teacher_levels: list[str] = []
         for s_path, t_path in pairs.items():
             if len(s_levels[s_path]) != len(t_levels[t_path]):
-                raise ValueError(
+                raise UserValueError(
                     f"student layer {s_path!r} has {len(s_levels[s_path])} levels "
                     f"{s_levels[s_path]} but teacher layer {t_path!r} has "
                     f"{len(t_levels[t_path])} {t_levels[t_path]}"
@@ -213,7 +214,7 @@ class Distiller(nn.Module):
             if align:
                 aligns.append(nn.Conv2d(c_s, c_t, kernel_size=1).to(s.device))
             elif c_s != c_t:
-                raise ValueError(
+                raise UserValueError(
                     f"align=False needs equal channels, but student level {s_name!r} has "
                     f"{c_s} (shape {tuple(s.shape)}) and teacher level {t_name!r} has {c_t} "
                     f"(shape {tuple(t.shape)})"
@@ -234,7 +235,7 @@ class Distiller(nn.Module):
                 level_weights=self._level_weights(layer_weights, t_levels),
             )
         elif layer_weights is not None:
-            raise ValueError("layer_weights apply to the MasKD loss, which needs pairs")
+            raise UserValueError("layer_weights apply to the MasKD loss, which needs pairs")
         self.head_kd: HeadKD | None = None
         if head_kd is not None:
             self.head_kd = build_head_kd(head_kd, student, teacher, head_kd_weight)
@@ -252,12 +253,12 @@ class Distiller(nn.Module):
         if terms is None:
             return []
         if isinstance(terms, str | Mapping) or not isinstance(terms, Sequence):
-            raise TypeError(f"terms must be a list of term specs, got {terms!r}")
+            raise UserTypeError(f"terms must be a list of term specs, got {terms!r}")
         built = [build_term(spec) for spec in terms]
         names = [t.name for t in built]
         taken = sorted({n for n in names if names.count(n) > 1 or n in ("maskd", "head_kd")})
         if taken:
-            raise ValueError(
+            raise UserValueError(
                 f"term names {taken} are used twice or reserved (maskd, head_kd); give each "
                 "term of the same kind its own 'name'"
             )
@@ -266,16 +267,16 @@ class Distiller(nn.Module):
     @staticmethod
     def _check_pairs(pairs: object) -> dict[str, str]:
         if not isinstance(pairs, Mapping) or not pairs:
-            raise TypeError(
+            raise UserTypeError(
                 f"pairs must be a non-empty mapping {{student layer: teacher layer}}, got {pairs!r}"
             )
         for s_path, t_path in pairs.items():
             if not isinstance(s_path, str) or not isinstance(t_path, str):
-                raise TypeError(f"pairs must map str to str, got {s_path!r}: {t_path!r}")
+                raise UserTypeError(f"pairs must map str to str, got {s_path!r}: {t_path!r}")
         teachers = list(pairs.values())
         repeated = sorted({t for t in teachers if teachers.count(t) > 1})
         if repeated:
-            raise ValueError(f"teacher layers {repeated} appear more than once in pairs")
+            raise UserValueError(f"teacher layers {repeated} appear more than once in pairs")
         return dict(pairs)
 
     def _level_weights(
@@ -285,13 +286,13 @@ class Distiller(nn.Module):
         if layer_weights is None:
             return None
         if not isinstance(layer_weights, Mapping):
-            raise TypeError(
+            raise UserTypeError(
                 "layer_weights must be a mapping {teacher layer: weight}, got "
                 f"{type(layer_weights).__name__}"
             )
         unknown = sorted(str(k) for k in layer_weights if k not in t_levels)
         if unknown:
-            raise ValueError(
+            raise UserValueError(
                 f"layer_weights names {unknown}, which are not distilled teacher layers "
                 f"{list(t_levels)}"
             )
@@ -306,14 +307,14 @@ class Distiller(nn.Module):
         t_feats: Mapping[str, Tensor],
     ) -> list[ReceptiveTokens]:
         if not isinstance(tokens, Mapping):
-            raise TypeError(
+            raise UserTypeError(
                 "tokens must be a mapping {teacher layer: [ReceptiveTokens per level]}, got "
                 f"{type(tokens).__name__}"
             )
         found: list[ReceptiveTokens] = []
         for t_path, names in t_levels.items():
             if t_path not in tokens:
-                raise ValueError(
+                raise UserValueError(
                     f"no tokens for teacher layer {t_path!r}; tokens cover {list(tokens)}"
                 )
             group = tokens[t_path]
@@ -321,19 +322,19 @@ class Distiller(nn.Module):
                 group = [group]
             group = list(group)
             if len(group) != len(names):
-                raise ValueError(
+                raise UserValueError(
                     f"teacher layer {t_path!r} has {len(names)} levels {names} but "
                     f"{len(group)} token sets were given"
                 )
             for name, tok in zip(names, group, strict=True):
                 if not isinstance(tok, ReceptiveTokens):
-                    raise TypeError(
+                    raise UserTypeError(
                         f"tokens for teacher level {name!r} must be ReceptiveTokens, "
                         f"got {type(tok).__name__}"
                     )
                 channels = t_feats[name].shape[1]
                 if tok.channels != channels:
-                    raise ValueError(
+                    raise UserValueError(
                         f"tokens for teacher level {name!r} were built for {tok.channels} "
                         f"channels but the level has {channels} "
                         f"(shape {tuple(t_feats[name].shape)})"
@@ -343,12 +344,12 @@ class Distiller(nn.Module):
 
     def _check_spatial(self, s_name: str, t_name: str, s: Tensor, t: Tensor) -> None:
         if s.shape[0] != t.shape[0]:
-            raise ValueError(
+            raise UserValueError(
                 f"student level {s_name!r} {tuple(s.shape)} and teacher level {t_name!r} "
                 f"{tuple(t.shape)} have different batch sizes"
             )
         if s.shape[-2:] != t.shape[-2:] and not self.resize:
-            raise ValueError(
+            raise UserValueError(
                 f"student level {s_name!r} has spatial size {tuple(s.shape[-2:])} (shape "
                 f"{tuple(s.shape)}) but teacher level {t_name!r} has {tuple(t.shape[-2:])} "
                 f"(shape {tuple(t.shape)}); distil levels of equal size or pass resize=True"
@@ -392,7 +393,7 @@ class Distiller(nn.Module):
         self._student_taps.clear()
         self._check_sizes(s_probe, t_probe)
         if not isinstance(out, dict):
-            raise TypeError(
+            raise UserTypeError(
                 "in training mode the student must return a dict of losses, got "
                 f"{type(out).__name__}; wrap segmenters in maskd.SegmentationTask"
             )
@@ -401,10 +402,10 @@ class Distiller(nn.Module):
         own += [f"loss_{term.name}" for term in self.terms]
         for key in own:
             if key in out:
-                raise ValueError(f"the student's losses already contain a {key!r} entry")
+                raise UserValueError(f"the student's losses already contain a {key!r} entry")
         s_all = [name for names in self._s_levels.values() for name in names]
         if list(s_named) != s_all:
-            raise RuntimeError(
+            raise UserRuntimeError(
                 f"student levels {list(s_named)} differ from those of the dry run {s_all}"
             )
         losses = dict(out)
@@ -448,7 +449,7 @@ class Distiller(nn.Module):
         if s_probe.sizes is None or t_probe.sizes is None or s_probe.sizes == t_probe.sizes:
             return
         (s_sizes, s_pad), (t_sizes, t_pad) = s_probe.sizes, t_probe.sizes
-        raise ValueError(
+        raise UserValueError(
             "the student's and the teacher's detection transforms resized the batch "
             f"differently: student image sizes {s_sizes} (padded {s_pad}), teacher {t_sizes} "
             f"(padded {t_pad}). Give both the same resizing (student {s_probe.describe()}; "

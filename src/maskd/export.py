@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from maskd.engine.checkpoint import atomic_save
+from maskd.errors import UserValueError
 
 __all__ = ["export_checkpoint", "native_state_dict", "torchvision_call"]
 
@@ -111,10 +112,10 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ValueError(f"checkpoint: cannot read {str(path)!r}: {err}") from err
+        raise UserValueError(f"checkpoint: cannot read {str(path)!r}: {err}") from err
     meta = obj.get("maskd") if isinstance(obj, Mapping) else None
     if not isinstance(meta, Mapping) or "model" not in meta or "weights_prefix" not in meta:
-        raise ValueError(
+        raise UserValueError(
             f"checkpoint: {str(path)!r} is not a checkpoint of 'maskd train' or 'maskd distill' "
             "(no model description inside)"
         )
@@ -129,7 +130,7 @@ def _load_strict(model: nn.Module, state: Mapping[str, Tensor], where: str) -> N
     missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
     unexpected = [k for k in result.unexpected_keys if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
-        raise ValueError(
+        raise UserValueError(
             f"checkpoint {where!r} does not match its model: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}"
         )

@@ -42,6 +42,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN, RetinaNet
 
+from maskd.errors import UserKeyError, UserRuntimeError, UserTypeError, UserValueError
+
 __all__ = [
     "FEATURES_LAYER",
     "HEAD_KD_MODES",
@@ -71,7 +73,7 @@ def resolve_head_kd(mode: str, student: nn.Module, teacher: nn.Module) -> str:
             a student and a teacher of different detector types).
     """
     if not isinstance(mode, str) or mode not in HEAD_KD_MODES:
-        raise ValueError(f"head_kd must be one of {list(HEAD_KD_MODES)} or None, got {mode!r}")
+        raise UserValueError(f"head_kd must be one of {list(HEAD_KD_MODES)} or None, got {mode!r}")
     kinds = {"retinanet_l1": RetinaNet, "rcnn_smoothl1": FasterRCNN}
     if mode == "auto":
         for name, cls in kinds.items():
@@ -79,7 +81,7 @@ def resolve_head_kd(mode: str, student: nn.Module, teacher: nn.Module) -> str:
                 mode = name
                 break
         else:
-            raise ValueError(
+            raise UserValueError(
                 f"head_kd='auto' has no head-KD term for a {type(student).__name__} student: "
                 f"head KD exists for {_SUPPORTED} only (the authors use none for FCOS or "
                 "segmentation); pass head_kd=None"
@@ -87,7 +89,7 @@ def resolve_head_kd(mode: str, student: nn.Module, teacher: nn.Module) -> str:
     cls = kinds[mode]
     for role, model in (("student", student), ("teacher", teacher)):
         if not isinstance(model, cls):
-            raise ValueError(
+            raise UserValueError(
                 f"head_kd={mode!r} needs a torchvision {cls.__name__} {role}, got "
                 f"{type(model).__name__}; head KD exists for {_SUPPORTED} only"
             )
@@ -116,7 +118,7 @@ def backbone_features(teacher_levels: Mapping[str, Tensor]) -> OrderedDict[str, 
         elif name.startswith(FEATURES_LAYER + ":"):
             feats[name[len(FEATURES_LAYER) + 1 :]] = value
     if not feats:
-        raise KeyError(
+        raise UserKeyError(
             f"no teacher level of layer {FEATURES_LAYER!r} among {list(teacher_levels)}: "
             "head KD needs the teacher's backbone output"
         )
@@ -145,9 +147,9 @@ class HeadKD(ABC):
 
     def __init__(self, student: nn.Module, teacher: nn.Module, weight: float = 1.0) -> None:
         if isinstance(weight, bool) or not isinstance(weight, int | float):
-            raise TypeError(f"head_kd_weight must be a number, got {type(weight).__name__}")
+            raise UserTypeError(f"head_kd_weight must be a number, got {type(weight).__name__}")
         if not math.isfinite(weight) or weight <= 0:
-            raise ValueError(
+            raise UserValueError(
                 f"head_kd_weight must be a positive finite number, got {weight!r} "
                 "(pass head_kd=None to turn head KD off)"
             )
@@ -176,7 +178,7 @@ class HeadKD(ABC):
 
     def _record(self, key: str, value: Any) -> None:
         if key in self._captured:
-            raise RuntimeError(
+            raise UserRuntimeError(
                 f"head KD: the student's {key} ran twice in one forward; head KD needs one "
                 "training forward per capture"
             )
@@ -186,7 +188,7 @@ class HeadKD(ABC):
         captured, self._captured = self._captured, {}
         missing = [k for k in keys if k not in captured]
         if missing:
-            raise RuntimeError(
+            raise UserRuntimeError(
                 f"head KD ({self.mode}): the student's forward did not produce {missing}; "
                 "head KD runs on a training-mode forward inside capture()"
             )
@@ -218,7 +220,7 @@ class RetinaNetL1HeadKD(HeadKD):
         s_reg, t_reg = student.head.regression_head, teacher.head.regression_head
         s_out, t_out = s_reg.bbox_reg.out_channels, t_reg.bbox_reg.out_channels
         if s_out != t_out:
-            raise ValueError(
+            raise UserValueError(
                 f"head_kd='retinanet_l1' needs the same anchors per location, but the student's "
                 f"regression head predicts {s_out // 4} and the teacher's {t_out // 4}"
             )
@@ -226,7 +228,7 @@ class RetinaNetL1HeadKD(HeadKD):
         s_cfg = (s_anchors.sizes, s_anchors.aspect_ratios)
         t_cfg = (t_anchors.sizes, t_anchors.aspect_ratios)
         if s_cfg != t_cfg:
-            raise ValueError(
+            raise UserValueError(
                 "head_kd='retinanet_l1' compares outputs anchor by anchor, but the anchor "
                 f"generators differ: student sizes/aspect ratios {s_cfg}, teacher {t_cfg}"
             )
@@ -245,7 +247,7 @@ class RetinaNetL1HeadKD(HeadKD):
             t = self.teacher.head.regression_head(feats)
         t_sizes = [int(x.shape[-2] * x.shape[-1]) for x in feats]
         if s.shape != t.shape or s_sizes != t_sizes:
-            raise ValueError(
+            raise UserValueError(
                 "head_kd='retinanet_l1': the student's box regression "
                 f"{tuple(s.shape)} (level sizes H·W {s_sizes}) and the teacher's "
                 f"{tuple(t.shape)} (level sizes {t_sizes}) do not cover the same anchors"
@@ -284,7 +286,7 @@ class RCNNSmoothL1HeadKD(HeadKD):
                 )
             )
         if shapes[0] != shapes[1]:
-            raise ValueError(
+            raise UserValueError(
                 "head_kd='rcnn_smoothl1' needs the same box predictor outputs (classes, box "
                 f"deltas), but the student's are {shapes[0]} and the teacher's {shapes[1]}"
             )
@@ -294,7 +296,7 @@ class RCNNSmoothL1HeadKD(HeadKD):
 
         def pool_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             if len(args) < 3:
-                raise RuntimeError(
+                raise UserRuntimeError(
                     "head KD: roi_heads.box_roi_pool must be called as "
                     "(features, proposals, image_sizes)"
                 )
@@ -325,7 +327,7 @@ class RCNNSmoothL1HeadKD(HeadKD):
         (proposals, sizes), (logits, s) = self._take("proposals", "box_predictor")
         t = self.teacher_box_regression(backbone_features(teacher_levels), proposals, sizes)
         if s.shape != t.shape:
-            raise ValueError(
+            raise UserValueError(
                 f"head_kd='rcnn_smoothl1': the student's RoI box regression {tuple(s.shape)} "
                 f"and the teacher's {tuple(t.shape)} differ in shape"
             )

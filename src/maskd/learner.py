@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from maskd.errors import UserRuntimeError, UserTypeError, UserValueError
 from maskd.losses import dice_diversity
 from maskd.taps import FeatureTaps, probe_levels
 from maskd.tokens import ReceptiveTokens
@@ -38,7 +39,7 @@ def keep_normalization_eval(model: nn.Module) -> nn.Module:
 
 def _check_positive(value: object, name: str) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+        raise UserValueError(f"{name} must be a positive int, got {value!r}")
 
 
 class TokenLearner(nn.Module):
@@ -80,10 +81,10 @@ class TokenLearner(nn.Module):
     ) -> None:
         super().__init__()
         if not isinstance(teacher, nn.Module):
-            raise TypeError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
+            raise UserTypeError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
         _check_positive(num_tokens, "num_tokens")
         if not isinstance(dice_weight, int | float) or dice_weight < 0:
-            raise ValueError(f"dice_weight must be a number >= 0, got {dice_weight!r}")
+            raise UserValueError(f"dice_weight must be a number >= 0, got {dice_weight!r}")
         self.teacher = teacher
         self.num_tokens = num_tokens
         self.weighted = bool(weighted)
@@ -126,7 +127,7 @@ class TokenLearner(nn.Module):
     def _mask_level(self, name: str, x: Tensor) -> Tensor:
         tokens = self._by_level.get(name)
         if tokens is None:
-            raise ValueError(
+            raise UserValueError(
                 f"teacher level {name!r} did not exist in the dry run (levels: "
                 f"{list(self._by_level)}); the layer's output structure changed"
             )
@@ -149,16 +150,16 @@ class TokenLearner(nn.Module):
                     out = self.teacher(images) if targets is None else self.teacher(images, targets)
             missing = [n for n in self._by_level if n not in self._dice]
             if missing:
-                raise RuntimeError(f"teacher levels {missing} were not produced by the forward")
+                raise UserRuntimeError(f"teacher levels {missing} were not produced by the forward")
             if not self.training:
                 return out
             if not isinstance(out, dict):
-                raise TypeError(
+                raise UserTypeError(
                     "in training mode the teacher must return a dict of losses, got "
                     f"{type(out).__name__}; wrap segmenters in maskd.SegmentationTask"
                 )
             if "loss_dice" in out:
-                raise ValueError("the teacher's losses already contain a 'loss_dice' entry")
+                raise UserValueError("the teacher's losses already contain a 'loss_dice' entry")
             losses = dict(out)
             losses["loss_dice"] = self.dice_weight * sum(self._dice.values())
             return losses

@@ -27,6 +27,7 @@ from torch.autograd.function import once_differentiable
 
 from maskd._checks import check_features, check_same_shape
 from maskd._precision import accum_dtype, autocast_off
+from maskd.errors import UserTypeError, UserValueError
 from maskd.tokens import ReceptiveTokens
 
 __all__ = ["MasKDLoss", "dice_diversity", "masked_distillation_loss"]
@@ -109,15 +110,17 @@ def _check_pair(
     m = _check_masks(masks)
     n, _, h, w = student.shape
     if m.shape[0] != n or m.shape[2:] != student.shape[2:]:
-        raise ValueError(
+        raise UserValueError(
             f"masks must be [N, T, H, W] = [{n}, T, {h}, {w}] to match the features, "
             f"got {tuple(m.shape)}"
         )
     if weights is not None:
         if not isinstance(weights, Tensor):
-            raise TypeError(f"weights must be a torch.Tensor [N, T], got {type(weights).__name__}")
+            raise UserTypeError(
+                f"weights must be a torch.Tensor [N, T], got {type(weights).__name__}"
+            )
         if weights.shape != m.shape[:2]:
-            raise ValueError(
+            raise UserValueError(
                 f"weights must be [N, T] = {list(m.shape[:2])} to match masks "
                 f"{tuple(m.shape)}, got {tuple(weights.shape)}"
             )
@@ -217,20 +220,20 @@ class MasKDLoss(nn.Module):
             mods = list(tokens)
             self.keyed = False
         else:
-            raise TypeError(
+            raise UserTypeError(
                 f"tokens must be a sequence or mapping of ReceptiveTokens, got {type(tokens).__name__}"
             )
         if not mods:
-            raise ValueError("tokens is empty: MasKDLoss needs at least one ReceptiveTokens")
+            raise UserValueError("tokens is empty: MasKDLoss needs at least one ReceptiveTokens")
         for name, mod in zip(names, mods, strict=True):
             if not isinstance(mod, ReceptiveTokens):
-                raise TypeError(
+                raise UserTypeError(
                     f"tokens[{name!r}] must be ReceptiveTokens, got {type(mod).__name__}"
                 )
         if custom_mask_warmup is not None and (
             not isinstance(custom_mask_warmup, int) or custom_mask_warmup < 0
         ):
-            raise ValueError(
+            raise UserValueError(
                 f"custom_mask_warmup must be None or a non-negative int, got {custom_mask_warmup!r}"
             )
         self.names = names
@@ -249,17 +252,19 @@ class MasKDLoss(nn.Module):
         if isinstance(weights, Mapping):
             unknown = sorted(str(k) for k in weights if str(k) not in names)
             if unknown:
-                raise ValueError(f"level_weights names unknown levels {unknown}; levels: {names}")
+                raise UserValueError(
+                    f"level_weights names unknown levels {unknown}; levels: {names}"
+                )
             by_name = {str(k): v for k, v in weights.items()}
             values = [by_name.get(n, 1.0) for n in names]
         elif isinstance(weights, Sequence) and not isinstance(weights, str):
             values = list(weights)
             if len(values) != len(names):
-                raise ValueError(
+                raise UserValueError(
                     f"level_weights has {len(values)} entries but there are {len(names)} levels"
                 )
         else:
-            raise TypeError(
+            raise UserTypeError(
                 f"level_weights must be a sequence or mapping of numbers, got {type(weights).__name__}"
             )
         for name, v in zip(names, values, strict=True):
@@ -269,7 +274,9 @@ class MasKDLoss(nn.Module):
                 or not math.isfinite(v)
                 or v < 0
             ):
-                raise ValueError(f"level_weights[{name!r}] must be a finite number >= 0, got {v!r}")
+                raise UserValueError(
+                    f"level_weights[{name!r}] must be a finite number >= 0, got {v!r}"
+                )
         return [float(v) for v in values]
 
     def get_extra_state(self) -> dict[str, int]:
@@ -288,20 +295,22 @@ class MasKDLoss(nn.Module):
     def _as_list(self, feats: object, name: str) -> list[Tensor]:
         if self.keyed:
             if not isinstance(feats, Mapping):
-                raise TypeError(
+                raise UserTypeError(
                     f"{name} must be a dict with keys {self.names}, got {type(feats).__name__}"
                 )
             keys = [str(k) for k in feats]
             if sorted(keys) != sorted(self.names):
-                raise ValueError(f"{name} has keys {keys}, expected {self.names}")
+                raise UserValueError(f"{name} has keys {keys}, expected {self.names}")
             by_name = {str(k): v for k, v in feats.items()}
             return [by_name[k] for k in self.names]
         if isinstance(feats, Mapping) or not isinstance(feats, Sequence):
-            raise TypeError(
+            raise UserTypeError(
                 f"{name} must be a sequence of {len(self.names)} tensors, got {type(feats).__name__}"
             )
         if len(feats) != len(self.names):
-            raise ValueError(f"{name} has {len(feats)} feature maps, expected {len(self.names)}")
+            raise UserValueError(
+                f"{name} has {len(feats)} feature maps, expected {len(self.names)}"
+            )
         return list(feats)
 
     @property
@@ -335,7 +344,7 @@ class MasKDLoss(nn.Module):
             check_features(t, f"teacher_feats[{name!r}]")
             check_same_shape(s, t, f"student_feats[{name!r}]", f"teacher_feats[{name!r}]")
             if t.shape[1] != tok.channels:
-                raise ValueError(
+                raise UserValueError(
                     f"level {name!r}: features have {t.shape[1]} channels but its tokens were "
                     f"built for {tok.channels}"
                 )

@@ -21,6 +21,8 @@ from torchmetrics import Metric
 from torchmetrics.detection import MeanAveragePrecision
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 
+from maskd.errors import UserTypeError, UserValueError
+
 __all__ = ["DETECTION_KEYS", "DetectionMetrics", "SegmentationMetrics"]
 
 DETECTION_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_100")
@@ -45,7 +47,7 @@ class DetectionMetrics(MeanAveragePrecision):
     def __init__(self, class_metrics: bool = False, **kwargs: Any) -> None:
         for fixed in ("backend", "iou_type", "box_format"):
             if fixed in kwargs:
-                raise TypeError(f"DetectionMetrics fixes {fixed}; do not pass it")
+                raise UserTypeError(f"DetectionMetrics fixes {fixed}; do not pass it")
         super().__init__(
             box_format="xyxy",
             iou_type="bbox",
@@ -59,12 +61,12 @@ class DetectionMetrics(MeanAveragePrecision):
     ) -> None:
         """Add one batch: ``preds`` and ``target`` are equally long lists of per-image dicts."""
         if not isinstance(preds, list | tuple) or not isinstance(target, list | tuple):
-            raise TypeError(
+            raise UserTypeError(
                 f"preds and target must be lists of dicts, got {type(preds).__name__} and "
                 f"{type(target).__name__}"
             )
         if len(preds) != len(target):
-            raise ValueError(
+            raise UserValueError(
                 f"preds and target must have one entry per image, got {len(preds)} and "
                 f"{len(target)}"
             )
@@ -86,7 +88,7 @@ class DetectionMetrics(MeanAveragePrecision):
 
 def _pick(item: object, keys: tuple[str, ...], name: str) -> dict[str, Tensor]:
     if not isinstance(item, dict):
-        raise TypeError(f"{name} must be a dict, got {type(item).__name__}")
+        raise UserTypeError(f"{name} must be a dict, got {type(item).__name__}")
     return {k: item[k] for k in keys if k in item}
 
 
@@ -118,15 +120,15 @@ class SegmentationMetrics(Metric):
     def __init__(self, num_classes: int, ignore_index: int | None = 255, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if isinstance(num_classes, bool) or not isinstance(num_classes, int):
-            raise TypeError(f"num_classes must be an int, got {type(num_classes).__name__}")
+            raise UserTypeError(f"num_classes must be an int, got {type(num_classes).__name__}")
         if num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+            raise UserValueError(f"num_classes must be >= 2, got {num_classes}")
         if ignore_index is not None and (
             isinstance(ignore_index, bool) or not isinstance(ignore_index, int)
         ):
-            raise TypeError(f"ignore_index must be an int or None, got {ignore_index!r}")
+            raise UserTypeError(f"ignore_index must be an int or None, got {ignore_index!r}")
         if ignore_index is not None and 0 <= ignore_index < num_classes:
-            raise ValueError(
+            raise UserValueError(
                 f"ignore_index={ignore_index} is a valid class for num_classes={num_classes}"
             )
         self.num_classes = num_classes
@@ -140,31 +142,31 @@ class SegmentationMetrics(Metric):
     def update(self, preds: Tensor, target: Tensor) -> None:  # type: ignore[override]
         """Add a batch: preds ``[N, K, H, W]`` float or ``[N, H, W]`` int, target ``[N, H, W]``."""
         if not isinstance(preds, Tensor) or not isinstance(target, Tensor):
-            raise TypeError(
+            raise UserTypeError(
                 f"preds and target must be tensors, got {type(preds).__name__} and "
                 f"{type(target).__name__}"
             )
         if target.dim() != 3 or target.is_floating_point():
-            raise ValueError(
+            raise UserValueError(
                 f"target must be an integer [N, H, W] tensor, got shape {tuple(target.shape)} "
                 f"dtype {target.dtype}"
             )
         if preds.dim() == 4:
             if not preds.is_floating_point():
-                raise TypeError(f"[N, K, H, W] preds must be float scores, got {preds.dtype}")
+                raise UserTypeError(f"[N, K, H, W] preds must be float scores, got {preds.dtype}")
             if preds.shape[1] != self.num_classes:
-                raise ValueError(
+                raise UserValueError(
                     f"preds have {preds.shape[1]} channels but num_classes={self.num_classes} "
                     f"(shape {tuple(preds.shape)})"
                 )
             preds = preds.argmax(dim=1)
         elif preds.dim() != 3 or preds.is_floating_point():
-            raise ValueError(
+            raise UserValueError(
                 f"preds must be float [N, K, H, W] or integer [N, H, W], got shape "
                 f"{tuple(preds.shape)} dtype {preds.dtype}"
             )
         if preds.shape != target.shape:
-            raise ValueError(
+            raise UserValueError(
                 f"preds {tuple(preds.shape)} and target {tuple(target.shape)} must cover the "
                 f"same pixels"
             )
@@ -179,7 +181,7 @@ class SegmentationMetrics(Metric):
             labels = labels[labels != self.ignore_index]
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
             extra = f" or ignore_index={self.ignore_index}" if allow_ignore else ""
-            raise ValueError(
+            raise UserValueError(
                 f"{name} values must lie in [0, {self.num_classes - 1}]{extra}, found "
                 f"{int(labels.min())}..{int(labels.max())}"
             )

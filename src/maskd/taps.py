@@ -20,6 +20,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from maskd.errors import UserRuntimeError, UserTypeError, UserValueError
+
 __all__ = [
     "FeatureTaps",
     "eval_mode",
@@ -48,22 +50,24 @@ def resolve_layers(model: nn.Module, layers: Sequence[str]) -> dict[str, nn.Modu
             (the closest valid names are listed).
     """
     if isinstance(layers, str) or not isinstance(layers, Sequence):
-        raise TypeError(
+        raise UserTypeError(
             f"layers must be a sequence of layer paths such as ['backbone.fpn'], got {layers!r}"
         )
     if len(layers) == 0:
-        raise ValueError("layers is empty: name at least one layer to tap")
+        raise UserValueError("layers is empty: name at least one layer to tap")
     modules = dict(model.named_modules())
     found: dict[str, nn.Module] = {}
     for path in layers:
         if not isinstance(path, str):
-            raise TypeError(f"layer paths must be strings, got {path!r} ({type(path).__name__})")
+            raise UserTypeError(
+                f"layer paths must be strings, got {path!r} ({type(path).__name__})"
+            )
         if path in found:
-            raise ValueError(f"layer {path!r} is listed twice in {list(layers)}")
+            raise UserValueError(f"layer {path!r} is listed twice in {list(layers)}")
         if path not in modules:
             close = difflib.get_close_matches(path, [n for n in modules if n], n=5, cutoff=0.5)
             hint = f"; closest valid names: {close}" if close else ""
-            raise ValueError(
+            raise UserValueError(
                 f"unknown layer {path!r} in {type(model).__name__}{hint}. "
                 "Layer paths are names from model.named_modules()."
             )
@@ -84,15 +88,15 @@ def flatten_output(path: str, output: Any) -> list[tuple[str, Tensor]]:
     elif isinstance(output, list | tuple):
         items = [(f"{path}:{i}", value) for i, value in enumerate(output)]
     else:
-        raise TypeError(
+        raise UserTypeError(
             f"layer {path!r} returned {type(output).__name__}; a tapped layer must return a "
             "tensor, a list/tuple of tensors or a dict of tensors"
         )
     if not items:
-        raise TypeError(f"layer {path!r} returned an empty {type(output).__name__}")
+        raise UserTypeError(f"layer {path!r} returned an empty {type(output).__name__}")
     for name, value in items:
         if not isinstance(value, Tensor):
-            raise TypeError(
+            raise UserTypeError(
                 f"level {name!r} of layer {path!r} is {type(value).__name__}, not a tensor"
             )
     return items
@@ -161,9 +165,9 @@ class FeatureTaps:
         stop: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+            raise UserTypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if replace is not None and not callable(replace):
-            raise TypeError(f"replace must be callable or None, got {type(replace).__name__}")
+            raise UserTypeError(f"replace must be callable or None, got {type(replace).__name__}")
         self.model = model
         self.modules = resolve_layers(model, layers)
         self.layers: list[str] = list(self.modules)
@@ -201,7 +205,7 @@ class FeatureTaps:
     def _hook(self, path: str) -> Callable[[nn.Module, Any, Any], Any]:
         def hook(module: nn.Module, inputs: Any, output: Any) -> Any:
             if path in self._outputs:
-                raise RuntimeError(
+                raise UserRuntimeError(
                     f"layer {path!r} ran twice in one forward; taps need layers that run once"
                 )
             levels = flatten_output(path, output)
@@ -214,7 +218,7 @@ class FeatureTaps:
                     replaced = self.replace(name, value)
                     if not isinstance(replaced, Tensor) or replaced.shape != value.shape:
                         found = tuple(replaced.shape) if isinstance(replaced, Tensor) else replaced
-                        raise ValueError(
+                        raise UserValueError(
                             f"replacement for level {name!r} must be a tensor of shape "
                             f"{tuple(value.shape)}, got {found}"
                         )
@@ -252,7 +256,7 @@ class FeatureTaps:
             return None
         missing = [p for p in self.layers if p not in self._outputs]
         if missing:
-            raise RuntimeError(
+            raise UserRuntimeError(
                 f"layers {missing} of {type(self.model).__name__} did not run during the forward"
             )
         return output
@@ -307,7 +311,7 @@ def probe_levels(
     features = taps.features
     for name, value in features.items():
         if value.dim() != 4:
-            raise ValueError(
+            raise UserValueError(
                 f"level {name!r} must be a [N, C, H, W] feature map, got shape {tuple(value.shape)}"
             )
     return features, taps.levels()

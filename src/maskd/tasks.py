@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from maskd.errors import UserTypeError, UserValueError
+
 __all__ = ["SegmentationTask", "stack_images"]
 
 
@@ -20,10 +22,10 @@ def stack_images(images: Tensor | Sequence[Tensor], name: str = "images") -> Ten
     """
     if isinstance(images, Tensor):
         if images.dim() != 4:
-            raise ValueError(f"{name} must be [N, 3, H, W], got shape {tuple(images.shape)}")
+            raise UserValueError(f"{name} must be [N, 3, H, W], got shape {tuple(images.shape)}")
         return images
     if not isinstance(images, list | tuple) or not images:
-        raise TypeError(
+        raise UserTypeError(
             f"{name} must be a [N, 3, H, W] tensor or a non-empty list of [3, H, W] tensors, "
             f"got {type(images).__name__}"
         )
@@ -31,10 +33,10 @@ def stack_images(images: Tensor | Sequence[Tensor], name: str = "images") -> Ten
     for i, img in enumerate(images):
         if not isinstance(img, Tensor) or img.dim() != 3:
             found = tuple(img.shape) if isinstance(img, Tensor) else type(img).__name__
-            raise ValueError(f"{name}[{i}] must be a [3, H, W] tensor, got {found}")
+            raise UserValueError(f"{name}[{i}] must be a [3, H, W] tensor, got {found}")
         shapes.append(tuple(img.shape))
     if len(set(shapes)) > 1:
-        raise ValueError(f"{name} must all have the same size to be batched, got {shapes}")
+        raise UserValueError(f"{name} must all have the same size to be batched, got {shapes}")
     return torch.stack(list(images))
 
 
@@ -64,13 +66,13 @@ class SegmentationTask(nn.Module):
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+            raise UserTypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+            raise UserValueError(f"num_classes must be a positive int, got {num_classes!r}")
         if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-            raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+            raise UserTypeError(f"ignore_index must be an int, got {ignore_index!r}")
         if not isinstance(aux_weight, int | float) or aux_weight < 0:
-            raise ValueError(f"aux_weight must be a number >= 0, got {aux_weight!r}")
+            raise UserValueError(f"aux_weight must be a number >= 0, got {aux_weight!r}")
         self.model = model
         self.num_classes = num_classes
         self.ignore_index = ignore_index
@@ -82,14 +84,14 @@ class SegmentationTask(nn.Module):
             out = {"out": out}
         if not isinstance(out, Mapping) or "out" not in out:
             found = list(out) if isinstance(out, Mapping) else type(out).__name__
-            raise TypeError(
+            raise UserTypeError(
                 f"the segmenter must return logits or a dict with an 'out' entry, got {found}"
             )
         for key, logits in out.items():
             if not isinstance(logits, Tensor) or logits.dim() != 4:
                 continue
             if logits.shape[1] != self.num_classes:
-                raise ValueError(
+                raise UserValueError(
                     f"segmenter output {key!r} has {logits.shape[1]} channels but "
                     f"num_classes={self.num_classes} (shape {tuple(logits.shape)})"
                 )
@@ -126,24 +128,24 @@ class SegmentationTask(nn.Module):
 
     def _check_targets(self, targets: Tensor | None, x: Tensor) -> Tensor:
         if targets is None:
-            raise ValueError("targets [N, H, W] are required in training mode")
+            raise UserValueError("targets [N, H, W] are required in training mode")
         if isinstance(targets, list | tuple):
             targets = torch.stack(list(targets))
         if not isinstance(targets, Tensor) or targets.dim() != 3:
             found = tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__
-            raise ValueError(f"targets must be an int64 [N, H, W] tensor, got {found}")
+            raise UserValueError(f"targets must be an int64 [N, H, W] tensor, got {found}")
         if targets.shape[0] != x.shape[0]:
-            raise ValueError(
+            raise UserValueError(
                 f"targets hold {targets.shape[0]} masks for {x.shape[0]} images "
                 f"(targets {tuple(targets.shape)}, images {tuple(x.shape)})"
             )
         if targets.dtype != torch.long:
             if targets.is_floating_point():
-                raise TypeError(f"targets must be an integer tensor, got dtype {targets.dtype}")
+                raise UserTypeError(f"targets must be an integer tensor, got dtype {targets.dtype}")
             targets = targets.long()
         valid = targets[targets != self.ignore_index]
         if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= self.num_classes):
-            raise ValueError(
+            raise UserValueError(
                 f"target labels must lie in [0, {self.num_classes - 1}] or equal "
                 f"ignore_index={self.ignore_index}, found {int(valid.min())}..{int(valid.max())}"
             )

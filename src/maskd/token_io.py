@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from maskd.atomic import atomic_torch_save
+from maskd.errors import UserTypeError, UserValueError
 from maskd.tokens import ReceptiveTokens
 from maskd.torch_files import UnsafeFileError, load_file
 
@@ -30,7 +31,7 @@ _OFFICIAL_KEY = re.compile(
 
 def _check_token_dict(tokens: object) -> Mapping[str, Sequence[ReceptiveTokens]]:
     if not isinstance(tokens, Mapping):
-        raise TypeError(
+        raise UserTypeError(
             "tokens must be a dict {layer path: [ReceptiveTokens per level]}, "
             f"got {type(tokens).__name__}"
         )
@@ -38,10 +39,10 @@ def _check_token_dict(tokens: object) -> Mapping[str, Sequence[ReceptiveTokens]]
         if isinstance(levels, ReceptiveTokens):
             levels = [levels]
         if not isinstance(levels, Sequence) or not levels:
-            raise TypeError(f"tokens[{layer!r}] must be a non-empty list of ReceptiveTokens")
+            raise UserTypeError(f"tokens[{layer!r}] must be a non-empty list of ReceptiveTokens")
         for i, tok in enumerate(levels):
             if not isinstance(tok, ReceptiveTokens):
-                raise TypeError(
+                raise UserTypeError(
                     f"tokens[{layer!r}][{i}] must be ReceptiveTokens, got {type(tok).__name__}"
                 )
     return tokens  # type: ignore[return-value]
@@ -91,12 +92,12 @@ def load_tokens(path: str | os.PathLike[str]) -> TokenDict:
     obj = _safe_load(path)
     if not isinstance(obj, Mapping) or obj.get("format") != FORMAT:
         found = sorted(obj)[:10] if isinstance(obj, Mapping) else type(obj).__name__
-        raise ValueError(
+        raise UserValueError(
             f"{path} is not a maskd token file (found {found}); "
             "for released MasKD checkpoints use load_official_tokens()"
         )
     if obj.get("version") != VERSION:
-        raise ValueError(
+        raise UserValueError(
             f"{path}: token file version {obj.get('version')!r} is not supported (expected {VERSION})"
         )
     out: TokenDict = {}
@@ -107,7 +108,7 @@ def load_tokens(path: str | os.PathLike[str]) -> TokenDict:
             try:
                 tok.load_state_dict(entry["state_dict"])
             except RuntimeError as err:
-                raise ValueError(
+                raise UserValueError(
                     f"{path}: level {i} of layer {layer!r} does not match its header: {err}"
                 ) from err
             out[layer].append(tok)
@@ -118,7 +119,7 @@ def _tokens_from_params(params: Mapping[str, Tensor], where: str) -> ReceptiveTo
     token = params.get("mask_token")
     if token is None or token.dim() != 2:
         shape = None if token is None else tuple(token.shape)
-        raise ValueError(f"{where}: expected 'mask_token' of shape [T, C], found {shape}")
+        raise UserValueError(f"{where}: expected 'mask_token' of shape [T, C], found {shape}")
     t, c = token.shape
     weighted = any(k.startswith("prob.") for k in params)
     expected = {"mask_token": (t, c)}
@@ -131,7 +132,7 @@ def _tokens_from_params(params: Mapping[str, Tensor], where: str) -> ReceptiveTo
         }
     got = {k: tuple(v.shape) for k, v in params.items()}
     if got != expected:
-        raise ValueError(
+        raise UserValueError(
             f"{where}: tensors {got} do not form receptive tokens with T={t}, C={c}; expected {expected}"
         )
     tok = ReceptiveTokens(int(c), int(t), weighted)
@@ -169,10 +170,10 @@ def load_official_tokens(
             raise UnsafeFileError(f"{err}; if you trust its source, pass trusted=True") from err
         src = str(path)
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{src}: expected a dict of tensors, found {type(obj).__name__}")
+        raise UserValueError(f"{src}: expected a dict of tensors, found {type(obj).__name__}")
     sd = obj.get("state_dict", obj)
     if not isinstance(sd, Mapping):
-        raise ValueError(
+        raise UserValueError(
             f"{src}: 'state_dict' is a {type(sd).__name__}, expected a dict of tensors"
         )
 
@@ -188,23 +189,23 @@ def load_official_tokens(
             levels.setdefault(int(match["level"]), {})[match["param"]] = value
     if not groups:
         sample = list(sd)[:8]
-        raise ValueError(
+        raise UserValueError(
             f"{src}: no MasKD tokens found; expected 'mask_token' or "
             f"'...mask_modules.<level>.mask_token' keys, found keys like {sample}"
         )
     if prefix is not None:
         if prefix not in groups:
-            raise ValueError(
+            raise UserValueError(
                 f"{src}: prefix {prefix!r} not found; token prefixes are {sorted(groups)}"
             )
         chosen = groups[prefix]
     elif len(groups) > 1:
-        raise ValueError(
+        raise UserValueError(
             f"{src} holds several token sets with prefixes {sorted(groups)}; pass prefix="
         )
     else:
         chosen = next(iter(groups.values()))
     order = sorted(chosen)
     if order != list(range(len(order))):
-        raise ValueError(f"{src}: token levels {order} are not contiguous from 0")
+        raise UserValueError(f"{src}: token levels {order} are not contiguous from 0")
     return [_tokens_from_params(chosen[i], f"{src} level {i}") for i in order]

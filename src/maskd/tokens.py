@@ -11,6 +11,7 @@ from torch.autograd.function import once_differentiable
 
 from maskd._checks import check_features
 from maskd._precision import accum_dtype, autocast_off
+from maskd.errors import UserValueError
 
 __all__ = ["ReceptiveTokens"]
 
@@ -146,9 +147,9 @@ class ReceptiveTokens(nn.Module):
     def __init__(self, channels: int, num_tokens: int = 6, weighted: bool = False) -> None:
         super().__init__()
         if not isinstance(channels, int) or isinstance(channels, bool) or channels < 1:
-            raise ValueError(f"channels must be a positive int, got {channels!r}")
+            raise UserValueError(f"channels must be a positive int, got {channels!r}")
         if not isinstance(num_tokens, int) or isinstance(num_tokens, bool) or num_tokens < 1:
-            raise ValueError(f"num_tokens must be a positive int, got {num_tokens!r}")
+            raise UserValueError(f"num_tokens must be a positive int, got {num_tokens!r}")
         self.channels = channels
         self.num_tokens = num_tokens
         self.weighted = bool(weighted)
@@ -178,7 +179,7 @@ class ReceptiveTokens(nn.Module):
     def _check(self, x: Tensor, name: str = "x") -> None:
         check_features(x, name)
         if x.shape[1] != self.channels:
-            raise ValueError(
+            raise UserValueError(
                 f"{name} has {x.shape[1]} channels but these tokens were built for "
                 f"{self.channels} (x shape {tuple(x.shape)})"
             )

@@ -8,10 +8,12 @@ from typing import Any
 
 import torch
 
+from maskd.errors import UserValueError
+
 __all__ = ["UnsafeFileError", "load_file"]
 
 
-class UnsafeFileError(ValueError):
+class UnsafeFileError(UserValueError):
     """A torch file that holds pickled Python objects, refused without loading them."""
 
 
@@ -27,7 +29,7 @@ def load_file(path: str | Path, *, argument: str = "weights", mmap: bool = False
     if not path.is_file():
         raise FileNotFoundError(f"{argument}: no such file {str(path)!r}")
     if path.stat().st_size == 0:
-        raise ValueError(f"{argument}: {str(path)!r} is empty (0 bytes)")
+        raise UserValueError(f"{argument}: {str(path)!r} is empty (0 bytes)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
@@ -38,7 +40,7 @@ def load_file(path: str | Path, *, argument: str = "weights", mmap: bool = False
         ) from err
     except Exception as err:  # torch raises several types for a corrupt or foreign file
         first = str(err).splitlines()[0] if str(err) else "no details"
-        raise ValueError(
+        raise UserValueError(
             f"{argument}: cannot read {str(path)!r} as a torch checkpoint (truncated or not "
             f"a checkpoint; {type(err).__name__}: {first})"
         ) from err

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from maskd.errors import UserValueError
 from maskd.taps import FeatureTaps, eval_mode
 from maskd.tokens import ReceptiveTokens
 
@@ -96,7 +97,7 @@ def token_masks(
         names = taps.levels()[path]
         group = list(tokens[path])
         if len(group) != len(names):
-            raise ValueError(
+            raise UserValueError(
                 f"layer {path!r} has {len(names)} levels {names} but {len(group)} token sets"
             )
         by_level += list(zip(names, group, strict=True))
@@ -195,7 +196,7 @@ def load_images(paths: Sequence[str | Path], size: int | None = None) -> list[Te
         out.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255)
     shapes = {tuple(t.shape) for t in out}
     if len(shapes) > 1:
-        raise ValueError(f"images differ in size {sorted(shapes)}; pass a size to resize them")
+        raise UserValueError(f"images differ in size {sorted(shapes)}; pass a size to resize them")
     return out
 
 

@@ -34,6 +34,7 @@ from torchvision import tv_tensors
 from maskd.data.files import BadSampleError, read_json, read_rgb, require_dir
 from maskd.data.skipping import SkipBadSamples
 from maskd.data.transforms import finalize_detection
+from maskd.errors import UserValueError
 
 logger = logging.getLogger("maskd.data")
 
@@ -43,25 +44,27 @@ Transform = Callable[..., Any]
 def _load_annotations(ann_file: Path) -> dict[str, Any]:
     data = read_json(ann_file, "COCO annotation file")
     if not isinstance(data, dict):
-        raise ValueError(f"COCO annotation file {ann_file} must hold a JSON object")
+        raise UserValueError(f"COCO annotation file {ann_file} must hold a JSON object")
     for key in ("images", "categories"):
         if not isinstance(data.get(key), list):
-            raise ValueError(f"COCO annotation file {ann_file} has no '{key}' list")
+            raise UserValueError(f"COCO annotation file {ann_file} has no '{key}' list")
     data.setdefault("annotations", [])
     if not isinstance(data["annotations"], list):
-        raise ValueError(f"COCO annotation file {ann_file}: 'annotations' must be a list")
+        raise UserValueError(f"COCO annotation file {ann_file}: 'annotations' must be a list")
     if not data["categories"]:
-        raise ValueError(f"COCO annotation file {ann_file} defines no categories")
+        raise UserValueError(f"COCO annotation file {ann_file} defines no categories")
     for entry in data["images"]:
         missing = [k for k in ("id", "file_name", "width", "height") if k not in entry]
         if missing:
-            raise ValueError(
+            raise UserValueError(
                 f"COCO annotation file {ann_file}: image entry {entry.get('id', entry)!r} "
                 f"lacks {missing}"
             )
     for entry in data["categories"]:
         if "id" not in entry or "name" not in entry:
-            raise ValueError(f"COCO annotation file {ann_file}: category {entry!r} lacks id/name")
+            raise UserValueError(
+                f"COCO annotation file {ann_file}: category {entry!r} lacks id/name"
+            )
     return data
 
 
@@ -74,17 +77,17 @@ def _check_annotations(ann_file: Path, anns: list[dict], image_ids: set, cat_ids
             or len(bbox) != 4
             or not all(isinstance(v, int | float) and math.isfinite(v) for v in bbox)
         ):
-            raise ValueError(
+            raise UserValueError(
                 f"COCO annotation file {ann_file}: annotation {ident} has bbox {bbox!r}; "
                 "expected [x, y, width, height] of 4 finite numbers"
             )
         if ann.get("image_id") not in image_ids:
-            raise ValueError(
+            raise UserValueError(
                 f"COCO annotation file {ann_file}: annotation {ident} refers to unknown "
                 f"image_id {ann.get('image_id')!r}"
             )
         if ann.get("category_id") not in cat_ids:
-            raise ValueError(
+            raise UserValueError(
                 f"COCO annotation file {ann_file}: annotation {ident} refers to unknown "
                 f"category_id {ann.get('category_id')!r}"
             )
@@ -149,7 +152,7 @@ class CocoDetection(SkipBadSamples, Dataset):
         data = _load_annotations(self.ann_file)
         images = {img["id"]: img for img in data["images"]}
         if len(images) != len(data["images"]):
-            raise ValueError(f"COCO annotation file {self.ann_file} repeats image ids")
+            raise UserValueError(f"COCO annotation file {self.ann_file} repeats image ids")
         cats = sorted(data["categories"], key=lambda c: c["id"])
         self.cat_id_to_label: dict[int, int] = {c["id"]: i + 1 for i, c in enumerate(cats)}
         self.label_to_cat_id: dict[int, int] = {v: k for k, v in self.cat_id_to_label.items()}
@@ -215,7 +218,7 @@ class CocoDetection(SkipBadSamples, Dataset):
     def check_usable(self) -> None:
         """Raise ``ValueError`` when no image has a box to learn from."""
         if self.box_stats["boxes_kept"] == 0:
-            raise ValueError(
+            raise UserValueError(
                 f"{self.ann_file} has no usable box: {self.summary()}; boxes need a positive "
                 "width and height inside the image ([x, y, w, h] in pixels)"
             )
@@ -266,7 +269,7 @@ class CocoDetection(SkipBadSamples, Dataset):
         for box, score, label in zip(boxes.tolist(), scores.tolist(), labels.tolist(), strict=True):
             label = int(label)
             if label not in self.label_to_cat_id:
-                raise ValueError(f"label {label} is not in 1..{self.num_classes}")
+                raise UserValueError(f"label {label} is not in 1..{self.num_classes}")
             x1, y1, x2, y2 = box
             out.append(
                 {

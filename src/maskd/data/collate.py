@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch.utils.data import default_collate
 
+from maskd.errors import UserValueError
+
 
 def detection_collate(
     batch: Sequence[tuple[torch.Tensor, dict[str, Any]]],
@@ -28,4 +30,4 @@ def collate_for(task: str) -> Callable[[Sequence[Any]], Any]:
         return detection_collate
     if task == "segmentation":
         return default_collate
-    raise ValueError(f"unknown task {task!r}; expected 'detection' or 'segmentation'")
+    raise UserValueError(f"unknown task {task!r}; expected 'detection' or 'segmentation'")

@@ -10,6 +10,7 @@ from torch.utils.data import Dataset
 
 from maskd.data.coco import CocoDetection
 from maskd.data.segmentation import CityscapesSegmentation, FolderSegmentation, VOCSegmentation
+from maskd.errors import UserValueError
 
 # dataset kind → task it serves
 KINDS: dict[str, str] = {
@@ -23,7 +24,7 @@ KINDS: dict[str, str] = {
 def task_of(kind: str) -> str:
     """The task a dataset kind serves: "detection" or "segmentation"."""
     if kind not in KINDS:
-        raise ValueError(f"unknown dataset kind {kind!r}; expected one of {sorted(KINDS)}")
+        raise UserValueError(f"unknown dataset kind {kind!r}; expected one of {sorted(KINDS)}")
     return KINDS[kind]
 
 
@@ -79,7 +80,7 @@ def build_dataset(
         images, ann = coco_paths(root, split, image_dir, ann_file)
         dataset = CocoDetection(images, ann, transforms=transforms, skip_bad=skip_bad, **kwargs)
     elif image_dir is not None or ann_file is not None:
-        raise ValueError(f"image_dir/ann_file apply to 'coco' datasets, not {kind!r}")
+        raise UserValueError(f"image_dir/ann_file apply to 'coco' datasets, not {kind!r}")
     elif kind == "cityscapes":
         dataset = CityscapesSegmentation(root, split, transforms, skip_bad=skip_bad, **kwargs)
     elif kind == "voc":
@@ -89,7 +90,7 @@ def build_dataset(
             root, split, transforms, skip_bad=skip_bad, num_classes=num_classes, **kwargs
         )
     if num_classes is not None and dataset.num_classes != num_classes:
-        raise ValueError(
+        raise UserValueError(
             f"num_classes={num_classes} but the {kind} dataset at {root} has "
             f"{dataset.num_classes} classes"
         )

@@ -13,10 +13,12 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from maskd.errors import UserValueError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
-class BadSampleError(ValueError):
+class BadSampleError(UserValueError):
     """A sample whose file exists but cannot be decoded or is inconsistent."""
 
 
@@ -85,4 +87,4 @@ def read_json(path: Path, what: str = "annotation file") -> Any:
         with open(path, encoding="utf-8") as fh:
             return json.load(fh)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{what} {path} is not valid JSON: {err}") from err
+        raise UserValueError(f"{what} {path} is not valid JSON: {err}") from err

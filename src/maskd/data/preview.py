@@ -11,6 +11,7 @@ import torch
 
 from maskd.data.factory import build_dataset
 from maskd.data.transforms import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
+from maskd.errors import UserValueError
 
 _COLOURS = ("#e6194b", "#3cb44b", "#ffe119", "#0082c8", "#f58231", "#911eb4", "#46f0f0",
             "#f032e6", "#d2f53c", "#fabebe", "#008080", "#e6beff", "#aa6e28", "#800000")  # fmt: skip
@@ -47,12 +48,12 @@ def preview(
     from matplotlib.patches import Patch
 
     if task not in ("detection", "segmentation"):
-        raise ValueError(f"task must be 'detection' or 'segmentation', got {task!r}")
+        raise UserValueError(f"task must be 'detection' or 'segmentation', got {task!r}")
     kind = kind or ("coco" if task == "detection" else "folder")
     dataset = build_dataset(kind, dataset_root, split)
     n = min(n, len(dataset))
     if n <= 0:
-        raise ValueError(f"nothing to preview: n={n}, {len(dataset)} samples in {dataset_root}")
+        raise UserValueError(f"nothing to preview: n={n}, {len(dataset)} samples in {dataset_root}")
     panels = n if task == "detection" else 2 * n
     cols = min(panels, 4 if task == "detection" else 6)
     rows = math.ceil(panels / cols)

@@ -25,6 +25,7 @@ from maskd.data.files import (
 )
 from maskd.data.skipping import SkipBadSamples
 from maskd.data.transforms import IGNORE_INDEX, finalize_segmentation
+from maskd.errors import UserValueError
 
 Transform = Callable[..., Any]
 
@@ -94,7 +95,7 @@ class SegmentationFiles(SkipBadSamples, Dataset):
                 continue
             if ((mask != self.ignore_index) & (mask < self.num_classes)).any():
                 return
-        raise ValueError(
+        raise UserValueError(
             f"no labelled pixel in any of the {len(self.samples)} masks (every pixel is the "
             f"ignore index {self.ignore_index} or out of range 0..{self.num_classes - 1}); "
             f"first mask: {self.samples[0][1] if self.samples else 'none'}"
@@ -211,7 +212,7 @@ class VOCSegmentation(SegmentationFiles):
         )
         ids = [line.strip() for line in split_file.read_text().splitlines() if line.strip()]
         if not ids:
-            raise ValueError(f"VOC split file {split_file} lists no images")
+            raise UserValueError(f"VOC split file {split_file} lists no images")
         pairs = []
         for ident in ids:
             image = base / "JPEGImages" / f"{ident}.jpg"
@@ -229,9 +230,9 @@ def read_class_names(path: Path) -> list[str]:
     names = [line.strip() for line in require_file(path, "class list").read_text().splitlines()]
     names = [n for n in names if n]
     if not names:
-        raise ValueError(f"class list {path} is empty")
+        raise UserValueError(f"class list {path} is empty")
     if len(names) >= IGNORE_INDEX:
-        raise ValueError(f"class list {path} has {len(names)} classes; at most 254 fit a PNG")
+        raise UserValueError(f"class list {path} has {len(names)} classes; at most 254 fit a PNG")
     return names
 
 
@@ -261,14 +262,14 @@ class FolderSegmentation(SegmentationFiles):
         if classes_file.is_file():
             names = read_class_names(classes_file)
             if num_classes is not None and num_classes != len(names):
-                raise ValueError(
+                raise UserValueError(
                     f"num_classes={num_classes} but {classes_file} lists {len(names)} classes"
                 )
         elif num_classes is None:
-            raise ValueError(f"no class list at {classes_file}; pass num_classes= or write one")
+            raise UserValueError(f"no class list at {classes_file}; pass num_classes= or write one")
         else:
             if not 0 < num_classes < IGNORE_INDEX:
-                raise ValueError(f"num_classes must be in 1..254, got {num_classes}")
+                raise UserValueError(f"num_classes must be in 1..254, got {num_classes}")
             names = [f"class_{i}" for i in range(num_classes)]
         image_dir = require_dir(root / split / "images", "image")
         mask_dir = require_dir(root / split / "masks", "mask")
@@ -278,6 +279,6 @@ class FolderSegmentation(SegmentationFiles):
         stems = [p.stem for p in images]
         if len(set(stems)) != len(stems):
             dup = next(s for s in stems if stems.count(s) > 1)
-            raise ValueError(f"{image_dir} holds several images named {dup!r} (one per stem)")
+            raise UserValueError(f"{image_dir} holds several images named {dup!r} (one per stem)")
         pairs = [(p, mask_dir / f"{p.stem}.png") for p in images]
         super().__init__(self._pair_up(pairs, root / split), len(names), names, transforms)

@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 from maskd.data.files import BadSampleError
+from maskd.errors import UserRuntimeError
 
 logger = logging.getLogger("maskd.data")
 
@@ -62,4 +63,4 @@ class SkipBadSamples:
                 if not self.skip_bad:
                     raise
                 self._record_skip(self._describe(i), str(err), i)
-        raise RuntimeError(f"all {n} samples of {type(self).__name__} failed to load")
+        raise UserRuntimeError(f"all {n} samples of {type(self).__name__} failed to load")

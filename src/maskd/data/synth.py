@@ -26,6 +26,7 @@ from pycocotools import mask as mask_utils
 from maskd.data.preview import preview
 from maskd.data.synth_scene import EASY_SHAPES, Scene, photos, render_easy_scene, render_scene
 from maskd.data.synth_shapes import SHAPES
+from maskd.errors import UserValueError
 
 __all__ = ["CLASSES", "DIFFICULTIES", "classes", "generate", "preview", "render_scene"]
 
@@ -96,7 +97,7 @@ def _write_json(path: Path, data: Any) -> None:
 
 def _prepare_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
-        raise ValueError(f"output path {out} exists and is not a directory")
+        raise UserValueError(f"output path {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise FileExistsError(f"output directory {out} is not empty (pass overwrite=True)")
@@ -134,17 +135,17 @@ def generate(
     Returns `out`.
     """
     if difficulty not in DIFFICULTIES:
-        raise ValueError(f"difficulty must be one of {DIFFICULTIES}, got {difficulty!r}")
+        raise UserValueError(f"difficulty must be one of {DIFFICULTIES}, got {difficulty!r}")
     if task not in ("detection", "segmentation"):
-        raise ValueError(f"task must be 'detection' or 'segmentation', got {task!r}")
+        raise UserValueError(f"task must be 'detection' or 'segmentation', got {task!r}")
     if image_format not in ("png", "jpg"):
-        raise ValueError(f"image_format must be 'png' or 'jpg', got {image_format!r}")
+        raise UserValueError(f"image_format must be 'png' or 'jpg', got {image_format!r}")
     if task == "segmentation" and image_format != "png":
-        raise ValueError("segmentation images are written as PNG (lossless, like the masks)")
+        raise UserValueError("segmentation images are written as PNG (lossless, like the masks)")
     if size < 32:
-        raise ValueError(f"size must be at least 32 px, got {size}")
+        raise UserValueError(f"size must be at least 32 px, got {size}")
     if train < 0 or val < 0 or test < 0 or train + val + test == 0:
-        raise ValueError(
+        raise UserValueError(
             f"train, val and test must be >= 0 and not all 0, got {train}, {val}, {test}"
         )
     out = Path(out)

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from maskd.data.synth_shapes import SHAPES, blob_alpha, segment_alpha, shape_alpha
+from maskd.errors import UserRuntimeError
 
 logger = logging.getLogger("maskd.data")
 
@@ -50,7 +51,7 @@ def photos() -> tuple[tuple[str, Image.Image], ...]:
             arr = np.repeat(arr[..., None], 3, axis=2)
         loaded.append((name, Image.fromarray(np.ascontiguousarray(arr[..., :3].astype(np.uint8)))))
     if not loaded:
-        raise RuntimeError("no scikit-image photograph could be loaded for the backgrounds")
+        raise UserRuntimeError("no scikit-image photograph could be loaded for the backgrounds")
     return tuple(loaded)
 
 

@@ -13,6 +13,8 @@ import math
 
 import numpy as np
 
+from maskd.errors import UserValueError
+
 SHAPES = ("circle", "triangle", "square", "star", "ring", "cross")
 SUPERSAMPLE = 4
 CLUTTER_SUPERSAMPLE = 2
@@ -73,7 +75,7 @@ def _unit_inside(shape: str, u: np.ndarray, v: np.ndarray, inner: float) -> np.n
         t = np.deg2rad(-90.0 + 36.0 * np.arange(10))
         rad = np.where(np.arange(10) % 2 == 0, 1.0, inner)
         return inside_polygon(u, v, np.stack([rad * np.cos(t), rad * np.sin(t)], axis=1))
-    raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+    raise UserValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
 
 
 def shape_alpha(

@@ -18,6 +18,8 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
+from maskd.errors import UserValueError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IGNORE_INDEX = 255
@@ -48,13 +50,13 @@ class RandomScale(v2.Transform):
         super().__init__()
         lo, hi = (float(v) for v in scale_range)
         if not 0 < lo <= hi:
-            raise ValueError(f"scale_range must satisfy 0 < low <= high, got {scale_range}")
+            raise UserValueError(f"scale_range must satisfy 0 < low <= high, got {scale_range}")
         self.scale_range = (lo, hi)
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
         spatial = [x for x in flat_inputs if isinstance(x, tv_tensors.Image | tv_tensors.Mask)]
         if not spatial:
-            raise ValueError("RandomScale needs a tv_tensors.Image or tv_tensors.Mask input")
+            raise UserValueError("RandomScale needs a tv_tensors.Image or tv_tensors.Mask input")
         h, w = F.get_size(spatial[0])
         lo, hi = self.scale_range
         r = float(torch.empty(1).uniform_(lo, hi))
@@ -82,9 +84,9 @@ def _pair(size: Size) -> tuple[int, int]:
     elif isinstance(size, Sequence) and len(size) == 2:
         pair = (int(size[0]), int(size[1]))
     else:
-        raise ValueError(f"size must be an int or an (height, width) pair, got {size!r}")
+        raise UserValueError(f"size must be an int or an (height, width) pair, got {size!r}")
     if min(pair) <= 0:
-        raise ValueError(f"size must be positive, got {size!r}")
+        raise UserValueError(f"size must be positive, got {size!r}")
     return pair
 
 
@@ -106,7 +108,7 @@ def detection_transforms(
     ops: list[Callable[..., Any]] = []
     if train and scale_range is not None:
         if size is None:
-            raise ValueError("detection scale jitter needs a target size (size=...)")
+            raise UserValueError("detection scale jitter needs a target size (size=...)")
         ops.append(v2.ScaleJitter(_pair(size), scale_range=tuple(scale_range), antialias=True))
     elif size is not None:
         _pair(size)
@@ -139,7 +141,9 @@ def segmentation_transforms(
     ops: list[Callable[..., Any]] = []
     if train:
         if size is None:
-            raise ValueError("segmentation training needs a crop size (size=...) to batch samples")
+            raise UserValueError(
+                "segmentation training needs a crop size (size=...) to batch samples"
+            )
         if scale_range is not None:
             ops.append(RandomScale(scale_range))
         fill = {tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}
@@ -162,7 +166,7 @@ def build_transforms(task: str, train: bool, size: Size | None = None, **kwargs:
         return detection_transforms(train, size, **kwargs)
     if task == "segmentation":
         return segmentation_transforms(train, size, **kwargs)
-    raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    raise UserValueError(f"unknown task {task!r}; expected one of {TASKS}")
 
 
 def finalize_detection(

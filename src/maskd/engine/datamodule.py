@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data import default_collate as torch_default_collate
 
 from maskd.engine.sampling import ResumableSampler, SeededDataset, ShardedSampler
+from maskd.errors import UserValueError
 
 __all__ = ["MaskdDataModule"]
 
@@ -73,11 +74,11 @@ class MaskdDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:
-            raise ValueError("no training dataset configured")
+            raise UserValueError("no training dataset configured")
         rank, world = self._rank_world()
         sampler = ResumableSampler(len(self.train_set), self.seed, True, rank, world)
         if len(sampler) < self.batch_size:
-            raise ValueError(
+            raise UserValueError(
                 f"data: {len(self.train_set)} training images are fewer than one batch "
                 f"({self.batch_size} per process × {world} processes)"
             )
@@ -90,7 +91,7 @@ class MaskdDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         if self.val_set is None:
-            raise ValueError("no validation dataset configured")
+            raise UserValueError("no validation dataset configured")
         rank, world = self._rank_world()
         sampler = ShardedSampler(len(self.val_set), rank, world)
         return self._loader(self.val_set, sampler, self.val_batch_size, False)

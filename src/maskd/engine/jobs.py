@@ -36,6 +36,7 @@ from maskd.engine.interrupt import Interrupted, SignalReceived, StopOnSignal
 from maskd.engine.modules import DistillModule, LearnMasksModule, MaskdModule, TrainModule
 from maskd.engine.optim import OptimSpec
 from maskd.engine.trainer import TrainerSpec, build_trainer
+from maskd.errors import UserValueError
 from maskd.models.weights import load_file
 
 __all__ = [
@@ -51,7 +52,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserValueError):
     """A problem with the user's options (reported as one line by the command line)."""
 
 
@@ -286,9 +287,9 @@ def _distill_tokens(distill: DistillArgs, teacher_layers: list[str]) -> dict[str
 def _check_resumable(path: Path, argument: str) -> str:
     """A checkpoint file Lightning can open: not empty, not truncated (a whole zip archive)."""
     if path.stat().st_size == 0:
-        raise ValueError(f"{argument}: {str(path)!r} is empty (0 bytes)")
+        raise UserValueError(f"{argument}: {str(path)!r} is empty (0 bytes)")
     if not zipfile.is_zipfile(path):
-        raise ValueError(
+        raise UserValueError(
             f"{argument}: {str(path)!r} is truncated or not a torch checkpoint; "
             "start over with --run.overwrite true, or resume from another checkpoint"
         )
@@ -410,7 +411,7 @@ def _fit_and_finish(
         kept = last if last.is_file() else None
         raise Interrupted(sig.signum, trainer.global_step, kept, saved=False) from None
     except pickle.UnpicklingError as err:  # raised while Lightning reads the checkpoint
-        raise ValueError(
+        raise UserValueError(
             f"run.resume: {ckpt!r} holds Python objects other than tensors and plain "
             f"containers, which are not loaded for safety ({str(err).splitlines()[0]})"
         ) from err

@@ -22,6 +22,7 @@ from torch import nn
 
 from maskd.engine.optim import OptimSpec, build_optimizer, build_scheduler
 from maskd.engine.sampling import mix_seed
+from maskd.errors import UserTypeError, UserValueError
 from maskd.losses import MasKDLoss
 from maskd.tokens import ReceptiveTokens
 
@@ -38,7 +39,7 @@ def make_metrics(task: Task, num_classes: int, ignore_index: int = 255) -> nn.Mo
         return metrics.DetectionMetrics()
     if task == "segmentation":
         return metrics.SegmentationMetrics(num_classes=num_classes, ignore_index=ignore_index)
-    raise ValueError(f"unknown task {task!r} (detection, segmentation)")
+    raise UserValueError(f"unknown task {task!r} (detection, segmentation)")
 
 
 def state_fingerprint(module: nn.Module) -> str:
@@ -114,7 +115,7 @@ class MaskdModule(L.LightningModule):
         torch.manual_seed(mix_seed(self.seed, self.global_step, batch_idx, self.global_rank))
         losses = self.net(images, targets)
         if not isinstance(losses, dict) or not losses:
-            raise TypeError("in training mode the model must return a non-empty dict of losses")
+            raise UserTypeError("in training mode the model must return a non-empty dict of losses")
         total = torch.stack([v.float() for v in losses.values()]).sum()
         if not bool(torch.isfinite(total)):
             terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
@@ -204,7 +205,7 @@ class MaskdModule(L.LightningModule):
             return
         found = self._teacher_fingerprint()
         if info.get("sha256") != found:
-            raise ValueError(
+            raise UserValueError(
                 "this checkpoint was written with a different teacher (state SHA-256 "
                 f"{str(info.get('sha256'))[:12]}…, the teacher now loaded has {found[:12]}…); "
                 "resume with the teacher weights the run started with"

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from maskd.errors import UserValueError
+
 __all__ = ["OptimSpec", "build_optimizer", "build_scheduler", "lr_factor", "param_groups"]
 
 
@@ -81,7 +83,7 @@ def param_groups(params: Iterable[tuple[str, nn.Parameter]], spec: OptimSpec) ->
             }
         )
     if not groups:
-        raise ValueError("no trainable parameters: every parameter has requires_grad=False")
+        raise UserValueError("no trainable parameters: every parameter has requires_grad=False")
     return groups
 
 
@@ -96,7 +98,7 @@ def build_optimizer(
         return torch.optim.Adam(groups, lr=spec.lr)
     if spec.name == "adamw":
         return torch.optim.AdamW(groups, lr=spec.lr)
-    raise ValueError(f"optim.name: unknown optimizer {spec.name!r} (sgd, adam, adamw)")
+    raise UserValueError(f"optim.name: unknown optimizer {spec.name!r} (sgd, adam, adamw)")
 
 
 def lr_factor(step: int, total_steps: int, spec: OptimSpec) -> float:
@@ -115,7 +117,7 @@ def lr_factor(step: int, total_steps: int, spec: OptimSpec) -> float:
         floor = spec.min_lr / spec.lr if spec.lr > 0 else 0.0
         factor = floor + (1.0 - floor) * max(1.0 - step / total, 0.0) ** spec.power
     else:
-        raise ValueError(f"optim.schedule: unknown schedule {spec.schedule!r}")
+        raise UserValueError(f"optim.schedule: unknown schedule {spec.schedule!r}")
     if spec.warmup_steps > 0 and step < spec.warmup_steps:
         alpha = step / spec.warmup_steps
         factor *= spec.warmup_factor * (1.0 - alpha) + alpha

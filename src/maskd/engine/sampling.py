@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from maskd.errors import UserValueError
+
 __all__ = ["ResumableSampler", "SeededDataset", "ShardedSampler", "mix_seed"]
 
 
@@ -49,7 +51,7 @@ class ResumableSampler(Sampler):
         self, size: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1
     ) -> None:
         if size <= 0:
-            raise ValueError("ResumableSampler: the dataset is empty")
+            raise UserValueError("ResumableSampler: the dataset is empty")
         self.size, self.seed, self.shuffle = size, seed, shuffle
         self.rank, self.world_size = rank, world_size
         self.epoch = 0

@@ -14,6 +14,7 @@ from torchvision.models import mobilenet_v3_large, resnet18, resnet34, resnet50,
 from torchvision.models.mobilenetv3 import MobileNetV3
 from torchvision.models.resnet import ResNet
 
+from maskd.errors import UserValueError
 from maskd.models.resnet_dilated import resnet18_dilated
 from maskd.models.weights import load_backbone_weights
 
@@ -38,12 +39,14 @@ def build_resnet(
     ImageNet weights at ``backbone_weights`` are loaded strictly, ignoring ``fc.*``.
     """
     if name not in RESNETS:
-        raise ValueError(f"unknown ResNet {name!r}; expected one of {sorted(RESNETS)}")
+        raise UserValueError(f"unknown ResNet {name!r}; expected one of {sorted(RESNETS)}")
     dilated = replace_stride_with_dilation is not None and any(replace_stride_with_dilation)
     if dilated and name == "resnet18":
         net: ResNet = resnet18_dilated(replace_stride_with_dilation, norm_layer=norm_layer)
     elif dilated and name == "resnet34":
-        raise ValueError("a dilated ResNet-34 is not provided; use resnet18, resnet50 or resnet101")
+        raise UserValueError(
+            "a dilated ResNet-34 is not provided; use resnet18, resnet50 or resnet101"
+        )
     else:
         net = RESNETS[name](
             weights=None,
@@ -68,7 +71,7 @@ def build_mobilenet(
     ImageNet weights at ``backbone_weights`` are loaded strictly, ignoring ``classifier.*``.
     """
     if name not in MOBILENETS:
-        raise ValueError(f"unknown MobileNet {name!r}; expected one of {list(MOBILENETS)}")
+        raise UserValueError(f"unknown MobileNet {name!r}; expected one of {list(MOBILENETS)}")
     net = mobilenet_v3_large(weights=None, norm_layer=norm_layer, dilated=dilated)
     if backbone_weights is not None:
         load_backbone_weights(net, backbone_weights, ignore_prefixes=("classifier.",))

@@ -31,6 +31,7 @@ from torchvision.models.detection.backbone_utils import (
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from maskd.errors import UserTypeError, UserValueError
 from maskd.models.backbones import (
     MOBILENETS,
     RESNETS,
@@ -83,9 +84,11 @@ def build_detector(
     Returns the detector and ``["backbone.fpn"]``, whose output dict holds every FPN level.
     """
     if arch not in DETECTORS:
-        raise ValueError(f"unknown detector {arch!r}; expected one of {sorted(DETECTORS)}")
+        raise UserValueError(f"unknown detector {arch!r}; expected one of {sorted(DETECTORS)}")
     if backbone not in DETECTION_BACKBONES:
-        raise ValueError(f"unknown backbone {backbone!r}; expected one of {DETECTION_BACKBONES}")
+        raise UserValueError(
+            f"unknown backbone {backbone!r}; expected one of {DETECTION_BACKBONES}"
+        )
     cls = DETECTORS[arch]
     _check_kwargs(cls, kwargs)
     sizes = tuple(min_size) if isinstance(min_size, list | tuple) else (min_size,)
@@ -93,11 +96,11 @@ def build_detector(
         if not values or any(
             isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values
         ):
-            raise ValueError(
+            raise UserValueError(
                 f"{key} must be a positive int (or, for min_size, a tuple of them), got {values!r}"
             )
     if max(sizes) > max_size:
-        raise ValueError(f"min_size ({min_size}) must not exceed max_size ({max_size})")
+        raise UserValueError(f"min_size ({min_size}) must not exceed max_size ({max_size})")
     if len(sizes) > 1:
         min_size = sizes  # torchvision picks one at random per training batch
 
@@ -129,11 +132,13 @@ def build_detector(
     model = cls(fpn_backbone, num_classes + 1, min_size=min_size, max_size=max_size, **kwargs)
     if box_regression_bias is not None:
         if arch != "fcos":
-            raise ValueError(f"box_regression_bias applies to FCOS only, not {arch!r}")
+            raise UserValueError(f"box_regression_bias applies to FCOS only, not {arch!r}")
         if isinstance(box_regression_bias, bool) or not isinstance(
             box_regression_bias, int | float
         ):
-            raise TypeError(f"box_regression_bias must be a number, got {box_regression_bias!r}")
+            raise UserTypeError(
+                f"box_regression_bias must be a number, got {box_regression_bias!r}"
+            )
         nn.init.constant_(model.head.regression_head.bbox_reg.bias, float(box_regression_bias))
     return model, [FPN_LAYER]
 
@@ -160,7 +165,7 @@ def _trainable(value: int | None, is_trained: bool, max_value: int) -> int:
     if value is None:
         return 3 if is_trained else max_value
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= max_value:
-        raise ValueError(
+        raise UserValueError(
             f"trainable_backbone_layers must be an int in [0, {max_value}], got {value!r}"
         )
     return value
@@ -174,7 +179,7 @@ def _check_kwargs(cls: type[nn.Module], kwargs: dict[str, Any]) -> None:
     allowed -= {"self", "backbone", "num_classes"}
     unknown = sorted(set(kwargs) - allowed)
     if unknown:
-        raise TypeError(
+        raise UserTypeError(
             f"unexpected keyword argument(s) {unknown} for {cls.__name__}; "
             f"accepted: {sorted(allowed | {'trainable_backbone_layers', 'frozen_bn', 'box_regression_bias'})}"
         )

@@ -11,6 +11,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from maskd.errors import UserTypeError, UserValueError
 from maskd.models.detection import DETECTION_BACKBONES, DETECTORS, build_detector
 from maskd.models.segmentation import SEGMENTATION_ARCHS, build_segmenter, segmentation_layers
 from maskd.models.weights import load_checkpoint
@@ -77,19 +78,19 @@ REGISTRY: dict[str, ModelSpec] = _make_registry()
 def available(task: Task | None = None) -> list[str]:
     """Sorted registry names, optionally only those of one task."""
     if task is not None and task not in DEFAULT_CLASSES:
-        raise ValueError(f"task must be 'detection', 'segmentation' or None, got {task!r}")
+        raise UserValueError(f"task must be 'detection', 'segmentation' or None, got {task!r}")
     return sorted(n for n, s in REGISTRY.items() if task is None or s.task == task)
 
 
 def get_spec(name: str) -> ModelSpec:
     """The registry entry for ``name``; ValueError with close matches when unknown."""
     if not isinstance(name, str):
-        raise TypeError(f"model name must be a str, got {type(name).__name__}")
+        raise UserTypeError(f"model name must be a str, got {type(name).__name__}")
     if name in REGISTRY:
         return REGISTRY[name]
     close = difflib.get_close_matches(name, list(REGISTRY), n=5, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
-    raise ValueError(f"unknown model {name!r}{hint} (available: {', '.join(available())})")
+    raise UserValueError(f"unknown model {name!r}{hint} (available: {', '.join(available())})")
 
 
 def task_of(name: str) -> Task:
@@ -124,18 +125,18 @@ def build(
     """
     spec = get_spec(name)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int):
-        raise TypeError(f"num_classes must be an int, got {type(num_classes).__name__}")
+        raise UserTypeError(f"num_classes must be an int, got {type(num_classes).__name__}")
     if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        raise UserValueError(f"num_classes must be >= 1, got {num_classes}")
     for arg, value in (("weights", weights), ("backbone_weights", backbone_weights)):
         if value is not None and not isinstance(value, str | Path):
-            raise TypeError(
+            raise UserTypeError(
                 f"{arg} must be a path (str or Path) or None, got {type(value).__name__}"
             )
         if value is not None and not Path(value).is_file():
             raise FileNotFoundError(f"{arg}: no such file {str(value)!r}")
     if weights_prefix is not None and weights is None:
-        raise ValueError("weights_prefix is only used with weights=PATH, which is not given")
+        raise UserValueError("weights_prefix is only used with weights=PATH, which is not given")
     model, layers = spec.builder(
         num_classes=num_classes,
         backbone_weights=backbone_weights,

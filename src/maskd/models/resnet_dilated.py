@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 from torch import Tensor, nn
 from torchvision.models.resnet import ResNet
 
+from maskd.errors import UserValueError
+
 
 class DilatedBasicBlock(nn.Module):
     """ResNet basic block (two 3×3 convs) whose convs may be dilated.
@@ -37,12 +39,12 @@ class DilatedBasicBlock(nn.Module):
     ) -> None:
         super().__init__()
         if groups != 1 or base_width != 64:
-            raise ValueError(
+            raise UserValueError(
                 f"DilatedBasicBlock supports groups=1 and base_width=64 only, "
                 f"got groups={groups}, base_width={base_width}"
             )
         if dilation < 1:
-            raise ValueError(f"dilation must be >= 1, got {dilation}")
+            raise UserValueError(f"dilation must be >= 1, got {dilation}")
         norm_layer = norm_layer or nn.BatchNorm2d
         self.conv1 = nn.Conv2d(
             inplanes, planes, 3, stride=stride, padding=dilation, dilation=dilation, bias=False
@@ -73,7 +75,7 @@ def resnet18_dilated(
     """
     flags = list(replace_stride_with_dilation)
     if len(flags) != 3:
-        raise ValueError(
+        raise UserValueError(
             f"replace_stride_with_dilation must have 3 entries (layer2..layer4), got {flags}"
         )
     return ResNet(

@@ -24,6 +24,7 @@ from torchvision.models.segmentation.deeplabv3 import DeepLabHead, DeepLabV3
 from torchvision.models.segmentation.fcn import FCN, FCNHead
 from torchvision.models.segmentation.lraspp import LRASPP
 
+from maskd.errors import UserTypeError, UserValueError
 from maskd.models.backbones import (
     MOBILENETS,
     build_mobilenet,
@@ -70,19 +71,21 @@ def build_segmenter(
     """
     del pretrained
     if arch not in SEGMENTATION_ARCHS:
-        raise ValueError(
+        raise UserValueError(
             f"unknown segmenter {arch!r}; expected one of {sorted(SEGMENTATION_ARCHS)}"
         )
     if backbone not in SEGMENTATION_ARCHS[arch]:
-        raise ValueError(f"{arch} supports backbones {SEGMENTATION_ARCHS[arch]}, got {backbone!r}")
+        raise UserValueError(
+            f"{arch} supports backbones {SEGMENTATION_ARCHS[arch]}, got {backbone!r}"
+        )
     if layers not in LAYER_CHOICES:
-        raise ValueError(f"layers must be one of {LAYER_CHOICES}, got {layers!r}")
+        raise UserValueError(f"layers must be one of {LAYER_CHOICES}, got {layers!r}")
     if aux_loss is None:
         aux_loss = arch != "lraspp"
     if not isinstance(aux_loss, bool):
-        raise TypeError(f"aux_loss must be a bool or None, got {aux_loss!r}")
+        raise UserTypeError(f"aux_loss must be a bool or None, got {aux_loss!r}")
     if aux_loss and arch == "lraspp":
-        raise ValueError("lraspp has no auxiliary head; pass aux_loss=False or leave it unset")
+        raise UserValueError("lraspp has no auxiliary head; pass aux_loss=False or leave it unset")
 
     if backbone in MOBILENETS:
         net = build_mobilenet(backbone, backbone_weights, dilated=True)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
+from maskd.errors import UserTypeError, UserValueError
 from maskd.torch_files import load_file
 
 _COUNTER = "num_batches_tracked"
@@ -34,7 +35,9 @@ def read_state_dict(path: str | Path, *, argument: str = "weights") -> dict[str,
     """
     obj = load_file(path, argument=argument)
     if not isinstance(obj, Mapping):
-        raise TypeError(f"{argument}: {str(path)!r} holds a {type(obj).__name__}, not a state dict")
+        raise UserTypeError(
+            f"{argument}: {str(path)!r} holds a {type(obj).__name__}, not a state dict"
+        )
     for key in ("state_dict", "model"):
         inner = obj.get(key)
         if isinstance(inner, Mapping) and not isinstance(inner, Tensor):
@@ -42,7 +45,7 @@ def read_state_dict(path: str | Path, *, argument: str = "weights") -> dict[str,
             break
     bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
     if bad:
-        raise TypeError(
+        raise UserTypeError(
             f"{argument}: {str(path)!r} is not a state dict (a mapping of names to tensors); "
             f"entries that are not tensors: {_show(map(str, bad))}"
         )
@@ -91,10 +94,12 @@ def load_checkpoint(
     where = f"{argument} {str(path)!r}"
     if prefix is not None:
         if not isinstance(prefix, str):
-            raise TypeError(f"weights_prefix must be a str or None, got {type(prefix).__name__}")
+            raise UserTypeError(
+                f"weights_prefix must be a str or None, got {type(prefix).__name__}"
+            )
         picked = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if not picked:
-            raise ValueError(f"{where}: no key starts with weights_prefix {prefix!r}")
+            raise UserValueError(f"{where}: no key starts with weights_prefix {prefix!r}")
         _strict_load(model, picked, where)
         return prefix
 
@@ -108,7 +113,7 @@ def load_checkpoint(
         scores = {p: _coverage(state, p, wanted) for p in _candidate_prefixes(state, wanted)}
         full = sorted(p for p, n in scores.items() if n == len(wanted))
         if len(full) > 1:
-            raise ValueError(
+            raise UserValueError(
                 f"{where}: holds a complete copy of the model under several prefixes {full}; "
                 f"choose one with weights_prefix=..."
             )
@@ -164,7 +169,7 @@ def _strict_load(
             lines.append(f"  unexpected keys ({len(unexpected)}): {_show(unexpected)}")
         if shapes:
             lines.append(f"  shape mismatches ({len(shapes)}): {_show(shapes)}")
-        raise ValueError("\n".join(lines))
+        raise UserValueError("\n".join(lines))
     # strict=False only because num_batches_tracked may legitimately differ (see module doc)
     module.load_state_dict(dict(state), strict=False)
 

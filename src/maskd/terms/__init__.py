@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Mapping
 
+from maskd.errors import UserTypeError, UserValueError
 from maskd.terms.base import FeatureTerm, TermContext
 from maskd.terms.cwd import CWDTerm, channel_wise_divergence
 from maskd.terms.fgd import FGDTerm, fgd_attention, fgd_masks
@@ -64,17 +65,19 @@ def build_term(spec: Mapping[str, object] | FeatureTerm) -> FeatureTerm:
     if isinstance(spec, FeatureTerm):
         return spec
     if not isinstance(spec, Mapping):
-        raise TypeError(f"a distillation term must be a mapping with a 'kind', got {spec!r}")
+        raise UserTypeError(f"a distillation term must be a mapping with a 'kind', got {spec!r}")
     options = dict(spec)
     kind = options.pop("kind", None)
     if kind not in TERMS:
-        raise ValueError(f"unknown distillation term kind {kind!r}; valid kinds: {sorted(TERMS)}")
+        raise UserValueError(
+            f"unknown distillation term kind {kind!r}; valid kinds: {sorted(TERMS)}"
+        )
     cls = TERMS[kind]
     valid = _options(cls)
     unknown = sorted(k for k in options if k not in valid)
     if unknown:
-        raise ValueError(f"{kind} term: unknown options {unknown}; valid options: {valid}")
+        raise UserValueError(f"{kind} term: unknown options {unknown}; valid options: {valid}")
     missing = [k for k in ("student", "teacher") if k not in options]
     if missing:
-        raise ValueError(f"{kind} term: {' and '.join(missing)} layer path missing")
+        raise UserValueError(f"{kind} term: {' and '.join(missing)} layer path missing")
     return cls(**options)

@@ -21,6 +21,7 @@ from typing import ClassVar
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from maskd.errors import UserTypeError, UserValueError
 from maskd.terms.connectors import AlignMode, build_connector
 
 __all__ = ["FeatureTerm", "TemperatureTerm", "TermContext"]
@@ -66,14 +67,14 @@ class FeatureTerm(nn.Module):
     ) -> None:
         super().__init__()
         if not isinstance(student, str) or not isinstance(teacher, str):
-            raise TypeError(
+            raise UserTypeError(
                 f"{self.kind} term: student and teacher must be layer paths (str), got "
                 f"{student!r} and {teacher!r}"
             )
         if isinstance(weight, bool) or not isinstance(weight, int | float):
-            raise TypeError(f"{self.kind} term: weight must be a number, got {weight!r}")
+            raise UserTypeError(f"{self.kind} term: weight must be a number, got {weight!r}")
         if not math.isfinite(weight) or weight < 0:
-            raise ValueError(f"{self.kind} term: weight must be finite and >= 0, got {weight}")
+            raise UserValueError(f"{self.kind} term: weight must be finite and >= 0, got {weight}")
         self.student = student
         self.teacher = teacher
         self.weight = float(weight)
@@ -136,9 +137,9 @@ class TemperatureTerm(FeatureTerm):
     def __init__(self, *args: object, tau: float = 1.0, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         if isinstance(tau, bool) or not isinstance(tau, int | float) or not tau > 0:
-            raise ValueError(f"{self.kind} term: tau must be a number > 0, got {tau!r}")
+            raise UserValueError(f"{self.kind} term: tau must be a number > 0, got {tau!r}")
         if not math.isfinite(tau):
-            raise ValueError(f"{self.kind} term: tau must be finite, got {tau!r}")
+            raise UserValueError(f"{self.kind} term: tau must be finite, got {tau!r}")
         self.tau = float(tau)
 
     def extra_repr(self) -> str:

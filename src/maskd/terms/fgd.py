@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from maskd._precision import accum_dtype
+from maskd.errors import UserValueError
 from maskd.terms.base import FeatureTerm, TermContext
 
 __all__ = ["FGD_DEFAULTS", "FGDTerm", "GlobalContext", "fgd_attention", "fgd_masks"]
@@ -134,7 +135,7 @@ class FGDTerm(FeatureTerm):
     ) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         if detector not in FGD_DEFAULTS:
-            raise ValueError(
+            raise UserValueError(
                 f"fgd term: detector must be one of {sorted(FGD_DEFAULTS)}, got {detector!r}"
             )
         given = (temperature, alpha, beta, gamma, lambda_)
@@ -148,9 +149,9 @@ class FGDTerm(FeatureTerm):
                 or not math.isfinite(v)
                 or v < 0
             ):
-                raise ValueError(f"fgd term: {label} must be a finite number >= 0, got {v!r}")
+                raise UserValueError(f"fgd term: {label} must be a finite number >= 0, got {v!r}")
         if values[0] <= 0:
-            raise ValueError(f"fgd term: temperature must be > 0, got {values[0]!r}")
+            raise UserValueError(f"fgd term: temperature must be > 0, got {values[0]!r}")
         self.detector = detector
         self.temperature, self.alpha, self.beta, self.gamma, self.lambda_ = map(float, values)
         self.student_context = nn.ModuleList()
@@ -175,7 +176,7 @@ class FGDTerm(FeatureTerm):
 
     def level_loss(self, s: Tensor, t: Tensor, index: int, ctx: TermContext) -> Tensor:
         if ctx.boxes is None or ctx.input_size is None:
-            raise ValueError(
+            raise UserValueError(
                 "fgd term needs the ground-truth boxes of the batch, which maskd reads from a "
                 "torchvision-style detection transform (model.transform); this student has none"
             )
