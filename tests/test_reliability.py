@@ -6,6 +6,8 @@ import json
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from maskd.cli import main
 
@@ -272,3 +274,42 @@ def test_a_bug_keeps_its_traceback_while_user_errors_are_one_line(data, tmp_path
             main(args)
     # the user-error family is still caught by `except TypeError` in Python code
     assert issubclass(UserTypeError, TypeError) and issubclass(UserTypeError, UserError)
+
+
+_LETTERS = st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=12)
+_BAD_OPTIONS = st.one_of(
+    st.tuples(st.just("optim.lr"), st.floats(max_value=0.0) | st.sampled_from(["inf", "x"])),
+    st.tuples(st.just("optim.momentum"), st.floats(min_value=1.0) | st.floats(max_value=-1e-9)),
+    st.tuples(st.just("optim.weight_decay"), st.floats(max_value=-1e-9)),
+    st.tuples(st.just("optim.warmup_factor"), st.floats(min_value=1.0 + 1e-9)),
+    st.tuples(st.just("optim.warmup_steps"), st.integers(max_value=-1)),
+    st.tuples(st.just("data.batch_size"), st.integers(max_value=0) | _LETTERS),
+    st.tuples(st.just("data.size"), st.integers(max_value=0)),
+    st.tuples(
+        st.just("data.kind"),
+        _LETTERS.filter(lambda s: s not in {"coco", "voc", "cityscapes", "folder"}),
+    ),
+    st.tuples(st.just("data.root"), _LETTERS.map(lambda s: f"/nonexistent/{s}")),
+    st.tuples(st.just("trainer.max_steps"), st.integers(max_value=-2) | st.just(0)),
+    st.tuples(st.just("trainer.accumulate_grad_batches"), st.integers(max_value=0)),
+    st.tuples(st.just("trainer.gradient_clip_val"), st.floats(max_value=-1e-9)),
+    st.tuples(st.just("trainer.checkpoint_every_n_steps"), st.integers(max_value=-1)),
+    st.tuples(st.just("model.name"), _LETTERS),
+    st.tuples(st.just("model.options"), _LETTERS.map(lambda k: json.dumps({f"x{k}": 1}))),
+)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(bad=_BAD_OPTIONS)
+def test_bad_option_values_always_give_one_line(data, tmp_path, capsys, bad):
+    """Whatever bad value an option gets: exit 1 or 2, one line naming it, no run folder."""
+    option, value = bad
+    out = tmp_path / "fuzz"
+    code = main([*_train_args(data), f"--run.out={out}", f"--{option}={value}"])
+    err = capsys.readouterr().err
+    assert code in (1, 2), (option, value, err)
+    assert err.startswith("maskd: error:") and err.count("\n") == 1, (option, value, err)
+    assert "Traceback" not in err
+    assert not out.exists()

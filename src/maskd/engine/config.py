@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from maskd._checks import check_number
+
 __all__ = ["DataArgs", "ModelArgs"]
 
 
@@ -70,3 +72,13 @@ class DataArgs:
     skip_bad: bool = False
     limit_train: int = 0
     limit_val: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "val_batch_size"):
+            check_number(getattr(self, name), f"data.{name}", low=1, integer=True)
+        for name in ("num_workers", "limit_train", "limit_val"):
+            check_number(getattr(self, name), f"data.{name}", low=0, integer=True)
+        for name in ("size", "val_size"):
+            sizes = getattr(self, name)
+            for v in [] if sizes is None else [sizes] if isinstance(sizes, int) else sizes:
+                check_number(v, f"data.{name}", low=1, integer=True)

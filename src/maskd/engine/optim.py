@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from maskd._checks import check_number
 from maskd.errors import UserValueError
 
 __all__ = ["OptimSpec", "build_optimizer", "build_scheduler", "lr_factor", "param_groups"]
@@ -58,6 +59,19 @@ class OptimSpec:
     power: float = 0.9
     warmup_steps: int = 0
     warmup_factor: float = 0.001
+
+    def __post_init__(self) -> None:
+        check_number(self.lr, "optim.lr", low=0, low_open=True)
+        check_number(self.momentum, "optim.momentum", low=0, high=1, high_open=True)
+        check_number(self.weight_decay, "optim.weight_decay", low=0)
+        check_number(self.bias_lr_mult, "optim.bias_lr_mult", low=0)
+        check_number(self.gamma, "optim.gamma", low=0, low_open=True)
+        check_number(self.min_lr, "optim.min_lr", low=0)
+        check_number(self.power, "optim.power", low=0, low_open=True)
+        check_number(self.warmup_steps, "optim.warmup_steps", low=0, integer=True)
+        check_number(self.warmup_factor, "optim.warmup_factor", low=0, high=1, low_open=True)
+        for i, m in enumerate(self.milestones):
+            check_number(m, f"optim.milestones[{i}]", low=0, low_open=True)
 
 
 def param_groups(params: Iterable[tuple[str, nn.Parameter]], spec: OptimSpec) -> list[dict]:

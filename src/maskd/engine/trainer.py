@@ -15,6 +15,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+from maskd._checks import check_number
 from maskd.engine.checkpoint import AtomicCheckpointIO
 
 __all__ = ["TrainerSpec", "build_trainer"]
@@ -61,6 +62,22 @@ class TrainerSpec:
     deterministic: bool | str = "warn"
     progress_bar: bool = True
     limit_val_batches: float | int = 1.0
+
+    def __post_init__(self) -> None:
+        if self.max_steps != -1:
+            check_number(
+                self.max_steps, "trainer.max_steps (-1: use max_epochs)", low=1, integer=True
+            )
+        check_number(self.max_epochs, "trainer.max_epochs", low=1, integer=True)
+        check_number(self.num_nodes, "trainer.num_nodes", low=1, integer=True)
+        check_number(self.gradient_clip_val, "trainer.gradient_clip_val", low=0)
+        check_number(
+            self.accumulate_grad_batches, "trainer.accumulate_grad_batches", low=1, integer=True
+        )
+        for name in ("val_every_n_epochs", "val_every_n_steps", "checkpoint_every_n_steps"):
+            check_number(getattr(self, name), f"trainer.{name}", low=0, integer=True)
+        check_number(self.log_every_n_steps, "trainer.log_every_n_steps", low=1, integer=True)
+        check_number(self.limit_val_batches, "trainer.limit_val_batches", low=0, low_open=True)
 
 
 # MaskdDataModule restores the position inside an epoch itself (see its state_dict),
