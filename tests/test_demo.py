@@ -13,7 +13,7 @@ import yaml
 from lightning.pytorch.callbacks import Callback
 
 import maskd.engine.jobs as jobs
-from maskd.demo import run_demo
+from maskd.demo import benchmark_results, run_demo
 
 DET = {"name": "fcos_resnet18_fpn", "options": {"min_size": 64, "max_size": 64}}
 DATA = {"kind": "coco", "batch_size": 2, "val_batch_size": 4}
@@ -75,7 +75,7 @@ class Crash(Callback):
 
 
 def metric_rows(report: str) -> list[str]:
-    section = report.split("## Metrics")[1].split("## Timings")[0]
+    section = report.split("## Metrics")[1].split("\n## ")[0]
     return [line for line in section.splitlines() if line.startswith(("| teacher", "| student"))]
 
 
@@ -91,6 +91,16 @@ def test_demo_report_resume_and_determinism(tmp_path, monkeypatch, capsys):
         ap = json.loads((tmp_path / "a" / "evaluate" / f"{run}.json").read_text())["map"]
         cell = row.split("|")[3].strip()
         assert cell == f"{100 * ap:.1f}"
+    # the gap line and the benchmark's seed-to-seed spread next to this run's numbers
+    ap = {
+        run: 100 * json.loads((tmp_path / "a" / "evaluate" / f"{run}.json").read_text())["map"]
+        for run in ("teacher", "student", "distill")
+    }
+    assert f"Teacher ahead of the student alone by {ap['teacher'] - ap['student']:.1f}" in text
+    bench = json.loads(Path(benchmark_results("detection")).read_text())
+    student = next(r for r in bench["rows"] if r["row"] == "student")
+    noise = text.split("## How much is noise")[1].split("\n## ")[0]
+    assert f"| student alone | {student['mean']:.1f} ± {student['std']:.1f} |" in noise
     timings = text.split("## Timings")[1]
     assert "## Metrics" not in timings and re.search(r"\| teacher \| \d+\.\d \|", timings)
     assert "AP" not in text.split("## Timings")[1].split("## Figures")[0]

@@ -283,7 +283,7 @@ def test_run_distill_passes_the_options_and_rejects_segmenters(tmp_path, monkeyp
 
     monkeypatch.setattr(jobs, "build_data", lambda *a, **k: (None, 3))
     monkeypatch.setattr(jobs, "build_model", lambda *a, **k: (nn.Identity(), ["l"], "detection"))
-    monkeypatch.setattr(jobs, "load_token_file", lambda *a, **k: {})
+    monkeypatch.setattr(jobs, "load_token_file", lambda *a, **k: {"l": []})
     monkeypatch.setattr("maskd.distiller.Distiller", fake_distiller)
     det = (
         ModelArgs("retinanet_resnet18_fpn"),
