@@ -49,10 +49,25 @@ TASKS: dict[str, dict[str, Any]] = {
         "data": (1500, 200, 300, 64),
         "student": "fcos_resnet18_fpn",
         "teacher": "fcos_resnet50_fpn",
-        "options": {"min_size": 64, "max_size": 64},
+        # model options that change the weights' layout (evaluation builds the same model)
+        "options": {
+            "student": {"min_size": 64, "max_size": 64},
+            "teacher": {"min_size": 64, "max_size": 64},
+        },  # fmt: skip
         "peers": ("fitnet", "cwd", "fgd"),
         # each method's published default weight; the sweep tries it ×0.3, ×1 and ×3
         "defaults": {"fitnet": 1.0, "cwd": 10.0, "fgd": 1.0, "maskd": 10.0},
+        "ablations": True,
+    },
+    "segmentation": {
+        "data": (1500, 200, 300, 64),
+        "student": "lraspp_mobilenet_v3_large",
+        "teacher": "deeplabv3_resnet18",
+        "options": {"student": {}, "teacher": {"aux_loss": True, "aux_weight": 0.4}},
+        "peers": ("fitnet", "cwd", "logits_kd"),
+        # CWD: mmrazor's Cityscapes weight 3 (tau 1); MasKD: the authors' segmentation 0.5
+        "defaults": {"fitnet": 1.0, "cwd": 3.0, "logits_kd": 1.0, "maskd": 0.5},
+        "ablations": False,  # the issue's ablations are a detection table
     },
 }
 QUICK = {"data": (16, 8, 8, 64), "teacher_steps": 4, "student_steps": 2, "tokens_steps": 2}
@@ -78,6 +93,7 @@ ROWS = [
     Row("fitnet", "FitNet", "fitnet"),
     Row("cwd", "CWD", "cwd"),
     Row("fgd", "FGD", "fgd"),
+    Row("logits_kd", "logits KD", "logits_kd"),
     Row("maskd", "MasKD", "maskd"),
     Row("maskd_nodice", "MasKD, no Dice term in stage 1", "maskd", "tokens_nodice", ablation=True),
     Row(
@@ -102,6 +118,12 @@ TOKEN_VARIANTS = {
     "tokens_unweighted": ["--masks.weighted=false"],
     "tokens_t1": ["--masks.num_tokens=1"],
 }
+
+
+def task_rows(spec: dict[str, Any]) -> list[Row]:
+    """The rows a task's table has: its peers, MasKD and (where it has them) the ablations."""
+    methods = {None, "maskd", "ones", *spec["peers"]}
+    return [r for r in ROWS if r.method in methods and (spec["ablations"] or not r.ablation)]
 
 
 @dataclass
@@ -157,24 +179,25 @@ class Plan:
     def _steps(self, kind: str) -> list[str]:
         return [f"--trainer.max_steps={QUICK[kind + '_steps']}"] if self.quick else []
 
-    def _eval(self, name: str, weights: Path, out: Path, split: str) -> list[str]:
+    def _eval(self, role: str, weights: Path, out: Path, split: str) -> list[str]:
         return _maskd(
             "evaluate",
-            f"--model.name={name}",
-            f"--model.options={json.dumps(self.spec['options'])}",
+            f"--model.name={self.spec[role]}",
+            f"--model.options={json.dumps(self.spec['options'][role])}",
             f"--model.weights={weights}",
             f"--data.root={self.data}",
+            f"--data.kind={'coco' if self.task == 'detection' else 'folder'}",
             f"--data.val_split={split}",
             "--data.val_batch_size=50",
             f"--out={out}",
             *self.trainer[:1],
         )
 
-    def _model_cell(self, name: str, deps: list[str], train: list[str], model: str,
+    def _model_cell(self, name: str, deps: list[str], train: list[str], role: str,
                     splits: tuple[str, ...]) -> Cell:  # fmt: skip
         folder = self.work / name
         cmds = [(train, "done.json")] + [
-            (self._eval(model, folder / "model.pt", folder / f"{s}.json", s), f"{s}.json")
+            (self._eval(role, folder / "model.pt", folder / f"{s}.json", s), f"{s}.json")
             for s in splits
         ]
 
@@ -203,7 +226,7 @@ class Plan:
             f"--run.out={self.work / 'teacher'}", *self.trainer, *self._steps("teacher"),
             *self.resume,
         )  # fmt: skip
-        return self._model_cell("teacher", ["data"], cmd, self.spec["teacher"], ("val", "test"))
+        return self._model_cell("teacher", ["data"], cmd, "teacher", ("val", "test"))
 
     def token_cells(self, variants: set[str]) -> list[Cell]:
         cells = []
@@ -238,7 +261,7 @@ class Plan:
         common += [*self.trainer, *self._steps("student"), *self.resume]
         if row.method is None:
             cmd = _maskd("train", "--config", str(self.cfg / "student.yaml"), *common)
-            return self._model_cell(name, ["data"], cmd, self.spec["student"], splits)
+            return self._model_cell(name, ["data"], cmd, "student", splits)
         cmd = _maskd(
             "distill", "--config", str(self.cfg / "distill.yaml"),
             f"--teacher.weights={self.work / 'teacher' / 'model.pt'}", *common, *row.overrides,
@@ -253,7 +276,7 @@ class Plan:
             method_cfg = yaml.safe_load((self.cfg / f"{kind}.yaml").read_text())["distill"]
             terms = [{**t, "weight": weight} for t in method_cfg["terms"]]
             cmd += ["--distill.tokens=null", f"--distill.terms={json.dumps(terms)}"]
-        return self._model_cell(name, deps, cmd, self.spec["student"], splits)
+        return self._model_cell(name, deps, cmd, "student", splits)
 
 
 # ---- scheduling -----------------------------------------------------------------------------
@@ -333,7 +356,7 @@ def tune(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
     These cells are also the table's seed-0 cells at the chosen weight (the test split is
     evaluated too, and never read here).
     """
-    rows = {r.method: r for r in ROWS if r.method and not r.ablation}
+    rows = {r.method: r for r in task_rows(plan.spec) if r.method and not r.ablation}
     factors = (1.0,) if plan.quick else TUNE_FACTORS
     base = [plan.data_cell(), plan.teacher_cell(), *plan.token_cells({"tokens"})]
     grid = {m: [plan.spec["defaults"][m] * f for f in factors] for m in tuning_methods(plan)}
@@ -400,9 +423,9 @@ def chosen_weights(plan: Plan, args: argparse.Namespace) -> dict[str, float]:
 
 def table(plan: Plan, args: argparse.Namespace) -> dict[str, Any] | None:
     seeds = list(range(1 if plan.quick else args.seeds))
-    rows = [r for r in ROWS if args.ablations or not r.ablation]
+    rows = [r for r in task_rows(plan.spec) if args.ablations or not r.ablation]
     if plan.quick:  # one cell of each kind
-        rows = [r for r in rows if not r.ablation] + [ROWS[-2]]
+        rows = [r for r in rows if not r.ablation] + [r for r in rows if r.ablation][-2:-1]
     if args.rows:
         rows = [r for r in rows if r.name in args.rows]
     weights: dict[str, float] = {}
@@ -617,13 +640,15 @@ def random_tokens(path: Path, task: str) -> None:
     """Untrained tokens (their initialisation, seed 0) for every level the row distils."""
     import torch
 
+    from maskd.data.synth import classes
     from maskd.models import build
     from maskd.taps import probe_levels
     from maskd.token_io import save_tokens
     from maskd.tokens import ReceptiveTokens
 
     spec = TASKS[task]
-    teacher, layers = build(spec["teacher"], num_classes=3, **spec["options"])
+    num_classes = len(classes("easy")) + (task == "segmentation")  # + background
+    teacher, layers = build(spec["teacher"], num_classes=num_classes, **spec["options"]["teacher"])
     feats, levels = probe_levels(teacher, layers)
     torch.manual_seed(0)
     cfg = yaml.safe_load((CONFIGS / task / "learn_masks.yaml").read_text())["masks"]
