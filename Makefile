@@ -28,7 +28,7 @@ test: venv lint
 	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 demo: venv
-	$(BIN)/maskd demo
+	$(BIN)/maskd demo --task segmentation
 
 bench: venv
 	$(BIN)/python benchmarks/loss_kernel.py

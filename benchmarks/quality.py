@@ -53,7 +53,7 @@ TASKS: dict[str, dict[str, Any]] = {
         "options": {
             "student": {"min_size": 64, "max_size": 64},
             "teacher": {"min_size": 64, "max_size": 64},
-        },  # fmt: skip
+        },
         "peers": ("fitnet", "cwd", "fgd"),
         # each method's published default weight; the sweep tries it ×0.3, ×1 and ×3
         "defaults": {"fitnet": 1.0, "cwd": 10.0, "fgd": 1.0, "maskd": 10.0},
