@@ -38,6 +38,8 @@ bench: venv
 bench-quality: venv
 	$(BIN)/python benchmarks/quality.py --tune
 	$(BIN)/python benchmarks/quality.py
+	$(BIN)/python benchmarks/quality.py --task segmentation --tune
+	$(BIN)/python benchmarks/quality.py --task segmentation
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info .pytest_cache .ruff_cache
