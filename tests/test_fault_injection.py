@@ -115,3 +115,37 @@ def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_weights(data, tmp_
         assert a.keys() == b.keys() and a, job
         for key in a:
             assert torch.equal(a[key], b[key]), (job, key)
+
+
+def test_a_full_disk_at_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    """A write that fails midway (ENOSPC) at the second checkpoint: the run stops with the
+    OS error, the first checkpoint still loads, no temporary is left, and resuming ends with
+    the weights of a run that never failed."""
+    import errno
+
+    import maskd.atomic as atomic
+    from test_interrupt import _run
+
+    straight = _run(tmp_path / "a")
+    real_save, calls = atomic.torch.save, []
+
+    def failing_save(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the second checkpoint: half written, then the disk is full
+            f.write(b"\0" * 1024)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(atomic.torch, "save", failing_save)
+    out = tmp_path / "b"
+    with pytest.raises(OSError, match="No space left"):
+        _run(out)
+    monkeypatch.setattr(atomic.torch, "save", real_save)
+    ckpt = out / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, weights_only=False)["global_step"] == 4  # the first checkpoint
+    assert not list(out.rglob("*.tmp"))
+    resumed = _run(out, resume="auto")
+    for (name, p), q in zip(
+        straight.state_dict().items(), resumed.state_dict().values(), strict=True
+    ):
+        assert torch.equal(p, q), name
