@@ -533,3 +533,11 @@ def test_distill_aux_logits_with_reused_tokens(pipeline, seg_data, capsys):
         value[f"train/loss_maskd/{main_l}"] + 0.4 * value[f"train/loss_maskd/{aux_l}"]
     )
     assert abs(value["train/loss_maskd"] - expected) < 1e-5 * max(1.0, expected)
+
+
+@pytest.mark.parametrize("pair", ["deeplabv3_r101_r18", "deeplabv3_r101_mobilenetv3"])
+def test_cityscapes_distill_configs_distil_the_raw_logits(pair):
+    """The authors' segmentation script has no align module (segmentation/train_maskd.py)."""
+    cfg = yaml.safe_load((CONFIGS / "cityscapes" / pair / "distill.yaml").read_text())
+    assert cfg["distill"]["align"] is False
+    assert all(k.endswith("classifier.4") for k in cfg["distill"]["pairs"])
