@@ -541,3 +541,10 @@ def test_cityscapes_distill_configs_distil_the_raw_logits(pair):
     cfg = yaml.safe_load((CONFIGS / "cityscapes" / pair / "distill.yaml").read_text())
     assert cfg["distill"]["align"] is False
     assert all(k.endswith("classifier.4") for k in cfg["distill"]["pairs"])
+
+
+def test_fcos_distill_config_warms_up_from_a_third_of_the_lr():
+    """mmrazor/configs/distill/maskd/fcos_r101-fcos_r50_coco.py: warmup_ratio=1/3, 500 its."""
+    optim = yaml.safe_load((CONFIGS / "coco" / "fcos_r101_r50" / "distill.yaml").read_text())
+    assert optim["optim"]["warmup_factor"] == pytest.approx(1 / 3)
+    assert optim["optim"]["warmup_steps"] == 500
