@@ -548,3 +548,9 @@ def test_fcos_distill_config_warms_up_from_a_third_of_the_lr():
     optim = yaml.safe_load((CONFIGS / "coco" / "fcos_r101_r50" / "distill.yaml").read_text())
     assert optim["optim"]["warmup_factor"] == pytest.approx(1 / 3)
     assert optim["optim"]["warmup_steps"] == 500
+
+
+def test_retinanet_distill_config_warms_up_for_1000_iterations():
+    """mmrazor/configs/distill/maskd/retinanet_r101-retinanet_r50_coco.py: warmup_iters=1000."""
+    cfg = yaml.safe_load((CONFIGS / "coco" / "retinanet_r101_r50" / "distill.yaml").read_text())
+    assert cfg["optim"]["warmup_steps"] == 1000 and cfg["optim"]["lr"] == 0.02
