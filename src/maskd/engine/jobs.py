@@ -361,15 +361,7 @@ def _check_checkpoint(path: str, module: MaskdModule) -> None:
             f"run.resume: {path!r} is a checkpoint of {_describe_run(meta)}; this run is "
             f"{_describe_run(want)}"
         )
-    info = obj.get("maskd_teacher")
-    if isinstance(info, Mapping) and module.frozen_teacher() is not None:
-        found = module._teacher_fingerprint()
-        if info.get("sha256") != found:
-            raise ConfigError(
-                f"run.resume: {path!r} was written with a different teacher (state SHA-256 "
-                f"{str(info.get('sha256'))[:12]}…, the teacher now loaded has {found[:12]}…); "
-                "resume with the teacher weights the run started with"
-            )
+    module.check_teacher(obj.get("maskd_teacher"), f"run.resume: {path!r}")
 
 
 def _write_json(path: Path, obj: Any) -> None:

@@ -13,7 +13,7 @@ resume with different teacher weights fail loudly.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal
 
 import lightning as L
@@ -198,18 +198,24 @@ class MaskdModule(L.LightningModule):
             del state[key]
         checkpoint["maskd_teacher"] = {"prefix": prefix, "sha256": self._teacher_fingerprint()}
 
+    def check_teacher(self, info: Any, source: str = "this checkpoint") -> None:
+        """Refuse a checkpoint's ``maskd_teacher`` record that names another teacher."""
+        if not isinstance(info, Mapping) or self.frozen_teacher() is None:
+            return
+        found = self._teacher_fingerprint()
+        if info.get("sha256") != found:
+            raise UserValueError(
+                f"{source} was written with a different teacher (state SHA-256 "
+                f"{str(info.get('sha256'))[:12]}…, the teacher now loaded has {found[:12]}…); "
+                "resume with the teacher weights the run started with"
+            )
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         info = checkpoint.get("maskd_teacher")
         teacher = self.frozen_teacher()
         if info is None or teacher is None:
             return
-        found = self._teacher_fingerprint()
-        if info.get("sha256") != found:
-            raise UserValueError(
-                "this checkpoint was written with a different teacher (state SHA-256 "
-                f"{str(info.get('sha256'))[:12]}…, the teacher now loaded has {found[:12]}…); "
-                "resume with the teacher weights the run started with"
-            )
+        self.check_teacher(info)
         state = checkpoint["state_dict"]
         for key, value in teacher.state_dict().items():
             state[info["prefix"] + key] = value
