@@ -241,14 +241,22 @@ class CrashAt(Callback):
             raise RuntimeError("simulated crash")
 
 
-def _fit(run_dir: Path, max_steps: int, resume=None, crash_at=None, accumulate=1):
+def tiny_seg_run(warmup_steps: int) -> tuple[TinySeg, TrainModule, MaskdDataModule]:
+    """The seeded model, module and data every exact-resume test trains (5 batches/epoch)."""
     torch.manual_seed(0)
     model = TinySeg(dropout=0.3)
-    optim = OptimSpec(name="sgd", lr=0.2, momentum=0.9, schedule="cosine", warmup_steps=3)
+    optim = OptimSpec(
+        name="sgd", lr=0.2, momentum=0.9, schedule="cosine", warmup_steps=warmup_steps
+    )
     module = TrainModule(
         model, "segmentation", 3, optim=optim, seed=7, metrics_factory=PixelAccuracy
     )
     data = MaskdDataModule(RandomSegData(10, flip=True), RandomSegData(4), batch_size=2, seed=5)
+    return model, module, data
+
+
+def _fit(run_dir: Path, max_steps: int, resume=None, crash_at=None, accumulate=1):
+    model, module, data = tiny_seg_run(warmup_steps=3)
     callbacks = [CrashAt(crash_at)] if crash_at is not None else []
     trainer = tiny_trainer(
         run_dir,

@@ -15,13 +15,10 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from maskd.engine.datamodule import MaskdDataModule
 from maskd.engine.interrupt import Interrupted
 from maskd.engine.jobs import RunArgs, _fit_and_finish
-from maskd.engine.modules import TrainModule
-from maskd.engine.optim import OptimSpec
 from maskd.engine.trainer import TrainerSpec
-from test_engine import PixelAccuracy, RandomSegData, TinySeg
+from test_engine import tiny_seg_run
 
 STEPS = 6
 
@@ -40,13 +37,7 @@ class SignalAt(Callback):
 
 
 def _run(out: Path, callbacks=None, resume: str | None = None) -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = TinySeg(dropout=0.3)
-    optim = OptimSpec(name="sgd", lr=0.2, momentum=0.9, schedule="cosine", warmup_steps=2)
-    module = TrainModule(
-        model, "segmentation", 3, optim=optim, seed=7, metrics_factory=PixelAccuracy
-    )
-    data = MaskdDataModule(RandomSegData(10, flip=True), RandomSegData(4), batch_size=2, seed=5)
+    model, module, data = tiny_seg_run(warmup_steps=2)
     spec = TrainerSpec(
         max_steps=STEPS,
         accelerator="cpu",
