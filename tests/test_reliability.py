@@ -46,10 +46,13 @@ def _bad_files(tmp_path):
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     code = tmp_path / "code.ckpt"
     torch.save({"state_dict": {}, "hook": print}, code)  # a pickled callable
+    junk = tmp_path / "junk.ckpt"
+    junk.write_bytes(b"garbage\n")  # not a pickle at all: not called unsafe
     return {
         empty: "is empty (0 bytes)",
         truncated: "truncated or not a checkpoint",
-        code: "not loaded for safety",
+        code: "(print), which are not loaded for safety",
+        junk: "or not a",
     }
 
 

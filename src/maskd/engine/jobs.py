@@ -38,6 +38,7 @@ from maskd.engine.optim import OptimSpec
 from maskd.engine.trainer import TrainerSpec, build_trainer
 from maskd.errors import UserValueError
 from maskd.models.weights import load_file
+from maskd.torch_files import refusal
 
 __all__ = [
     "DistillArgs",
@@ -403,10 +404,7 @@ def _fit_and_finish(
         kept = last if last.is_file() else None
         raise Interrupted(sig.signum, trainer.global_step, kept, saved=False) from None
     except pickle.UnpicklingError as err:  # raised while Lightning reads the checkpoint
-        raise UserValueError(
-            f"run.resume: {ckpt!r} holds Python objects other than tensors and plain "
-            f"containers, which are not loaded for safety ({str(err).splitlines()[0]})"
-        ) from err
+        raise refusal(err, "run.resume", ckpt) from err
     fit_seconds = time.perf_counter() - start
     metrics: dict[str, float] = {}
     if run.validate:
