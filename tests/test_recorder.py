@@ -153,9 +153,14 @@ def test_stop_ends_the_forward_quietly_after_the_last_record(model: Tiny) -> Non
     with rec:
         model(x)
     assert rec.stopped and model.head.calls == 0 and merge_calls[0] == 1
+    # run() registers the hooks for one call: the model's output, or None once stopped.
+    assert rec.run(x) is None and rec.stopped and no_hooks(model.head)
+    full = Recorder(model, {"stem": Record("stem")})
+    exact(full.run(x), Tiny.forward(model, x))
+    assert not full.stopped and model.head.calls == 2
     # Without stop, or once the hooks are gone, the whole model runs.
     model(x)
-    assert model.head.calls == 1
+    assert model.head.calls == 3
     counter.remove()
     assert no_hooks(model)
 

@@ -1,4 +1,5 @@
-"""Tests for maskd.taps: capturing, replacing and stopping at named layer outputs."""
+"""Tests for maskd.taps: levels of named layer outputs (captured, replaced, stopped at), and the
+detectors' resized batch."""
 
 from __future__ import annotations
 
@@ -8,12 +9,16 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from maskd.recorder import Record, Recorder
 from maskd.taps import (
+    RESIZE,
     FeatureTaps,
     eval_mode,
     flatten_output,
     probe_levels,
     rebuild_output,
+    resize_records,
+    resized_batch,
     resolve_layers,
 )
 
@@ -212,3 +217,24 @@ def test_probe_levels_has_no_side_effects(model: Tiny) -> None:
 def test_probe_levels_rejects_non_feature_maps(model: Tiny) -> None:
     with pytest.raises(ValueError, match=r"level 'head' must be a \[N, C, H, W\] feature map"):
         probe_levels(model, ["head"], torch.randn(1, 3, 8, 8))
+
+
+def test_resized_batch_matches_the_detectors_own_transform(model: Tiny) -> None:
+    from tiny_detectors import detection_batch, detector
+
+    net = detector("retinanet", min_size=96).train()
+    images, targets = detection_batch()
+    rec = Recorder(net, {**resize_records(net), "fpn": Record("backbone.fpn")}, stop=True)
+    assert rec.run(images, targets) is None and set(resize_records(net)) == {RESIZE}
+    batch = resized_batch(rec)
+    image_list, resized = net.transform(images, targets)
+    assert batch is not None and batch.image_sizes == [tuple(s) for s in image_list.image_sizes]
+    assert batch.image_sizes == [(76, 96), (76, 96)] and batch.padded == (96, 96)  # max_size 96
+    for got, want in zip(batch.targets, resized, strict=True):
+        torch.testing.assert_close(got["boxes"], want["boxes"], rtol=0, atol=0)
+    assert not torch.equal(batch.targets[0]["boxes"], targets[0]["boxes"])  # really resized
+    # Models without a detection transform have no such record.
+    assert (
+        resize_records(model) == {}
+        and resized_batch(Recorder(model, {"s": Record("stem")})) is None
+    )

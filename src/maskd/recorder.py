@@ -242,6 +242,21 @@ class Recorder:
 
         return hook
 
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the model with the hooks on; its output, or ``None`` when ``stop`` ended it.
+
+        The hooks are registered for the call when the recorder is not already active.
+        """
+        if not self._handles:
+            with self:
+                return self.run(*args, **kwargs)
+        try:
+            return self.model(*args, **kwargs)
+        except _StopForward as stop:
+            if stop.recorder is not self:
+                raise
+            return None
+
     def __contains__(self, name: object) -> bool:
         """Whether ``name`` was recorded in the last forward."""
         return name in self._values

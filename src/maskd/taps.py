@@ -5,25 +5,31 @@ may be a tensor, a list/tuple of tensors or a dict of tensors; each tensor becom
 feature *level*, named ``path`` for a lone tensor and ``path:key`` otherwise
 (``backbone.fpn:0`` … ``backbone.fpn:pool``; ``path:0``, ``path:1`` for sequences).
 
-Hooks exist only inside a ``with FeatureTaps(...)`` block, so nothing outlives a forward.
+:class:`FeatureTaps` is this level view over a :class:`~maskd.recorder.Recorder`, which holds
+the hooks: they exist only inside a ``with`` block, so nothing outlives a forward. The
+helpers :func:`resize_records` / :func:`resized_batch` read what a torchvision detector's
+``transform`` made of the batch (resized image sizes, padded size, resized targets).
 """
 
 from __future__ import annotations
 
-import difflib
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from maskd.errors import UserRuntimeError, UserTypeError, UserValueError
+from maskd.recorder import Record, Recorder, resolve_layers
 
 __all__ = [
+    "RESIZE",
     "FeatureTaps",
+    "ResizedBatch",
+    "detection_transform",
     "eval_mode",
     "example_images",
     "flatten_output",
@@ -31,48 +37,13 @@ __all__ = [
     "model_device",
     "probe_levels",
     "rebuild_output",
+    "recorded_levels",
+    "resize_records",
+    "resized_batch",
     "resolve_layers",
 ]
 
 Replace = Callable[[str, Tensor], Tensor]
-
-
-class _StopForward(Exception):
-    """Raised from a hook once every tapped layer has fired, to skip the rest of a forward."""
-
-
-def resolve_layers(model: nn.Module, layers: Sequence[str]) -> dict[str, nn.Module]:
-    """Map each dotted layer path to its sub-module, in the order given.
-
-    Raises:
-        TypeError: ``layers`` is a bare string or holds non-strings.
-        ValueError: ``layers`` is empty, repeats a path, or names a module that does not exist
-            (the closest valid names are listed).
-    """
-    if isinstance(layers, str) or not isinstance(layers, Sequence):
-        raise UserTypeError(
-            f"layers must be a sequence of layer paths such as ['backbone.fpn'], got {layers!r}"
-        )
-    if len(layers) == 0:
-        raise UserValueError("layers is empty: name at least one layer to tap")
-    modules = dict(model.named_modules())
-    found: dict[str, nn.Module] = {}
-    for path in layers:
-        if not isinstance(path, str):
-            raise UserTypeError(
-                f"layer paths must be strings, got {path!r} ({type(path).__name__})"
-            )
-        if path in found:
-            raise UserValueError(f"layer {path!r} is listed twice in {list(layers)}")
-        if path not in modules:
-            close = difflib.get_close_matches(path, [n for n in modules if n], n=5, cutoff=0.5)
-            hint = f"; closest valid names: {close}" if close else ""
-            raise UserValueError(
-                f"unknown layer {path!r} in {type(model).__name__}{hint}. "
-                "Layer paths are names from model.named_modules()."
-            )
-        found[path] = modules[path]
-    return found
 
 
 def flatten_output(path: str, output: Any) -> list[tuple[str, Tensor]]:
@@ -131,8 +102,40 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             module.training = flag
 
 
+def recorded_levels(recorder: Recorder, paths: Sequence[str]) -> OrderedDict[str, Tensor]:
+    """The levels of the recorded outputs of ``paths`` (records named by their layer path).
+
+    Returns:
+        ``{level name: tensor}``, layers in the order of ``paths``, each in output order.
+
+    Raises:
+        RuntimeError: a layer did not run in the recorder's last forward.
+        TypeError: a recorded output is not a tensor or a list/tuple/dict of tensors.
+    """
+    return OrderedDict(item for path in paths for item in flatten_output(path, recorder[path]))
+
+
+def _replacer(path: str, replace: Replace) -> Callable[[Any], Any]:
+    """A whole-output replacement that replaces each level of layer ``path`` by ``replace``."""
+
+    def replace_levels(output: Any) -> Any:
+        new = []
+        for name, value in flatten_output(path, output):
+            replaced = replace(name, value)
+            if not isinstance(replaced, Tensor) or replaced.shape != value.shape:
+                found = tuple(replaced.shape) if isinstance(replaced, Tensor) else replaced
+                raise UserValueError(
+                    f"replacement for level {name!r} must be a tensor of shape "
+                    f"{tuple(value.shape)}, got {found}"
+                )
+            new.append(replaced)
+        return rebuild_output(output, new)
+
+    return replace_levels
+
+
 class FeatureTaps:
-    """Forward hooks that record (and optionally replace) the outputs of named layers.
+    """Record (and optionally replace) the outputs of named layers, as named levels.
 
     Usage::
 
@@ -141,8 +144,9 @@ class FeatureTaps:
             losses = model(images, targets)
             feats = taps.features  # {"backbone.fpn:0": [N, C, H, W], ...}
 
-    or ``taps.run(images, targets)``, which also registers the hooks for the call and is
-    the way to use ``stop=True``. Each call of ``model`` starts a fresh capture.
+    or ``taps.run(images, targets)``, which also registers the hooks for the call. Each call
+    of ``model`` starts a fresh record. The hooks are those of :attr:`recorder`, one
+    :class:`~maskd.recorder.Recorder` with one output record per layer, named by its path.
 
     Args:
         model: any ``nn.Module``.
@@ -150,8 +154,8 @@ class FeatureTaps:
         replace: optional ``fn(level_name, tensor) -> tensor``; each level of a tapped
             layer's output is replaced by ``fn``'s result, so the forward continues with it.
             ``features`` then holds the *original* tensors.
-        stop: when true, :meth:`run` ends the forward as soon as every tapped layer has
-            produced its output (the rest of the model never runs).
+        stop: end the forward as soon as every tapped layer has produced its output (the
+            rest of the model never runs); :meth:`run` then returns ``None``.
 
     Raises:
         ValueError: a layer path is unknown (closest names listed) or repeated.
@@ -173,71 +177,35 @@ class FeatureTaps:
         self.layers: list[str] = list(self.modules)
         self.replace = replace
         self.stop = bool(stop)
-        self.features: OrderedDict[str, Tensor] = OrderedDict()
-        self._outputs: dict[str, list[tuple[str, Tensor]]] = {}
-        self._handles: list[RemovableHandle] = []
+        self.recorder = Recorder(
+            model,
+            {
+                path: Record(path, replace=None if replace is None else _replacer(path, replace))
+                for path in self.layers
+            },
+            stop=self.stop,
+        )
 
     @property
     def active(self) -> bool:
         """Whether the hooks are currently registered."""
-        return bool(self._handles)
+        return self.recorder.active
+
+    @property
+    def features(self) -> OrderedDict[str, Tensor]:
+        """``{level name: tensor}`` of the last forward, layers in the order they were named."""
+        return recorded_levels(self.recorder, [p for p in self.layers if p in self.recorder])
 
     def __enter__(self) -> FeatureTaps:
-        if self._handles:
-            raise RuntimeError("FeatureTaps is already active; nested use of one tap object")
-        self.clear()
-        # Each call of the model starts a fresh capture.
-        self._handles.append(self.model.register_forward_pre_hook(lambda *_: self.clear()))
-        for path, module in self.modules.items():
-            self._handles.append(module.register_forward_hook(self._hook(path)))
+        self.recorder.__enter__()
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+    def __exit__(self, *exc: Any) -> bool:
+        return self.recorder.__exit__(*exc)
 
     def clear(self) -> None:
         """Drop captured features (and the autograd graph they hold)."""
-        self.features = OrderedDict()
-        self._outputs = {}
-
-    def _hook(self, path: str) -> Callable[[nn.Module, Any, Any], Any]:
-        def hook(module: nn.Module, inputs: Any, output: Any) -> Any:
-            if path in self._outputs:
-                raise UserRuntimeError(
-                    f"layer {path!r} ran twice in one forward; taps need layers that run once"
-                )
-            levels = flatten_output(path, output)
-            self._outputs[path] = levels
-            self._collect()
-            result = None
-            if self.replace is not None:
-                new = []
-                for name, value in levels:
-                    replaced = self.replace(name, value)
-                    if not isinstance(replaced, Tensor) or replaced.shape != value.shape:
-                        found = tuple(replaced.shape) if isinstance(replaced, Tensor) else replaced
-                        raise UserValueError(
-                            f"replacement for level {name!r} must be a tensor of shape "
-                            f"{tuple(value.shape)}, got {found}"
-                        )
-                    new.append(replaced)
-                result = rebuild_output(output, new)
-            if self.stop and len(self._outputs) == len(self.layers):
-                raise _StopForward
-            return result
-
-        return hook
-
-    def _collect(self) -> None:
-        # Keep levels in the order the layers were named, whatever order they ran in.
-        self.features = OrderedDict(
-            (name, value)
-            for path in self.layers
-            if path in self._outputs
-            for name, value in self._outputs[path]
-        )
+        self.recorder.clear()
 
     def run(self, *args: Any, **kwargs: Any) -> Any:
         """Call the model with the hooks active; return its output, or ``None`` if stopped.
@@ -247,14 +215,8 @@ class FeatureTaps:
         Raises:
             RuntimeError: the forward finished without running every tapped layer.
         """
-        if not self._handles:
-            with self:
-                return self.run(*args, **kwargs)
-        try:
-            output = self.model(*args, **kwargs)
-        except _StopForward:
-            return None
-        missing = [p for p in self.layers if p not in self._outputs]
+        output = self.recorder.run(*args, **kwargs)
+        missing = self.recorder.missing()
         if missing:
             raise UserRuntimeError(
                 f"layers {missing} of {type(self.model).__name__} did not run during the forward"
@@ -263,7 +225,57 @@ class FeatureTaps:
 
     def levels(self) -> dict[str, list[str]]:
         """``{layer path: [level names]}`` of the last forward, in output order."""
-        return {path: [name for name, _ in self._outputs.get(path, [])] for path in self.layers}
+        return {
+            path: level_names(path, self.recorder[path]) if path in self.recorder else []
+            for path in self.layers
+        }
+
+
+RESIZE = "resize/transform"
+"""The record :func:`resize_records` names (a name no layer path of a model takes)."""
+
+
+@dataclass(frozen=True)
+class ResizedBatch:
+    """What a torchvision-style detection ``transform`` made of a batch.
+
+    Attributes:
+        image_sizes: ``(H_i, W_i)`` of each resized image, before padding.
+        padded: ``(H, W)`` of the padded batch tensor.
+        targets: the transform's targets (boxes in resized coordinates), or ``None``.
+    """
+
+    image_sizes: list[tuple[int, int]]
+    padded: tuple[int, int]
+    targets: Any = None
+
+
+def detection_transform(model: nn.Module) -> nn.Module | None:
+    """The model's resizing transform when it follows torchvision's detection convention.
+
+    Torchvision detectors resize the batch inside ``model.transform``, whose output is
+    ``(ImageList, targets)``; an ``ImageList`` carries ``image_sizes`` and padded ``tensors``.
+    """
+    transform = getattr(model, "transform", None)
+    if isinstance(transform, nn.Module) and hasattr(transform, "min_size"):
+        return transform
+    return None
+
+
+def resize_records(model: nn.Module) -> dict[str, Record]:
+    """``{RESIZE: output of model.transform}`` for a torchvision-style detector, else ``{}``."""
+    return {RESIZE: Record("transform")} if detection_transform(model) is not None else {}
+
+
+def resized_batch(recorder: Recorder) -> ResizedBatch | None:
+    """The resized batch from a :func:`resize_records` record; ``None`` when there is none."""
+    output = recorder.get(RESIZE)
+    image_list = output[0] if isinstance(output, tuple) and output else None
+    if not (hasattr(image_list, "image_sizes") and hasattr(image_list, "tensors")):
+        return None
+    sizes = [(int(h), int(w)) for h, w in image_list.image_sizes]
+    h, w = image_list.tensors.shape[-2:]
+    return ResizedBatch(sizes, (int(h), int(w)), output[1] if len(output) > 1 else None)
 
 
 def model_device(model: nn.Module) -> torch.device:
