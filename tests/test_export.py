@@ -134,3 +134,16 @@ def test_export_rejects_foreign_checkpoints(tmp_path):
     with pytest.raises(ValueError, match="not a checkpoint of 'maskd train'"):
         export_checkpoint(tmp_path / "x.ckpt", tmp_path / "y.pt")
     assert not (tmp_path / "y.pt").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(b"", r"is empty \(0 bytes\)"), (b"garbage\n", "or not a checkpoint")],
+)
+def test_export_names_an_unreadable_checkpoint_in_one_line(tmp_path, content, message):
+    (tmp_path / "bad.ckpt").write_bytes(content)
+    with pytest.raises(ValueError, match=message) as info:
+        export_checkpoint(tmp_path / "bad.ckpt", tmp_path / "y.pt")
+    text = str(info.value)
+    assert "\n" not in text and not text.endswith(":") and "bad.ckpt" in text
+    assert not (tmp_path / "y.pt").exists()

@@ -25,6 +25,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from maskd.engine.checkpoint import atomic_save
 from maskd.errors import UserValueError
+from maskd.torch_files import load_file
 
 __all__ = ["export_checkpoint", "native_state_dict", "torchvision_call"]
 
@@ -107,12 +108,7 @@ def torchvision_call(name: str, num_classes: int, options: Mapping[str, Any]) ->
 
 
 def _read_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint: no such file {str(path)!r}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise UserValueError(f"checkpoint: cannot read {str(path)!r}: {err}") from err
+    obj = load_file(path, argument="checkpoint")
     meta = obj.get("maskd") if isinstance(obj, Mapping) else None
     if not isinstance(meta, Mapping) or "model" not in meta or "weights_prefix" not in meta:
         raise UserValueError(
