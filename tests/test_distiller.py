@@ -17,6 +17,7 @@ from maskd.distiller import Distiller
 from maskd.learner import TokenLearner
 from maskd.losses import masked_distillation_loss
 from maskd.tasks import SegmentationTask
+from maskd.terms import FitNetTerm, TermContext
 from maskd.token_io import load_tokens, save_tokens
 from maskd.tokens import ReceptiveTokens
 from tiny_detectors import DETECTORS, detection_batch, snapshot
@@ -232,6 +233,41 @@ def test_detection_transforms_must_resize_alike() -> None:
         match=r"resized the batch differently: student image sizes \[\(76, 96\), \(76, 96\)\]",
     ):
         distiller(images, targets)
+
+
+class ContextSpy(FitNetTerm):
+    """A FitNet term that keeps the context each level was given."""
+
+    def __init__(self, student: str, teacher: str) -> None:
+        super().__init__(student, teacher)
+        self.seen: list[TermContext] = []
+
+    def level_loss(self, s: Tensor, t: Tensor, index: int, ctx: TermContext) -> Tensor:
+        self.seen.append(ctx)
+        return super().level_loss(s, t, index, ctx)
+
+
+def test_terms_get_the_students_resized_boxes_and_padded_size() -> None:
+    teacher, student = detector("retinanet", 0, nn.BatchNorm2d), detector("retinanet", 1)
+    for model in (teacher, student):
+        model.transform.min_size = (96,)  # 64x80 images → 76x96 (max_size 96)
+    spy = ContextSpy("backbone.fpn", "backbone.fpn")
+    Distiller(student, teacher, None, None, terms=[spy]).train()(*detection_batch())
+    images, targets = detection_batch()
+    image_list, resized = student.transform(images, targets)
+    assert len(spy.seen) == 5 and all(ctx is spy.seen[0] for ctx in spy.seen)
+    ctx = spy.seen[0]
+    assert ctx.input_size == tuple(image_list.tensors.shape[-2:]) == (96, 96)
+    assert ctx.boxes is not None and len(ctx.boxes) == 2
+    for got, want, given in zip(ctx.boxes, resized, targets, strict=True):
+        torch.testing.assert_close(got, want["boxes"], rtol=0, atol=0)
+        torch.testing.assert_close(got, given["boxes"] * torch.tensor([1.2, 76 / 64, 1.2, 76 / 64]))
+    # A model without a detection transform gives the terms no boxes.
+    spy = ContextSpy("b", "b")
+    Distiller(TinyTask(seed=1), TinyTask(seed=0), None, None, terms=[spy]).train()(
+        torch.rand(2, 3, 16, 16), None
+    )
+    assert spy.seen == [TermContext()]
 
 
 def test_bad_pairs_and_tokens() -> None:

@@ -17,6 +17,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from maskd.distiller import Distiller
 from maskd.head_kd import build_head_kd, resolve_head_kd
+from maskd.taps import RESIZE
 from maskd.tokens import ReceptiveTokens
 from tiny_detectors import detection_batch, snapshot
 from tiny_detectors import detector as tiny_detector
@@ -176,7 +177,10 @@ def test_head_kd_off_leaves_the_loss_dict_as_before(kind: str) -> None:
     off = Distiller(student, teacher, PAIRS, tokens(kind))
     on = Distiller(student, teacher, PAIRS, tokens(kind), head_kd="auto")
     on.align.load_state_dict(off.align.state_dict())
-    assert off.head_kd is None and off._teacher_taps.layers == ["backbone.fpn"]
+    assert off.head_kd is None
+    # Head KD adds the teacher's whole FPN dict (its backbone output) to what it records.
+    assert list(off._teacher_recorder.records) == ["backbone.fpn", RESIZE]
+    assert list(on._teacher_recorder.records) == ["backbone.fpn", RESIZE, "head_kd/features"]
     images, targets = detection_batch()
     torch.manual_seed(3)
     plain = off.train()(images, targets)

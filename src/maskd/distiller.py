@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -15,67 +14,52 @@ from maskd.errors import UserRuntimeError, UserTypeError, UserValueError
 from maskd.head_kd import HeadKD, HeadKDMode, build_head_kd
 from maskd.learner import freeze
 from maskd.losses import MasKDLoss
-from maskd.taps import FeatureTaps, probe_levels
+from maskd.recorder import Record, Recorder
+from maskd.taps import (
+    ResizedBatch,
+    detection_transform,
+    flatten_output,
+    probe_levels,
+    recorded_levels,
+    resize_records,
+    resized_batch,
+)
 from maskd.terms import FeatureTerm, TermContext, build_term
 from maskd.tokens import ReceptiveTokens
 
 __all__ = ["Distiller"]
 
 
-def _detection_transform(model: nn.Module) -> nn.Module | None:
-    """The model's resizing transform when it follows torchvision's detection convention.
-
-    Torchvision detectors resize the batch inside ``model.transform``, whose output is
-    ``(ImageList, targets)``; an ``ImageList`` carries ``image_sizes`` and padded ``tensors``.
-    """
-    transform = getattr(model, "transform", None)
-    if isinstance(transform, nn.Module) and hasattr(transform, "min_size"):
-        return transform
-    return None
+def _term_context(batch: ResizedBatch | None) -> TermContext:
+    """The boxes of the resized batch and its padded size, for the terms that need them."""
+    if batch is None or not isinstance(batch.targets, list | tuple):
+        return TermContext()
+    boxes = [t["boxes"] for t in batch.targets if isinstance(t, dict) and "boxes" in t]
+    if len(boxes) != len(batch.targets):
+        return TermContext()
+    return TermContext(boxes=boxes, input_size=batch.padded)
 
 
-class _SizeProbe:
-    """Records the image sizes a torchvision-style detection transform produced."""
+def _resizing(model: nn.Module) -> str:
+    transform = detection_transform(model)
+    if transform is None:
+        return "no transform"
+    return (
+        f"min_size={getattr(transform, 'min_size', None)}, "
+        f"max_size={getattr(transform, 'max_size', None)}"
+    )
 
-    def __init__(self, model: nn.Module) -> None:
-        self.transform = _detection_transform(model)
-        self.sizes: tuple[list[tuple[int, int]], tuple[int, ...]] | None = None
-        self.targets: Any = None
 
-    def __enter__(self) -> _SizeProbe:
-        self.sizes = None
-        self.targets = None
-        self._handle = None
-        if self.transform is not None:
-            self._handle = self.transform.register_forward_hook(self._hook)
-        return self
-
-    def _hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        image_list = output[0] if isinstance(output, tuple) and output else None
-        if hasattr(image_list, "image_sizes") and hasattr(image_list, "tensors"):
-            sizes = [tuple(int(v) for v in s) for s in image_list.image_sizes]
-            self.sizes = (sizes, tuple(image_list.tensors.shape[-2:]))
-            self.targets = output[1] if len(output) > 1 else None
-
-    def context(self) -> TermContext:
-        """The boxes of the resized batch and its padded size, for the terms that need them."""
-        if self.sizes is None or not isinstance(self.targets, list | tuple):
-            return TermContext()
-        boxes = [t["boxes"] for t in self.targets if isinstance(t, dict) and "boxes" in t]
-        if len(boxes) != len(self.targets):
-            return TermContext()
-        h, w = self.sizes[1]
-        return TermContext(boxes=boxes, input_size=(int(h), int(w)))
-
-    def __exit__(self, *exc: object) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-
-    def describe(self) -> str:
-        t = self.transform
-        if t is None:
-            return "no transform"
-        return f"min_size={getattr(t, 'min_size', None)}, max_size={getattr(t, 'max_size', None)}"
+def _merge_records(*groups: Mapping[str, Record]) -> dict[str, Record]:
+    merged: dict[str, Record] = {}
+    for group in groups:
+        for name, record in group.items():
+            if name in merged and merged[name] != record:
+                raise UserValueError(
+                    f"layer path {name!r} clashes with an internal record of the same name"
+                )
+            merged[name] = record
+    return merged
 
 
 class Distiller(nn.Module):
@@ -95,6 +79,9 @@ class Distiller(nn.Module):
     :mod:`maskd.head_kd`), the teacher also runs until its ``backbone`` output, and only the
     head parts the term needs (RetinaNet's regression branch; Faster R-CNN's box RoI head fed
     the student's sampled proposals) run on those features, still under ``torch.no_grad()``.
+    Each model is read through one :class:`~maskd.recorder.Recorder`: the distilled layers,
+    a detector's resized batch (boxes for the terms, sizes for the check that both models
+    resized alike) and what head KD reads (the teacher's FPN dict as its heads take it).
 
     Training-mode ``forward(images, targets)`` returns the student's task losses plus
     ``loss_maskd`` (and ``loss_head_kd`` when head KD is on); the total to optimise is the sum
@@ -240,11 +227,16 @@ class Distiller(nn.Module):
         if head_kd is not None:
             self.head_kd = build_head_kd(head_kd, student, teacher, head_kd_weight)
         freeze(teacher)
-        self._student_taps = FeatureTaps(student, s_paths)
-        t_layers = list(t_paths)
+        # Each model's one recorder: the distilled layers (by path), its resized batch, and
+        # what head KD reads; the teacher stops once all of it was recorded.
+        self._s_paths, self._t_paths = s_paths, t_paths
+        s_records = [{p: Record(p) for p in s_paths}, resize_records(student)]
+        t_records = [{p: Record(p) for p in t_paths}, resize_records(teacher)]
         if self.head_kd is not None:
-            t_layers += [p for p in self.head_kd.teacher_layers if p not in t_layers]
-        self._teacher_taps = FeatureTaps(teacher, t_layers, stop=True)
+            s_records.append(self.head_kd.student_records)
+            t_records.append(self.head_kd.teacher_records)
+        self._student_recorder = Recorder(student, _merge_records(*s_records))
+        self._teacher_recorder = Recorder(teacher, _merge_records(*t_records), stop=True)
         self.last_level_losses: dict[str, Tensor] = {}
         self.train(self.training)
 
@@ -369,29 +361,33 @@ class Distiller(nn.Module):
         """The student's state dict alone, loadable into a fresh instance of the student."""
         return self.student.state_dict()
 
-    def _teacher_features(self, images: Any) -> tuple[list[Tensor], dict[str, Tensor], _SizeProbe]:
-        """The teacher's levels of the paired layers (in order), all its levels, its sizes."""
-        probe = _SizeProbe(self.teacher)
-        with torch.no_grad(), probe:
-            self._teacher_taps.run(images)
-        named = dict(self._teacher_taps.features)
-        levels = self._teacher_taps.levels()
-        feats = [named[name] for path in self.pairs.values() for name in levels[path]]
-        self._teacher_taps.clear()
-        return feats, named, probe
+    def _teacher_features(
+        self, images: Any
+    ) -> tuple[list[Tensor], dict[str, Tensor], ResizedBatch | None]:
+        """The teacher's levels of the paired layers (in order), all its levels, its batch."""
+        rec = self._teacher_recorder
+        with torch.no_grad():
+            rec.run(images)
+        feats = [v for path in self.pairs.values() for _, v in flatten_output(path, rec[path])]
+        return feats, recorded_levels(rec, self._t_paths), resized_batch(rec)
 
     def forward(self, images: Any, targets: Any = None) -> Any:
         """Training: ``{student losses..., "loss_maskd"[, "loss_head_kd"]}``; eval: predictions."""
         if not self.training:
             return self.student(images) if targets is None else self.student(images, targets)
-        t_feats, t_named, t_probe = self._teacher_features(images)
-        s_probe = _SizeProbe(self.student)
-        capture = self.head_kd.capture() if self.head_kd is not None else nullcontext()
-        with s_probe, capture:
-            out = self._student_taps.run(images, targets)
-        s_named = self._student_taps.features
-        self._student_taps.clear()
-        self._check_sizes(s_probe, t_probe)
+        try:
+            return self._distill(images, targets)
+        finally:  # drop the recorded tensors (and the graph they hold) once the step has them
+            self._student_recorder.clear()
+            self._teacher_recorder.clear()
+
+    def _distill(self, images: Any, targets: Any) -> dict[str, Tensor]:
+        t_feats, t_named, t_batch = self._teacher_features(images)
+        s_rec = self._student_recorder
+        out = s_rec.run(images, targets)
+        s_batch = resized_batch(s_rec)
+        s_named = recorded_levels(s_rec, self._s_paths)
+        self._check_sizes(s_batch, t_batch)
         if not isinstance(out, dict):
             raise UserTypeError(
                 "in training mode the student must return a dict of losses, got "
@@ -428,7 +424,7 @@ class Distiller(nn.Module):
             }
             losses["loss_maskd"] = total
         if self.terms:
-            ctx = s_probe.context()
+            ctx = _term_context(s_batch)
             for term in self.terms:
                 s_names = self._s_levels[term.student]
                 t_names = self._t_levels[term.teacher]
@@ -441,19 +437,21 @@ class Distiller(nn.Module):
                     else:
                         self.last_level_losses[key] = value
         if self.head_kd is not None:
-            losses["loss_head_kd"] = self.head_kd.loss(t_named)
+            losses["loss_head_kd"] = self.head_kd.loss(s_rec, self._teacher_recorder)
         return losses
 
-    @staticmethod
-    def _check_sizes(s_probe: _SizeProbe, t_probe: _SizeProbe) -> None:
-        if s_probe.sizes is None or t_probe.sizes is None or s_probe.sizes == t_probe.sizes:
+    def _check_sizes(self, s_batch: ResizedBatch | None, t_batch: ResizedBatch | None) -> None:
+        if s_batch is None or t_batch is None:
             return
-        (s_sizes, s_pad), (t_sizes, t_pad) = s_probe.sizes, t_probe.sizes
+        s_sizes, s_pad = s_batch.image_sizes, s_batch.padded
+        t_sizes, t_pad = t_batch.image_sizes, t_batch.padded
+        if (s_sizes, s_pad) == (t_sizes, t_pad):
+            return
         raise UserValueError(
             "the student's and the teacher's detection transforms resized the batch "
             f"differently: student image sizes {s_sizes} (padded {s_pad}), teacher {t_sizes} "
-            f"(padded {t_pad}). Give both the same resizing (student {s_probe.describe()}; "
-            f"teacher {t_probe.describe()}). A detector in training mode picks a random "
+            f"(padded {t_pad}). Give both the same resizing (student {_resizing(self.student)}; "
+            f"teacher {_resizing(self.teacher)}). A detector in training mode picks a random "
             "min_size from its list while the teacher in eval mode uses the last one, so do "
             "multi-scale resizing in the data pipeline instead."
         )

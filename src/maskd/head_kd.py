@@ -22,10 +22,12 @@ detectors (``docs/method.md``, "Stage 2"). Both terms follow the authors' public
     background class. Torchvision's predictor has one more, never-trained block of four for
     the background class 0, which is left out here.
 
-The teacher's FPN features come from the ``backbone`` output the distiller already captures
-(the teacher stops there), and only the teacher's head parts a term needs run on them, under
-``torch.no_grad()``: RetinaNet's regression branch (not its classification branch), Faster
-R-CNN's box RoI head (not its RPN). FCOS and segmentation models have no such term.
+A term says what it reads through :class:`~maskd.recorder.Record` objects: ``student_records`` for
+the student's training forward, ``teacher_records`` for the teacher's (its ``backbone``
+output, the FPN's ``OrderedDict`` as the heads receive it; the teacher stops there). Only the
+teacher's head parts a term needs then run on those features, under ``torch.no_grad()``:
+RetinaNet's regression branch (not its classification branch), Faster R-CNN's box RoI head
+(not its RPN). FCOS and segmentation models have no such term.
 """
 
 from __future__ import annotations
@@ -33,16 +35,16 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN, RetinaNet
 
-from maskd.errors import UserKeyError, UserRuntimeError, UserTypeError, UserValueError
+from maskd.errors import UserRuntimeError, UserTypeError, UserValueError
+from maskd.recorder import Record, Recorder
 
 __all__ = [
     "FEATURES_LAYER",
@@ -51,7 +53,6 @@ __all__ = [
     "HeadKDMode",
     "RCNNSmoothL1HeadKD",
     "RetinaNetL1HeadKD",
-    "backbone_features",
     "build_head_kd",
     "resolve_head_kd",
 ]
@@ -103,37 +104,33 @@ def build_head_kd(mode: str, student: nn.Module, teacher: nn.Module, weight: flo
     return cls(student, teacher, weight)
 
 
-def backbone_features(teacher_levels: Mapping[str, Tensor]) -> OrderedDict[str, Tensor]:
-    """The ``backbone`` output rebuilt from captured levels (``backbone:0`` → key ``"0"``).
-
-    A lone tensor (level ``backbone``) becomes ``{"0": tensor}``, as torchvision does.
-
-    Raises:
-        KeyError: no level of the ``backbone`` layer was captured.
-    """
-    feats: OrderedDict[str, Tensor] = OrderedDict()
-    for name, value in teacher_levels.items():
-        if name == FEATURES_LAYER:
-            feats["0"] = value
-        elif name.startswith(FEATURES_LAYER + ":"):
-            feats[name[len(FEATURES_LAYER) + 1 :]] = value
-    if not feats:
-        raise UserKeyError(
-            f"no teacher level of layer {FEATURES_LAYER!r} among {list(teacher_levels)}: "
-            "head KD needs the teacher's backbone output"
-        )
-    return feats
+def _feature_dict(features: Any) -> OrderedDict[str, Tensor]:
+    """The ``backbone`` output as the heads take it (a lone tensor becomes ``{"0": tensor}``,
+    as torchvision does)."""
+    if isinstance(features, Tensor):
+        return OrderedDict([("0", features)])
+    if isinstance(features, Mapping) and all(isinstance(v, Tensor) for v in features.values()):
+        return OrderedDict(features)
+    raise UserTypeError(
+        f"head KD needs the teacher's {FEATURES_LAYER!r} output as a tensor or a dict of "
+        f"tensors, got {type(features).__name__}"
+    )
 
 
 class HeadKD(ABC):
     """One head-output distillation term between a student and a frozen teacher detector.
 
     Not an ``nn.Module``: it holds no parameters and only refers to the two models' modules
-    (which the distiller owns). Use::
+    (which the distiller owns). It names what it reads; the caller records it::
 
-        with head_kd.capture():          # hooks on the student for one training forward
-            losses = student(images, targets)
-        loss = head_kd.loss(teacher_levels)  # teacher levels incl. "backbone:<key>"
+        student_rec = Recorder(student, head_kd.student_records)
+        teacher_rec = Recorder(teacher, head_kd.teacher_records, stop=True)
+        with torch.no_grad():
+            teacher_rec.run(images)
+        losses = student_rec.run(images, targets)   # a training-mode forward
+        loss = head_kd.loss(student_rec, teacher_rec)
+
+    Record names start with ``head_kd/``, so they can join other records in one recorder.
 
     Args:
         student: the detector being trained.
@@ -142,8 +139,11 @@ class HeadKD(ABC):
     """
 
     mode: str = ""
-    teacher_layers: tuple[str, ...] = (FEATURES_LAYER,)
-    """Teacher layers whose outputs :meth:`loss` needs; the teacher must run until they fire."""
+    FEATURES: ClassVar[str] = "head_kd/features"
+    teacher_records: ClassVar[Mapping[str, Record]] = {FEATURES: Record(FEATURES_LAYER)}
+    """What :meth:`loss` reads from the teacher's forward: its ``backbone`` output."""
+    student_records: ClassVar[Mapping[str, Record]] = {}
+    """What :meth:`loss` reads from the student's training forward."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module, weight: float = 1.0) -> None:
         if isinstance(weight, bool) or not isinstance(weight, int | float):
@@ -156,51 +156,17 @@ class HeadKD(ABC):
         self.student = student
         self.teacher = teacher
         self.weight = float(weight)
-        self._captured: dict[str, Any] = {}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(mode={self.mode!r}, weight={self.weight})"
 
-    @contextmanager
-    def capture(self) -> Iterator[HeadKD]:
-        """Hooks on the student that record what :meth:`loss` needs from one forward."""
-        self._captured = {}
-        handles = self._register()
-        try:
-            yield self
-        finally:
-            for handle in handles:
-                handle.remove()
-
     @abstractmethod
-    def _register(self) -> list[Any]:
-        """Register the student hooks; return their handles."""
-
-    def _record(self, key: str, value: Any) -> None:
-        if key in self._captured:
-            raise UserRuntimeError(
-                f"head KD: the student's {key} ran twice in one forward; head KD needs one "
-                "training forward per capture"
-            )
-        self._captured[key] = value
-
-    def _take(self, *keys: str) -> list[Any]:
-        captured, self._captured = self._captured, {}
-        missing = [k for k in keys if k not in captured]
-        if missing:
-            raise UserRuntimeError(
-                f"head KD ({self.mode}): the student's forward did not produce {missing}; "
-                "head KD runs on a training-mode forward inside capture()"
-            )
-        return [captured[k] for k in keys]
-
-    @abstractmethod
-    def loss(self, teacher_levels: Mapping[str, Tensor]) -> Tensor:
-        """The weighted scalar term from the last captured student forward.
+    def loss(self, student: Recorder, teacher: Recorder) -> Tensor:
+        """The weighted scalar term from the last recorded forwards.
 
         Args:
-            teacher_levels: the teacher's captured levels, ``{level name: tensor}`` in
-                :class:`~maskd.taps.FeatureTaps` naming; must hold the ``backbone`` levels.
+            student: holds :attr:`student_records` of the student's training forward.
+            teacher: holds :attr:`teacher_records` of the teacher's forward on the same images.
         """
 
 
@@ -214,6 +180,10 @@ class RetinaNetL1HeadKD(HeadKD):
     """
 
     mode = "retinanet_l1"
+    student_records: ClassVar[Mapping[str, Record]] = {
+        "head_kd/regression_input": Record("head.regression_head", "input"),
+        "head_kd/regression": Record("head.regression_head"),
+    }
 
     def __init__(self, student: nn.Module, teacher: nn.Module, weight: float = 1.0) -> None:
         super().__init__(student, teacher, weight)
@@ -233,16 +203,10 @@ class RetinaNetL1HeadKD(HeadKD):
                 f"generators differ: student sizes/aspect ratios {s_cfg}, teacher {t_cfg}"
             )
 
-    def _register(self) -> list[Any]:
-        def hook(module: nn.Module, inputs: Any, output: Tensor) -> None:
-            sizes = [int(x.shape[-2] * x.shape[-1]) for x in inputs[0]]
-            self._record("regression_head", (output, sizes))
-
-        return [self.student.head.regression_head.register_forward_hook(hook)]
-
-    def loss(self, teacher_levels: Mapping[str, Tensor]) -> Tensor:
-        ((s, s_sizes),) = self._take("regression_head")
-        feats = list(backbone_features(teacher_levels).values())
+    def loss(self, student: Recorder, teacher: Recorder) -> Tensor:
+        s = student["head_kd/regression"]
+        s_sizes = [int(x.shape[-2] * x.shape[-1]) for x in student["head_kd/regression_input"]]
+        feats = list(_feature_dict(teacher[self.FEATURES]).values())
         with torch.no_grad():
             t = self.teacher.head.regression_head(feats)
         t_sizes = [int(x.shape[-2] * x.shape[-1]) for x in feats]
@@ -273,6 +237,10 @@ class RCNNSmoothL1HeadKD(HeadKD):
 
     mode = "rcnn_smoothl1"
     beta = 1.0
+    student_records: ClassVar[Mapping[str, Record]] = {
+        "head_kd/roi_pool_args": Record("roi_heads.box_roi_pool", "pre"),
+        "head_kd/box_predictor": Record("roi_heads.box_predictor"),
+    }
 
     def __init__(self, student: nn.Module, teacher: nn.Module, weight: float = 1.0) -> None:
         super().__init__(student, teacher, weight)
@@ -291,27 +259,6 @@ class RCNNSmoothL1HeadKD(HeadKD):
                 f"deltas), but the student's are {shapes[0]} and the teacher's {shapes[1]}"
             )
 
-    def _register(self) -> list[Any]:
-        heads = self.student.roi_heads
-
-        def pool_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            if len(args) < 3:
-                raise UserRuntimeError(
-                    "head KD: roi_heads.box_roi_pool must be called as "
-                    "(features, proposals, image_sizes)"
-                )
-            proposals = [p.detach() for p in args[1]]
-            sizes = [tuple(int(v) for v in s) for s in args[2]]
-            self._record("proposals", (proposals, sizes))
-
-        def predictor_hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            self._record("box_predictor", output)
-
-        return [
-            heads.box_roi_pool.register_forward_pre_hook(pool_hook),
-            heads.box_predictor.register_forward_hook(predictor_hook),
-        ]
-
     def teacher_box_regression(
         self, features: Mapping[str, Tensor], proposals: list[Tensor], image_sizes: list
     ) -> Tensor:
@@ -323,9 +270,17 @@ class RCNNSmoothL1HeadKD(HeadKD):
             _, regression = heads.box_predictor(x)
         return regression
 
-    def loss(self, teacher_levels: Mapping[str, Tensor]) -> Tensor:
-        (proposals, sizes), (logits, s) = self._take("proposals", "box_predictor")
-        t = self.teacher_box_regression(backbone_features(teacher_levels), proposals, sizes)
+    def loss(self, student: Recorder, teacher: Recorder) -> Tensor:
+        args = student["head_kd/roi_pool_args"]
+        if len(args) < 3:
+            raise UserRuntimeError(
+                "head KD: roi_heads.box_roi_pool must be called as "
+                "(features, proposals, image_sizes)"
+            )
+        proposals = [p.detach() for p in args[1]]
+        sizes = [tuple(int(v) for v in s) for s in args[2]]
+        logits, s = student["head_kd/box_predictor"]
+        t = self.teacher_box_regression(_feature_dict(teacher[self.FEATURES]), proposals, sizes)
         if s.shape != t.shape:
             raise UserValueError(
                 f"head_kd='rcnn_smoothl1': the student's RoI box regression {tuple(s.shape)} "
