@@ -122,7 +122,7 @@ def test_optimizer_skips_frozen_and_applies_bias_multiplier():
     spec = OptimSpec(
         name="sgd", lr=0.1, weight_decay=1e-4, bias_lr_mult=2.0, bias_weight_decay=False
     )
-    opt = build_optimizer(model.named_parameters(), spec)
+    opt = build_optimizer(model.named_parameters(), spec, model)
     ids = {id(p) for g in opt.param_groups for p in g["params"]}
     assert ids == {id(model.head.weight), id(model.head.bias)}
     by_lr = {g["lr"]: g for g in opt.param_groups}
@@ -131,8 +131,65 @@ def test_optimizer_skips_frozen_and_applies_bias_multiplier():
     opt.step()
     sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.9)
+    frozen = nn.Linear(2, 2).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable"):
-        build_optimizer(nn.Linear(2, 2).requires_grad_(False).named_parameters(), spec)
+        build_optimizer(frozen.named_parameters(), spec, frozen)
+
+
+class _Mixed(nn.Module):
+    """Conv, BatchNorm, depth-wise conv, GroupNorm, LayerNorm and Linear, nested one level."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.block = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.GroupNorm(2, 4))
+        self.ln = nn.LayerNorm(4)
+        self.fc = nn.Linear(4, 2)
+
+
+def test_param_groups_follow_mmcv_default_constructor():
+    """mmcv's DefaultOptimizerConstructor with bias_lr_mult=2, bias_decay_mult=0 (FCOS):
+    conv/linear biases at 2x lr and no decay; norm layers' weights and biases at the base lr
+    and decay; a depth-wise conv's bias at 2x lr but with decay (dwconv_decay_mult=1)."""
+    model = _Mixed()
+    lr, wd = 0.1, 1e-4
+    spec = OptimSpec(lr=lr, weight_decay=wd, bias_lr_mult=2.0, bias_weight_decay=False)
+    base, bias, dw_bias = (lr, wd), (2 * lr, 0.0), (2 * lr, wd)
+    expected = {
+        "conv.weight": base, "conv.bias": bias,
+        "bn.weight": base, "bn.bias": base,
+        "block.0.weight": base, "block.0.bias": dw_bias,
+        "block.1.weight": base, "block.1.bias": base,
+        "ln.weight": base, "ln.bias": base,
+        "fc.weight": base, "fc.bias": bias,
+    }  # fmt: skip
+    opt = build_optimizer(model.named_parameters(), spec, model)
+    got = {
+        name: (g["lr"], g["weight_decay"])
+        for g in opt.param_groups
+        for p in g["params"]
+        for name, q in model.named_parameters()
+        if q is p
+    }
+    assert got == expected
+    # weights come first; equal settings share a group
+    assert [(g["lr"], g["weight_decay"]) for g in opt.param_groups] == [base, bias, base, dw_bias]
+    assert all(not n.endswith("bias") for n in _names(model, opt.param_groups[0]["params"]))
+
+    # default settings: every parameter at the base lr and decay, in two groups (weights,
+    # biases) as earlier versions, so their optimizer states still resume
+    opt = build_optimizer(model.named_parameters(), OptimSpec(lr=lr, weight_decay=wd), model)
+    assert [len(g["params"]) for g in opt.param_groups] == [6, 6]
+    assert {(g["lr"], g["weight_decay"]) for g in opt.param_groups} == {base}
+    assert _names(model, opt.param_groups[1]["params"]) == [
+        n for n, _ in model.named_parameters() if n.endswith("bias")
+    ]
+
+
+def _names(model: nn.Module, params: list) -> list[str]:
+    ids = {id(p) for p in params}
+    return [n for n, p in model.named_parameters() if id(p) in ids]
 
 
 # ---- samplers ---------------------------------------------------------------------

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maskd.errors import UserValueError
-from maskd.taps import FeatureTaps, eval_mode
+from maskd.recorder import Record, Recorder
+from maskd.taps import eval_mode, level_names, recorded_levels, resize_records, resized_batch
 from maskd.tokens import ReceptiveTokens
 
 __all__ = [
@@ -31,31 +32,6 @@ __all__ = [
     "save_mask_png",
     "token_masks",
 ]
-
-
-class _TransformProbe:
-    """Image sizes and padded size produced by a torchvision detector's ``transform``."""
-
-    def __init__(self, model: nn.Module) -> None:
-        transform = getattr(model, "transform", None)
-        self.transform = transform if hasattr(transform, "min_size") else None
-        self.sizes: list[tuple[int, int]] | None = None
-        self.padded: tuple[int, int] | None = None
-
-    def __enter__(self) -> _TransformProbe:
-        self._handle = None
-        if self.transform is not None:
-            self._handle = self.transform.register_forward_hook(self._hook)
-        return self
-
-    def _hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        image_list = output[0]
-        self.sizes = [tuple(int(v) for v in s) for s in image_list.image_sizes]
-        self.padded = tuple(image_list.tensors.shape[-2:])
-
-    def __exit__(self, *exc: object) -> None:
-        if self._handle is not None:
-            self._handle.remove()
 
 
 def _save_figure(fig: Any, path: str | Path) -> Path:
@@ -85,16 +61,17 @@ def token_masks(
         ``{level name: [masks [T, H, W] per image]}`` with values in (0, 1).
     """
     layers = list(tokens)
-    taps = FeatureTaps(model, layers, stop=True)
-    probe = _TransformProbe(model)
+    records = {path: Record(path) for path in layers}
+    rec = Recorder(model, {**records, **resize_records(model)}, stop=True)
     device = next(model.parameters()).device
     batch = torch.stack([img.to(device) for img in images])
-    with eval_mode(model), probe:
-        taps.run(batch)
-    feats = taps.features
+    with eval_mode(model):
+        rec.run(batch)
+    feats = recorded_levels(rec, layers)
+    resized = resized_batch(rec)
     by_level: list[tuple[str, ReceptiveTokens]] = []
     for path in layers:
-        names = taps.levels()[path]
+        names = level_names(path, rec[path])
         group = list(tokens[path])
         if len(group) != len(names):
             raise UserValueError(
@@ -108,15 +85,15 @@ def token_masks(
         per_image = []
         for i in range(len(images)):
             m = masks[i : i + 1]
-            if probe.sizes is not None and probe.padded is not None:
+            if resized is not None:
                 # The detector resized and padded the image: keep the part over the image.
-                (ih, iw), (ph, pw) = probe.sizes[i], probe.padded
+                (ih, iw), (ph, pw) = resized.image_sizes[i], resized.padded
                 mh = max(1, round(m.shape[-2] * ih / ph))
                 mw = max(1, round(m.shape[-1] * iw / pw))
                 m = m[..., :mh, :mw]
             per_image.append(F.interpolate(m, size=(h, w), mode="bilinear")[0])
         out[name] = per_image
-    taps.clear()
+    rec.clear()
     return out
 
 

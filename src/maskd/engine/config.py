@@ -7,7 +7,22 @@ from typing import Any
 
 from maskd._checks import check_number
 
-__all__ = ["DataArgs", "ModelArgs"]
+__all__ = ["DataArgs", "InitFrom", "ModelArgs"]
+
+
+@dataclass
+class InitFrom:
+    """Named parts of a model initialised from a checkpoint (after its other weights).
+
+    Args:
+        path: the checkpoint: a ``model.pt``, a Lightning ``.ckpt`` of ``maskd train`` /
+            ``maskd distill`` (its trained model's keys), or any state dict.
+        prefixes: ``{checkpoint key prefix: model module path}``, e.g.
+            ``{backbone.fpn: backbone.fpn, head: head}`` for a RetinaNet's FPN and head.
+    """
+
+    path: str
+    prefixes: dict[str, str]
 
 
 @dataclass
@@ -23,6 +38,8 @@ class ModelArgs:
         backbone_weights: ImageNet backbone weights on disk (torchvision's key format).
         options: extra builder options, e.g. ``{min_size: 800, max_size: 1333}`` for
             detectors or ``{aux_loss: true}`` for segmenters.
+        init_from: parts of the model copied from a checkpoint after ``weights`` /
+            ``backbone_weights`` (e.g. a student's FPN and head from its teacher).
     """
 
     name: str = "retinanet_resnet18_fpn"
@@ -30,6 +47,7 @@ class ModelArgs:
     weights: str | None = None
     backbone_weights: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    init_from: InitFrom | None = None
 
 
 @dataclass

@@ -152,6 +152,11 @@ def _check_files(*models: ModelArgs) -> None:
             value = getattr(args, key)
             if value is not None and not Path(value).is_file():
                 raise FileNotFoundError(f"{key}: no such file {value!r} (model {args.name})")
+        init = args.init_from
+        if init is not None and not Path(init.path).is_file():
+            raise FileNotFoundError(
+                f"init_from.path: no such file {init.path!r} (model {args.name})"
+            )
 
 
 def build_model(args: ModelArgs, num_classes: int) -> tuple[nn.Module, list[str], str]:
@@ -172,17 +177,36 @@ def build_model(args: ModelArgs, num_classes: int) -> tuple[nn.Module, list[str]
         weights_prefix=prefix,
         **args.options,
     )
+    if args.init_from is not None:
+        _init_parts(model, args)
     return model, list(layers), task
 
 
-def _checkpoint_prefix(path: str) -> str | None:
+def _init_parts(model: nn.Module, args: ModelArgs) -> None:
+    """Apply ``args.init_from``; prints the tensors copied per model part."""
+    from maskd.models.init_from import init_from_checkpoint
+
+    init = args.init_from
+    assert init is not None
+    # a .ckpt of ours holds the trained model under a prefix ("net.", "net.student.")
+    file_prefix = _checkpoint_prefix(init.path, "init_from.path") or ""
+    counts = init_from_checkpoint(model, init.path, init.prefixes, file_prefix=file_prefix)
+    for src, (dst, n) in zip(init.prefixes, counts.items(), strict=True):
+        print(
+            f"init_from: {args.name} {dst or '(whole model)'} <- {src or '(every key)'} of "
+            f"{init.path}: {n} tensors",
+            flush=True,
+        )
+
+
+def _checkpoint_prefix(path: str, argument: str = "weights") -> str | None:
     """The key prefix of the trained model inside one of our Lightning checkpoints."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"weights: no such file {path!r}")
+        raise FileNotFoundError(f"{argument}: no such file {path!r}")
     if p.suffix != ".ckpt":
         return None
-    obj = load_file(p)
+    obj = load_file(p, argument=argument)
     meta = obj.get("maskd") if isinstance(obj, Mapping) else None
     return meta.get("weights_prefix") if isinstance(meta, Mapping) else None
 

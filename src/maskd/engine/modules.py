@@ -134,7 +134,7 @@ class MaskdModule(L.LightningModule):
         """Hook for extra per-step values (per-level distillation losses)."""
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = build_optimizer(self.trainable_parameters(), self.optim)
+        optimizer = build_optimizer(self.trainable_parameters(), self.optim, self.net)
         total = int(self.trainer.estimated_stepping_batches)
         scheduler = build_scheduler(optimizer, self.optim, total)
         return {

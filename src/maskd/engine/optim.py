@@ -16,6 +16,8 @@ from typing import Literal
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.optim.lr_scheduler import LambdaLR
 
 from maskd._checks import check_number
@@ -34,8 +36,11 @@ class OptimSpec:
         lr: base learning rate.
         momentum: SGD momentum.
         weight_decay: L2 weight decay (decoupled for ``adamw``).
-        bias_lr_mult: learning-rate multiplier for bias parameters (FCOS uses 2).
-        bias_weight_decay: apply weight decay to biases too.
+        bias_lr_mult: learning-rate multiplier for the biases of layers other than
+            normalisation layers (FCOS uses 2); mmcv's ``bias_lr_mult``.
+        bias_weight_decay: apply weight decay to the biases of layers other than
+            normalisation and depth-wise conv layers too (``false``: mmcv's
+            ``bias_decay_mult=0``, as FCOS). See :func:`param_groups`.
         schedule: ``constant``, ``step``, ``cosine`` or ``poly``.
         milestones: for ``step``: fractions of the total steps (values < 1) or absolute
             step numbers (values >= 1) where the lr is multiplied by ``gamma``.
@@ -74,38 +79,57 @@ class OptimSpec:
             check_number(m, f"optim.milestones[{i}]", low=0, low_open=True)
 
 
-def param_groups(params: Iterable[tuple[str, nn.Parameter]], spec: OptimSpec) -> list[dict]:
-    """Split named trainable parameters into weight / bias groups.
+# mmcv's normalisation layers (DefaultOptimizerConstructor.add_params' is_norm)
+_NORMS = (_BatchNorm, _InstanceNorm, nn.GroupNorm, nn.LayerNorm)
 
-    Only parameters with ``requires_grad`` are kept, so frozen modules (a teacher,
-    receptive tokens in stage 2) can never be stepped by the optimizer.
+
+def param_groups(
+    params: Iterable[tuple[str, nn.Parameter]], spec: OptimSpec, model: nn.Module
+) -> list[dict]:
+    """Group named trainable parameters by learning rate and weight decay, as mmcv does.
+
+    ``params`` are ``model.named_parameters()`` (or some of them): each name says which
+    module of ``model`` owns the parameter. The rules of mmcv's
+    ``DefaultOptimizerConstructor.add_params`` (``mmcv/runner/optimizer/default_constructor.py``):
+
+    - a ``bias`` of any layer but a normalisation layer (BatchNorm, SyncBatchNorm,
+      InstanceNorm, GroupNorm, LayerNorm) has its lr scaled by ``bias_lr_mult``;
+    - weight decay: normalisation layers' weights and biases, and depth-wise convs' (a
+      ``Conv2d`` with ``groups == in_channels``) keep the base decay (mmcv's
+      ``norm_decay_mult`` / ``dwconv_decay_mult`` at their default 1); any other ``bias``
+      loses it when ``bias_weight_decay`` is false;
+    - everything else gets the base lr and decay.
+
+    Weights, then biases, each split by their (lr, weight decay), form the groups: with the
+    default settings these are the two groups of earlier versions, whose checkpoints then
+    still resume. Only parameters with ``requires_grad`` are kept, so frozen modules (a
+    teacher, receptive tokens in stage 2) can never be stepped by the optimizer.
     """
-    weights, biases = [], []
+    groups: dict[tuple[bool, float, float], list[nn.Parameter]] = {}
     for name, p in params:
         if not p.requires_grad:
             continue
-        (biases if name.endswith("bias") else weights).append(p)
-    groups = []
-    if weights:
-        groups.append({"params": weights, "lr": spec.lr, "weight_decay": spec.weight_decay})
-    if biases:
-        groups.append(
-            {
-                "params": biases,
-                "lr": spec.lr * spec.bias_lr_mult,
-                "weight_decay": spec.weight_decay if spec.bias_weight_decay else 0.0,
-            }
-        )
+        owner_name, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        is_norm = isinstance(owner, _NORMS)
+        is_dwconv = isinstance(owner, nn.Conv2d) and owner.in_channels == owner.groups
+        is_bias = leaf == "bias"
+        lr = spec.lr * spec.bias_lr_mult if is_bias and not is_norm else spec.lr
+        decay = spec.weight_decay
+        if is_bias and not (is_norm or is_dwconv) and not spec.bias_weight_decay:
+            decay = 0.0
+        groups.setdefault((is_bias, lr, decay), []).append(p)
     if not groups:
         raise UserValueError("no trainable parameters: every parameter has requires_grad=False")
-    return groups
+    ordered = sorted(groups.items(), key=lambda item: item[0][0])  # stable: weights first
+    return [{"params": ps, "lr": lr, "weight_decay": wd} for (_, lr, wd), ps in ordered]
 
 
 def build_optimizer(
-    params: Iterable[tuple[str, nn.Parameter]], spec: OptimSpec
+    params: Iterable[tuple[str, nn.Parameter]], spec: OptimSpec, model: nn.Module
 ) -> torch.optim.Optimizer:
-    """Build the optimizer named by ``spec`` over the trainable ``named_parameters()``."""
-    groups = param_groups(params, spec)
+    """Build the optimizer named by ``spec`` over trainable ``model.named_parameters()``."""
+    groups = param_groups(params, spec, model)
     if spec.name == "sgd":
         return torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum)
     if spec.name == "adam":

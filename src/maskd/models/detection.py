@@ -8,6 +8,8 @@ into e.g. ``torchvision.models.detection.retinanet_resnet50_fpn(num_classes=K + 
 - RetinaNet / FCOS: FPN on C3–C5 plus ``LastLevelP6P7(256, 256)``, P3–P7, as torchvision's
   ``retinanet_resnet50_fpn`` / ``fcos_resnet50_fpn``. torchvision has no MobileNet variant;
   here C3/C4/C5 are the outputs of the last block at stride 8/16/32 (features 6, 12, 16).
+  ``extra_levels_from="c5"`` / ``relu_before_p7=False`` give mmdet's RetinaNet P6/P7
+  (:mod:`maskd.models.fpn_levels`).
 
 As in torchvision, a backbone that starts from weights (``backbone_weights`` or a whole-model
 checkpoint) gets ``FrozenBatchNorm2d`` and 3 trainable stages; a random one gets
@@ -28,7 +30,6 @@ from torchvision.models.detection.backbone_utils import (
     _mobilenet_extractor,
     _resnet_fpn_extractor,
 )
-from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from maskd.errors import UserTypeError, UserValueError
@@ -39,6 +40,7 @@ from maskd.models.backbones import (
     build_resnet,
     mobilenet_stage_indices,
 )
+from maskd.models.fpn_levels import ExtraSource, p6p7
 
 DETECTORS: dict[str, type[nn.Module]] = {
     "fasterrcnn": FasterRCNN,
@@ -50,6 +52,14 @@ FPN_LAYER = "backbone.fpn"
 BACKBONE_LAYER = "backbone.body"
 # Keyword arguments torchvision's GeneralizedRCNNTransform takes through the detectors' **kwargs.
 _TRANSFORM_KWARGS = {"size_divisible", "fixed_size", "_skip_resize"}
+# Builder options of our own (beside the torchvision detector's).
+_OWN_OPTIONS = {
+    "trainable_backbone_layers",
+    "frozen_bn",
+    "box_regression_bias",
+    "extra_levels_from",
+    "relu_before_p7",
+}
 # Last block at stride 8 / 16 / 32 in mobilenet_v3_large().features.
 _MOBILENET_C3_C5 = (6, 12, 16)
 
@@ -66,6 +76,8 @@ def build_detector(
     trainable_backbone_layers: int | None = None,
     frozen_bn: bool | None = None,
     box_regression_bias: float | None = None,
+    extra_levels_from: ExtraSource = "p5",
+    relu_before_p7: bool = True,
     **kwargs: Any,
 ) -> tuple[nn.Module, list[str]]:
     """Build ``arch`` (fasterrcnn | retinanet | fcos) on ``backbone`` with FPN.
@@ -80,6 +92,10 @@ def build_detector(
     with one side at 0 has zero area, so GIoU gives it no gradient; trained from scratch, a
     seed whose initial outputs are mostly negative never learns to regress boxes (loss stuck
     at 1). A positive start (e.g. 0.5: boxes the size of the anchor) keeps every side alive.
+    ``extra_levels_from`` (RetinaNet / FCOS): P6 computed from ``"p5"`` (torchvision) or
+    from the backbone's ``"c5"`` (mmdet's RetinaNet, ``add_extra_convs='on_input'``);
+    ``relu_before_p7``: P7 = conv(ReLU(P6)) (torchvision, mmdet's FCOS) or conv(P6) (mmdet's
+    RetinaNet).
     Other ``kwargs`` go to the torchvision detector class (e.g. ``score_thresh``).
     Returns the detector and ``["backbone.fpn"]``, whose output dict holds every FPN level.
     """
@@ -101,6 +117,11 @@ def build_detector(
             )
     if max(sizes) > max_size:
         raise UserValueError(f"min_size ({min_size}) must not exceed max_size ({max_size})")
+    if arch == "fasterrcnn" and (extra_levels_from != "p5" or relu_before_p7 is not True):
+        raise UserValueError(
+            "extra_levels_from / relu_before_p7 apply to RetinaNet and FCOS (P6/P7 convs); "
+            "Faster R-CNN's extra level is a max-pool"
+        )
     if len(sizes) > 1:
         min_size = sizes  # torchvision picks one at random per training batch
 
@@ -114,8 +135,9 @@ def build_detector(
         if arch == "fasterrcnn":
             fpn_backbone = _resnet_fpn_extractor(body, trainable)
         else:
+            extra = p6p7(body.fc.in_features, extra_levels_from, relu_before_p7)
             fpn_backbone = _resnet_fpn_extractor(
-                body, trainable, returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256)
+                body, trainable, returned_layers=[2, 3, 4], extra_blocks=extra
             )
     else:
         trainable = _trainable(trainable_backbone_layers, is_trained, max_value=6)
@@ -128,7 +150,9 @@ def build_detector(
                 AnchorGenerator(anchor_sizes, ((0.5, 1.0, 2.0),) * len(anchor_sizes)),
             )
         else:
-            fpn_backbone = _mobilenet_p3_p7(net, trainable)
+            c5 = net.features[_MOBILENET_C3_C5[-1]].out_channels
+            extra = p6p7(c5, extra_levels_from, relu_before_p7)
+            fpn_backbone = _mobilenet_p3_p7(net, trainable, extra)
     model = cls(fpn_backbone, num_classes + 1, min_size=min_size, max_size=max_size, **kwargs)
     if box_regression_bias is not None:
         if arch != "fcos":
@@ -143,7 +167,9 @@ def build_detector(
     return model, [FPN_LAYER]
 
 
-def _mobilenet_p3_p7(net: nn.Module, trainable_layers: int) -> BackboneWithFPN:
+def _mobilenet_p3_p7(
+    net: nn.Module, trainable_layers: int, extra_blocks: nn.Module
+) -> BackboneWithFPN:
     """MobileNetV3 features → FPN on C3–C5 + P6/P7 (5 levels, strides 8…128)."""
     features = net.features
     stages = mobilenet_stage_indices(features)
@@ -157,7 +183,7 @@ def _mobilenet_p3_p7(net: nn.Module, trainable_layers: int) -> BackboneWithFPN:
         return_layers={str(i): str(level) for level, i in enumerate(_MOBILENET_C3_C5)},
         in_channels_list=[features[i].out_channels for i in _MOBILENET_C3_C5],
         out_channels=256,
-        extra_blocks=LastLevelP6P7(256, 256),
+        extra_blocks=extra_blocks,
     )
 
 
@@ -181,5 +207,5 @@ def _check_kwargs(cls: type[nn.Module], kwargs: dict[str, Any]) -> None:
     if unknown:
         raise UserTypeError(
             f"unexpected keyword argument(s) {unknown} for {cls.__name__}; "
-            f"accepted: {sorted(allowed | {'trainable_backbone_layers', 'frozen_bn', 'box_regression_bias'})}"
+            f"accepted: {sorted(allowed | _OWN_OPTIONS)}"
         )
