@@ -201,3 +201,118 @@ def test_tokens_are_the_learners_modules() -> None:
     assert all(isinstance(t[0], ReceptiveTokens) for t in tokens.values())
     owned = {id(p) for p in learner.level_tokens.parameters()}
     assert all(id(p) in owned for group in tokens.values() for t in group for p in t.parameters())
+
+
+def test_train_teacher_mode_uses_batch_statistics_and_keeps_parameters() -> None:
+    """teacher_mode="train" (the authors' segmentation stage 1): BatchNorm normalises with the
+    batch's statistics, Dropout is active, the running statistics move, the parameters never."""
+    torch.manual_seed(0)
+    net = SmallSegmenter()
+    conv, bn, drop, head = net.body[0], net.body[1], net.body[3], net.head
+    with torch.no_grad():  # running statistics far from any batch's
+        bn.running_mean.fill_(3.0)
+        bn.running_var.fill_(9.0)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    teacher = SegmentationTask(net, num_classes=3)
+    params = {n: p.detach().clone() for n, p in teacher.named_parameters()}
+    learner = TokenLearner(teacher, ["model.head"], 2, weighted=False, teacher_mode="train")
+    learner.train()
+    assert all(m.training for m in teacher.modules())
+    tok = learner.tokens()["model.head"][0]
+    nn.init.normal_(tok.mask_token, std=0.5)
+    start = tok.mask_token.detach().clone()
+
+    g = torch.Generator().manual_seed(3)
+    images = torch.randn(4, 3, 16, 16, generator=g)
+    targets = torch.randint(0, 3, (4, 16, 16), generator=g)
+    torch.manual_seed(11)
+    losses = learner(images, targets)
+
+    def by_hand(train: bool) -> tuple[Tensor, Tensor]:
+        with torch.no_grad():
+            x = conv(images)
+            if train:
+                mean = x.mean(dim=(0, 2, 3))
+                var = x.var(dim=(0, 2, 3), unbiased=False)
+            else:
+                mean, var = torch.full((8,), 3.0), torch.full((8,), 9.0)
+            x = (x - mean[:, None, None]) / torch.sqrt(var[:, None, None] + bn.eps)
+            x = F.relu(x * bn.weight[:, None, None] + bn.bias[:, None, None])
+            if train:
+                torch.manual_seed(11)  # the dropout draws the learner's forward made
+                x = F.dropout(x, drop.p, training=True)
+            logits = head(x)
+            masks = torch.einsum("tc,nchw->nthw", tok.mask_token, logits).sigmoid()
+            up = F.interpolate(
+                masks.sum(dim=1, keepdim=True) * logits,
+                size=(16, 16),
+                mode="bilinear",
+                align_corners=False,
+            )
+            return F.cross_entropy(up, targets), mean
+
+    want, batch_mean = by_hand(train=True)
+    torch.testing.assert_close(losses["loss_seg"], want)
+    assert not torch.allclose(losses["loss_seg"], by_hand(train=False)[0], rtol=0, atol=1e-3)
+    # The running statistics of this teacher copy update, as in the authors' script.
+    torch.testing.assert_close(bn.running_mean, 0.9 * 3.0 + 0.1 * batch_mean)
+
+    opt = torch.optim.SGD(
+        [p for p in learner.parameters() if p.requires_grad],
+        lr=0.1,
+        momentum=0.9,
+        weight_decay=1e-3,
+    )
+    for _ in range(3):
+        opt.zero_grad()
+        sum(learner(images, targets).values()).backward()
+        assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+        opt.step()
+    for name, value in teacher.named_parameters():
+        assert torch.equal(value, params[name]), f"teacher parameter {name} changed"
+    assert not torch.equal(tok.mask_token, start)
+    learner.eval()
+    assert not any(m.training for m in teacher.modules())
+
+
+def test_teacher_mode_is_checked() -> None:
+    with pytest.raises(ValueError, match=r"teacher_mode must be one of \['eval', 'train'\]"):
+        TokenLearner(SegmentationTask(SmallSegmenter(), 3), ["model.head"], teacher_mode="frozen")
+
+
+def test_stage1_checkpoint_keeps_a_training_teachers_statistics() -> None:
+    """A train-mode teacher's BatchNorm buffers go into the checkpoint (its parameters do not),
+    the recorded hash is the teacher as loaded, and a fresh run resumes the moved statistics."""
+    from maskd.engine.modules import LearnMasksModule, state_fingerprint
+
+    def module(mode: str) -> LearnMasksModule:
+        torch.manual_seed(0)
+        teacher = SegmentationTask(SmallSegmenter(), 3)
+        learner = TokenLearner(teacher, ["model.head"], 2, weighted=False, teacher_mode=mode)
+        return LearnMasksModule(learner, "segmentation", 3)
+
+    run = module("train")
+    loaded = state_fingerprint(run.net.teacher)
+    g = torch.Generator().manual_seed(5)
+    run.net.train()
+    run.net(torch.randn(2, 3, 16, 16, generator=g), torch.randint(0, 3, (2, 16, 16), generator=g))
+    moved = {k: v.clone() for k, v in run.net.teacher.state_dict().items()}
+    assert not torch.equal(moved["model.body.1.running_mean"], torch.zeros(8))
+
+    ckpt = {"state_dict": run.state_dict()}
+    run.on_save_checkpoint(ckpt)
+    kept = {k for k in ckpt["state_dict"] if k.startswith("net.teacher.")}
+    assert kept == {f"net.teacher.{n}" for n, _ in run.net.teacher.named_buffers()}
+    assert ckpt["maskd_teacher"]["sha256"] == loaded != state_fingerprint(run.net.teacher)
+
+    fresh = module("train")
+    fresh.on_load_checkpoint(ckpt)
+    fresh.load_state_dict(ckpt["state_dict"])
+    for key, value in fresh.net.teacher.state_dict().items():
+        assert torch.equal(value, moved[key]), key
+
+    still = module("eval")
+    ckpt = {"state_dict": still.state_dict()}
+    still.on_save_checkpoint(ckpt)
+    assert not [k for k in ckpt["state_dict"] if k.startswith("net.teacher.")]

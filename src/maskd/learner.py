@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 from torch import Tensor, nn
 
@@ -12,7 +12,10 @@ from maskd.losses import dice_diversity
 from maskd.taps import FeatureTaps, probe_levels
 from maskd.tokens import ReceptiveTokens
 
-__all__ = ["TokenLearner", "freeze", "keep_normalization_eval"]
+__all__ = ["TEACHER_MODES", "TokenLearner", "freeze", "keep_normalization_eval"]
+
+TeacherMode = Literal["eval", "train"]
+TEACHER_MODES: tuple[str, ...] = ("eval", "train")
 
 # Modules whose training flag changes what they compute from the batch.
 _STATEFUL = (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd)
@@ -52,9 +55,22 @@ class TokenLearner(nn.Module):
     ``[N, T, H, W]`` is summed over levels, scaled by ``dice_weight`` and returned as
     ``loss_dice``.
 
-    The teacher is frozen in place (no parameter requires grad) and its BatchNorm and Dropout
-    modules stay in eval mode whatever ``.train()`` is called with; the rest of the teacher
-    follows the learner's mode, so in training mode a detector still computes its losses.
+    The teacher is frozen in place: no parameter requires grad, none is ever handed to an
+    optimizer, so its parameters stay bit-identical. ``teacher_mode`` decides what its
+    BatchNorm and Dropout modules do while the learner trains:
+
+    - ``"eval"`` (default; the authors' detection hook, ``mmdetection/maskd_hook.py``, puts
+      every BatchNorm in eval before each iteration): BatchNorm and Dropout stay in eval mode
+      whatever ``.train()`` is called with; the rest of the teacher follows the learner's
+      mode, so in training mode a detector still computes its losses.
+    - ``"train"`` (the authors' segmentation script, ``segmentation/train_mask_module.py``,
+      calls ``model.train()`` on the teacher): the whole teacher follows the learner's mode,
+      so in training BatchNorm normalises with the batch's statistics and Dropout is active.
+      BatchNorm's running statistics of this teacher copy *do* update during stage 1, as in
+      the authors' script; they are only read by an eval-mode forward (validation). What the
+      stage produces are the tokens: stage 2 rebuilds the teacher from its own weights file.
+
+    In eval mode (``.eval()``) the whole teacher is in eval mode either way.
 
     Channels are inferred by one dry run at construction: the teacher in eval mode under
     ``torch.no_grad()``, on ``example_input`` (default: one black ``[1, 3, 128, 128]`` image,
@@ -68,6 +84,8 @@ class TokenLearner(nn.Module):
         weighted: add the token-weighting head to every level.
         dice_weight: scale of the summed Dice diversity.
         example_input: dry-run input; a tuple is unpacked into positional arguments.
+        teacher_mode: ``"eval"`` or ``"train"``: the mode of the teacher's BatchNorm and
+            Dropout modules while the learner trains (see above).
     """
 
     def __init__(
@@ -78,10 +96,16 @@ class TokenLearner(nn.Module):
         weighted: bool = True,
         dice_weight: float = 1.0,
         example_input: Any = None,
+        teacher_mode: TeacherMode = "eval",
     ) -> None:
         super().__init__()
         if not isinstance(teacher, nn.Module):
             raise UserTypeError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
+        if teacher_mode not in TEACHER_MODES:
+            raise UserValueError(
+                f"teacher_mode must be one of {list(TEACHER_MODES)}, got {teacher_mode!r}"
+            )
+        self.teacher_mode: TeacherMode = teacher_mode
         _check_positive(num_tokens, "num_tokens")
         if not isinstance(dice_weight, int | float) or dice_weight < 0:
             raise UserValueError(f"dice_weight must be a number >= 0, got {dice_weight!r}")
@@ -113,9 +137,10 @@ class TokenLearner(nn.Module):
         self.train(self.training)
 
     def train(self, mode: bool = True) -> TokenLearner:
-        """Set the mode; the teacher's BatchNorm and Dropout modules stay in eval mode."""
+        """Set the mode; with ``teacher_mode="eval"`` the teacher's norms/dropout stay in eval."""
         super().train(mode)
-        keep_normalization_eval(self.teacher)
+        if self.teacher_mode == "eval":
+            keep_normalization_eval(self.teacher)
         return self
 
     def tokens(self) -> dict[str, list[ReceptiveTokens]]:

@@ -68,6 +68,10 @@ class MaskArgs:
         weighted: token-weighting head (authors: on for detection, off for segmentation).
         dice_weight: scale of the Dice diversity loss.
         mask_images: fixed validation images whose masks are logged after each validation.
+        teacher_mode: ``eval`` (the teacher's BatchNorm and Dropout in eval mode; authors'
+            detection) or ``train`` (BatchNorm on batch statistics, Dropout active; authors'
+            segmentation). The teacher's parameters never train either way; see
+            ``maskd.TokenLearner``.
     """
 
     layers: list[str] | None = None
@@ -75,6 +79,7 @@ class MaskArgs:
     weighted: bool = True
     dice_weight: float = 1.0
     mask_images: int = 4
+    teacher_mode: Literal["eval", "train"] = "eval"
 
 
 @dataclass
@@ -507,7 +512,14 @@ def run_learn_masks(
     _seed(run)
     net, default_layers, _ = build_model(teacher, num_classes)
     layers = masks.layers or default_layers
-    learner = TokenLearner(net, layers, masks.num_tokens, masks.weighted, masks.dice_weight)
+    learner = TokenLearner(
+        net,
+        layers,
+        masks.num_tokens,
+        masks.weighted,
+        masks.dice_weight,
+        teacher_mode=masks.teacher_mode,
+    )
     classes = _classes(teacher, num_classes)
     meta = {
         "job": "learn-masks",

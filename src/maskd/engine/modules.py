@@ -179,8 +179,14 @@ class MaskdModule(L.LightningModule):
         """A frozen sub-module (``self.net.teacher``) that checkpoints leave out, or ``None``."""
         return None
 
+    def teacher_state_kept(self) -> set[str]:
+        """Names in the frozen teacher's state dict that checkpoints keep (default: none)."""
+        return set()
+
     def _teacher_fingerprint(self) -> str:
-        # The teacher is frozen and in eval mode for the whole run, so one hash serves.
+        # One hash of the teacher as loaded serves the whole run: its parameters never change.
+        # A stage-1 teacher in train mode moves its BatchNorm statistics, so LearnMasksModule
+        # hashes it before training and its checkpoints keep those buffers.
         cached = getattr(self, "_teacher_sha256", None)
         if cached is None:
             teacher = self.frozen_teacher()
@@ -194,7 +200,8 @@ class MaskdModule(L.LightningModule):
             return
         prefix = "net.teacher."
         state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith(prefix)]:
+        kept = {prefix + name for name in self.teacher_state_kept()}
+        for key in [k for k in state if k.startswith(prefix) and k not in kept]:
             del state[key]
         checkpoint["maskd_teacher"] = {"prefix": prefix, "sha256": self._teacher_fingerprint()}
 
@@ -218,7 +225,7 @@ class MaskdModule(L.LightningModule):
         self.check_teacher(info)
         state = checkpoint["state_dict"]
         for key, value in teacher.state_dict().items():
-            state[info["prefix"] + key] = value
+            state.setdefault(info["prefix"] + key, value)  # entries the checkpoint kept win
 
 
 class TrainModule(MaskdModule):
@@ -237,10 +244,16 @@ class LearnMasksModule(MaskdModule):
 
     Validation scores the teacher running on its masked features (the learner in eval
     mode), which shows how much of the task the masks keep.
+
+    With the learner's ``teacher_mode="train"`` the teacher's BatchNorm running statistics
+    move during training: the teacher is hashed as loaded (the resume check), and checkpoints
+    keep its buffers so a resumed run continues from the moved statistics.
     """
 
     def __init__(self, learner: nn.Module, task: Task, num_classes: int, **kwargs: Any) -> None:
         super().__init__(learner, task, num_classes, **kwargs)
+        if self._teacher_trains():
+            self._teacher_fingerprint()
 
     @property
     def learner(self) -> nn.Module:
@@ -248,6 +261,14 @@ class LearnMasksModule(MaskdModule):
 
     def frozen_teacher(self) -> nn.Module | None:
         return self.net.teacher
+
+    def _teacher_trains(self) -> bool:
+        return getattr(self.net, "teacher_mode", "eval") == "train"
+
+    def teacher_state_kept(self) -> set[str]:
+        if not self._teacher_trains():
+            return set()
+        return {name for name, _ in self.net.teacher.named_buffers()}
 
 
 class DistillModule(MaskdModule):
