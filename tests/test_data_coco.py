@@ -223,3 +223,43 @@ def test_json_without_annotations_key(tmp_path: Path) -> None:
     fx["ann"].write_text(json.dumps(data))
     ds = CocoDetection(tmp_path / "val", fx["ann"])
     assert len(ds) == 3 and all(ds[i][1]["boxes"].shape == (0, 4) for i in range(3))
+
+
+def test_image_sizes_come_from_the_annotation_file(tmp_path: Path, monkeypatch) -> None:
+    fx = _coco(tmp_path)
+    (tmp_path / "val" / "b.png").unlink()  # a missing image is left out, its size too
+    ds = CocoDetection(tmp_path / "val", fx["ann"], skip_bad=True)
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("an image was opened")
+
+    monkeypatch.setattr("maskd.data.coco.read_rgb", no_reading)
+    assert ds.image_sizes() == [(40, 50), (20, 25)]  # ids 10 and 30, as in the JSON
+
+
+def test_aspect_ratio_group_factor_groups_the_training_batches(tmp_path: Path) -> None:
+    from maskd.engine.config import DataArgs
+    from maskd.engine.jobs import ConfigError, build_data
+
+    _coco(tmp_path, "val")
+    args = {"kind": "coco", "root": str(tmp_path), "train_split": "val", "val_split": "val"}
+    dm, _ = build_data(DataArgs(**args, batch_size=2), "detection", seed=0)
+    assert dm.group_ids is None
+    dm, _ = build_data(
+        DataArgs(**args, batch_size=2, aspect_ratio_group_factor=0), "detection", seed=0
+    )
+    # (h, w) = (40, 50), (30, 30), (20, 25): landscape, square, landscape
+    assert dm.group_ids == [0, 1, 0]
+    batches = [[t["image_id"] for t in targets] for _, targets in dm.train_dataloader()]
+    assert len(batches) == 1 and sorted(batches[0]) == [10, 30]
+    dm, _ = build_data(
+        DataArgs(**args, limit_train=2, aspect_ratio_group_factor=3), "detection", seed=0
+    )
+    # a Subset: the first two images, h / w = 0.8 (edges 2 ** (i / 3 - 1): 3 below) and 1
+    assert dm.group_ids == [3, 4]
+    with pytest.raises(ValueError, match=r"aspect_ratio_group_factor \(-1 or null: off\)"):
+        DataArgs(**args, aspect_ratio_group_factor=-2)
+    with pytest.raises(TypeError, match="must be an integer"):
+        DataArgs(**args, aspect_ratio_group_factor=1.5)  # type: ignore[arg-type]
+    assert DataArgs(**args, aspect_ratio_group_factor=-1).aspect_ratio_group_factor == -1
+    assert isinstance(ConfigError("x"), ValueError)

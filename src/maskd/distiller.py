@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -74,6 +75,8 @@ class Distiller(nn.Module):
     The teacher is frozen in place, always in eval mode, runs under ``torch.no_grad()`` and is
     stopped as soon as its last tapped layer has produced its output, so its heads and
     post-processing never run. The tokens are copied and frozen (the caller's are untouched).
+    In training, a torchvision detector teacher's resizing transform alone follows the
+    student's: it draws the same random ``min_size`` per image (multi-scale training).
 
     With ``head_kd`` set (torchvision RetinaNet / Faster R-CNN only, see
     :mod:`maskd.head_kd`), the teacher also runs until its ``backbone`` output, and only the
@@ -366,7 +369,7 @@ class Distiller(nn.Module):
     ) -> tuple[list[Tensor], dict[str, Tensor], ResizedBatch | None]:
         """The teacher's levels of the paired layers (in order), all its levels, its batch."""
         rec = self._teacher_recorder
-        with torch.no_grad():
+        with torch.no_grad(), self._teacher_sizes_like_student():
             rec.run(images)
         feats = [v for path in self.pairs.values() for _, v in flatten_output(path, rec[path])]
         return feats, recorded_levels(rec, self._t_paths), resized_batch(rec)
@@ -440,6 +443,29 @@ class Distiller(nn.Module):
             losses["loss_head_kd"] = self.head_kd.loss(s_rec, self._teacher_recorder)
         return losses
 
+    @contextmanager
+    def _teacher_sizes_like_student(self) -> Iterator[None]:
+        """In training, the teacher's detection transform draws the sizes the student's will.
+
+        A torchvision detector in training mode picks each image's ``min_size`` at random from
+        its list (or keeps the size with ``_skip_resize``), while the teacher stays in eval
+        mode, whose transform always takes the last size. So the teacher's transform runs in
+        training mode here, on a fork of the CPU RNG: the student then draws the same numbers
+        afresh, both see the same sizes (mmdet resizes once, in the data pipeline, for both),
+        and the student's random stream is the one it would have alone. With one size and no
+        ``_skip_resize`` the result is that of eval mode.
+        """
+        transform = detection_transform(self.teacher)
+        if not self.training or transform is None or detection_transform(self.student) is None:
+            yield
+            return
+        transform.train()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                yield
+        finally:
+            transform.eval()
+
     def _check_sizes(self, s_batch: ResizedBatch | None, t_batch: ResizedBatch | None) -> None:
         if s_batch is None or t_batch is None:
             return
@@ -451,7 +477,7 @@ class Distiller(nn.Module):
             "the student's and the teacher's detection transforms resized the batch "
             f"differently: student image sizes {s_sizes} (padded {s_pad}), teacher {t_sizes} "
             f"(padded {t_pad}). Give both the same resizing (student {_resizing(self.student)}; "
-            f"teacher {_resizing(self.teacher)}). A detector in training mode picks a random "
-            "min_size from its list while the teacher in eval mode uses the last one, so do "
-            "multi-scale resizing in the data pipeline instead."
+            f"teacher {_resizing(self.teacher)}): in training the teacher's transform draws its "
+            "sizes as the student's does, so give both the same min_size list, max_size and "
+            "_skip_resize."
         )

@@ -230,6 +230,12 @@ class CocoDetection(SkipBadSamples, Dataset):
         """Path of the image of sample `index`."""
         return self.image_dir / self.coco.imgs[self.ids[index]]["file_name"]
 
+    def image_sizes(self) -> list[tuple[int, int]]:
+        """``(height, width)`` of every sample, from the annotation file (no image is read)."""
+        return [
+            (int(self.coco.imgs[i]["height"]), int(self.coco.imgs[i]["width"])) for i in self.ids
+        ]
+
     def _describe(self, index: int) -> str:
         return str(self.image_path(index))
 

@@ -73,6 +73,10 @@ class DataArgs:
         skip_bad: skip (and count) unreadable samples instead of failing.
         limit_train: use only the first n training images (0: all).
         limit_val: use only the first n validation images (0: all).
+        aspect_ratio_group_factor: batch training images of one aspect-ratio group only
+            (``height / width`` binned at ``2 ** linspace(-1, 1, 2k + 1)``; torchvision's
+            detection references use 3; 0 splits landscape from the rest, as mmdet's
+            ``GroupSampler``); sizes come from the annotation file (COCO). ``None`` or -1: off.
     """
 
     kind: str = "coco"
@@ -90,6 +94,7 @@ class DataArgs:
     skip_bad: bool = False
     limit_train: int = 0
     limit_val: int = 0
+    aspect_ratio_group_factor: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "val_batch_size"):
@@ -100,3 +105,10 @@ class DataArgs:
             sizes = getattr(self, name)
             for v in [] if sizes is None else [sizes] if isinstance(sizes, int) else sizes:
                 check_number(v, f"data.{name}", low=1, integer=True)
+        if self.aspect_ratio_group_factor not in (None, -1):
+            check_number(
+                self.aspect_ratio_group_factor,
+                "data.aspect_ratio_group_factor (-1 or null: off)",
+                low=0,
+                integer=True,
+            )

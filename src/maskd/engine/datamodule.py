@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
@@ -10,7 +10,12 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data import default_collate as torch_default_collate
 
-from maskd.engine.sampling import ResumableSampler, SeededDataset, ShardedSampler
+from maskd.engine.sampling import (
+    GroupedBatchSampler,
+    ResumableSampler,
+    SeededDataset,
+    ShardedSampler,
+)
 from maskd.errors import UserValueError
 
 __all__ = ["MaskdDataModule"]
@@ -34,6 +39,9 @@ class MaskdDataModule(L.LightningDataModule):
         num_workers: loader worker processes.
         seed: base seed for order and augmentation.
         collate_fn: batch collation (``maskd.data.detection_collate`` for detection).
+        group_ids: a group per training sample (e.g. ``maskd.engine.sampling.
+            aspect_ratio_groups``); every training batch then holds one group
+            (:class:`GroupedBatchSampler`). ``None``: batches of the plain order.
     """
 
     def __init__(
@@ -45,12 +53,18 @@ class MaskdDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         collate_fn: Callable[[list], Any] | None = None,
+        group_ids: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         self.train_set, self.val_set = train_set, val_set
         self.batch_size, self.val_batch_size = batch_size, val_batch_size
         self.num_workers, self.seed = num_workers, seed
         self.collate_fn = collate_fn or torch_default_collate
+        if group_ids is not None and train_set is not None and len(group_ids) != len(train_set):
+            raise UserValueError(
+                f"{len(group_ids)} group ids for {len(train_set)} training samples"
+            )
+        self.group_ids = None if group_ids is None else list(group_ids)
         self._pending_skip: tuple[int, int] | None = None
 
     def _rank_world(self) -> tuple[int, int]:
@@ -82,12 +96,23 @@ class MaskdDataModule(L.LightningDataModule):
                 f"data: {len(self.train_set)} training images are fewer than one batch "
                 f"({self.batch_size} per process × {world} processes)"
             )
+        dataset = SeededDataset(self.train_set, self.seed)
+        if self.group_ids is not None:
+            batches = GroupedBatchSampler(sampler, self.group_ids, self.batch_size)
+            if self._pending_skip is not None:
+                batches.skip(*self._pending_skip)
+                self._pending_skip = None
+            return DataLoader(
+                dataset,
+                batch_sampler=batches,
+                num_workers=self.num_workers,
+                collate_fn=self.collate_fn,
+                persistent_workers=self.num_workers > 0,
+            )
         if self._pending_skip is not None:
             sampler.skip(*self._pending_skip)
             self._pending_skip = None
-        return self._loader(
-            SeededDataset(self.train_set, self.seed), sampler, self.batch_size, True
-        )
+        return self._loader(dataset, sampler, self.batch_size, True)
 
     def val_dataloader(self) -> DataLoader:
         if self.val_set is None:

@@ -251,6 +251,9 @@ def build_data(
             raise ConfigError(f"data: training split {data.train_split!r}: {err}") from None
         print(f"data: {data.train_split}: {full_train.summary()}", flush=True)
         train_set = _limit(full_train, data.limit_train)
+    group_ids = None
+    if train_set is not None and data.aspect_ratio_group_factor not in (None, -1):
+        group_ids = _aspect_ratio_groups(train_set, data.aspect_ratio_group_factor)
     print(f"data: {data.val_split}: {val_set.summary()}", flush=True)
     num_classes = int(val_set.num_classes)
     dm = MaskdDataModule(
@@ -261,8 +264,22 @@ def build_data(
         num_workers=data.num_workers,
         seed=seed,
         collate_fn=collate_for(task),
+        group_ids=group_ids,
     )
     return dm, num_classes
+
+
+def _aspect_ratio_groups(dataset: Dataset, factor: int) -> list[int]:
+    """Aspect-ratio group per training image (sizes from the annotations); prints the counts."""
+    from maskd.engine.sampling import aspect_ratio_groups, image_sizes
+
+    try:
+        groups = aspect_ratio_groups(image_sizes(dataset), factor)
+    except ValueError as err:
+        raise ConfigError(f"data.aspect_ratio_group_factor: {err}") from None
+    counts = [groups.count(g) for g in range(2 * factor + 2)]
+    print(f"data: aspect-ratio groups (factor {factor}): images per group {counts}", flush=True)
+    return groups
 
 
 def load_token_file(path: str, teacher_layers: list[str]) -> dict[str, list]:

@@ -17,6 +17,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from maskd._checks import check_number
 from maskd.engine.checkpoint import AtomicCheckpointIO
+from maskd.errors import UserTypeError
 
 __all__ = ["TrainerSpec", "build_trainer"]
 
@@ -44,6 +45,10 @@ class TrainerSpec:
             an op has none, e.g. some CUDA backward kernels).
         progress_bar: show the rich progress bar.
         limit_val_batches: fraction or count of validation batches (1.0: all).
+        sync_batchnorm: turn the model's BatchNorm layers into ``SyncBatchNorm`` under DDP,
+            so batch statistics span all processes (Lightning's ``sync_batchnorm``; the
+            authors' segmentation with 2 images per GPU). Frozen / eval-mode BatchNorm
+            layers keep their running statistics either way.
     """
 
     max_steps: int = -1
@@ -62,6 +67,7 @@ class TrainerSpec:
     deterministic: bool | str = "warn"
     progress_bar: bool = True
     limit_val_batches: float | int = 1.0
+    sync_batchnorm: bool = False
 
     def __post_init__(self) -> None:
         if self.max_steps != -1:
@@ -78,6 +84,10 @@ class TrainerSpec:
             check_number(getattr(self, name), f"trainer.{name}", low=0, integer=True)
         check_number(self.log_every_n_steps, "trainer.log_every_n_steps", low=1, integer=True)
         check_number(self.limit_val_batches, "trainer.limit_val_batches", low=0, low_open=True)
+        if not isinstance(self.sync_batchnorm, bool):
+            raise UserTypeError(
+                f"trainer.sync_batchnorm must be true or false, got {self.sync_batchnorm!r}"
+            )
 
 
 # MaskdDataModule restores the position inside an epoch itself (see its state_dict),
@@ -162,6 +172,7 @@ def build_trainer(
         "gradient_clip_val": spec.gradient_clip_val or None,
         "gradient_clip_algorithm": "norm",
         "accumulate_grad_batches": spec.accumulate_grad_batches,
+        "sync_batchnorm": spec.sync_batchnorm,
         "log_every_n_steps": spec.log_every_n_steps,
         "deterministic": spec.deterministic,
         "callbacks": cbs,

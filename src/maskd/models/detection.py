@@ -10,6 +10,8 @@ into e.g. ``torchvision.models.detection.retinanet_resnet50_fpn(num_classes=K + 
   here C3/C4/C5 are the outputs of the last block at stride 8/16/32 (features 6, 12, 16).
   ``extra_levels_from="c5"`` / ``relu_before_p7=False`` give mmdet's RetinaNet P6/P7
   (:mod:`maskd.models.fpn_levels`).
+- FCOS: ``centerness_on="cls"`` predicts centerness from the classification tower (mmdet's
+  default, :mod:`maskd.models.fcos_head`) instead of torchvision's regression tower.
 
 As in torchvision, a backbone that starts from weights (``backbone_weights`` or a whole-model
 checkpoint) gets ``FrozenBatchNorm2d`` and 3 trainable stages; a random one gets
@@ -40,6 +42,7 @@ from maskd.models.backbones import (
     build_resnet,
     mobilenet_stage_indices,
 )
+from maskd.models.fcos_head import ClsCenternessFCOSHead
 from maskd.models.fpn_levels import ExtraSource, p6p7
 
 DETECTORS: dict[str, type[nn.Module]] = {
@@ -59,6 +62,7 @@ _OWN_OPTIONS = {
     "box_regression_bias",
     "extra_levels_from",
     "relu_before_p7",
+    "centerness_on",
 }
 # Last block at stride 8 / 16 / 32 in mobilenet_v3_large().features.
 _MOBILENET_C3_C5 = (6, 12, 16)
@@ -78,6 +82,7 @@ def build_detector(
     box_regression_bias: float | None = None,
     extra_levels_from: ExtraSource = "p5",
     relu_before_p7: bool = True,
+    centerness_on: str | None = None,
     **kwargs: Any,
 ) -> tuple[nn.Module, list[str]]:
     """Build ``arch`` (fasterrcnn | retinanet | fcos) on ``backbone`` with FPN.
@@ -85,8 +90,10 @@ def build_detector(
     ``num_classes`` counts foreground classes; the model predicts ``num_classes + 1``
     (index 0 = background, torchvision's convention). ``pretrained`` says a whole-model
     checkpoint will be loaded afterwards (only affects the BatchNorm/freezing defaults).
-    ``min_size`` / ``max_size``: the shorter side is resized to ``min_size`` (a random one of
-    a tuple per training batch, for scale jitter) unless the longer would exceed ``max_size``.
+    ``min_size`` / ``max_size``: the shorter side is resized to ``min_size`` unless the longer
+    would exceed ``max_size``. A list of sizes gives multi-scale training: torchvision draws
+    one per training image from the global RNG (which every training step reseeds from the
+    run's seed and position, so a resume draws the same), and evaluation uses the last one.
     ``box_regression_bias`` (FCOS only): start the box-regression conv's bias at this value
     instead of 0. FCOS clips its (left, top, right, bottom) distances with a ReLU, and a box
     with one side at 0 has zero area, so GIoU gives it no gradient; trained from scratch, a
@@ -96,6 +103,9 @@ def build_detector(
     from the backbone's ``"c5"`` (mmdet's RetinaNet, ``add_extra_convs='on_input'``);
     ``relu_before_p7``: P7 = conv(ReLU(P6)) (torchvision, mmdet's FCOS) or conv(P6) (mmdet's
     RetinaNet).
+    ``centerness_on`` (FCOS only): ``"reg"`` (torchvision, default) predicts centerness from
+    the regression tower, ``"cls"`` from the classification tower (mmdet's default
+    ``centerness_on_reg=False``, which the MasKD authors' FCOS teacher and student use).
     Other ``kwargs`` go to the torchvision detector class (e.g. ``score_thresh``).
     Returns the detector and ``["backbone.fpn"]``, whose output dict holds every FPN level.
     """
@@ -123,7 +133,8 @@ def build_detector(
             "Faster R-CNN's extra level is a max-pool"
         )
     if len(sizes) > 1:
-        min_size = sizes  # torchvision picks one at random per training batch
+        min_size = sizes  # torchvision picks one at random per training image
+    _check_centerness(arch, centerness_on, kwargs)
 
     is_trained = pretrained or backbone_weights is not None
     if frozen_bn is None:
@@ -153,6 +164,8 @@ def build_detector(
             c5 = net.features[_MOBILENET_C3_C5[-1]].out_channels
             extra = p6p7(c5, extra_levels_from, relu_before_p7)
             fpn_backbone = _mobilenet_p3_p7(net, trainable, extra)
+    if centerness_on == "cls":
+        kwargs["head"] = _cls_centerness_head(fpn_backbone, num_classes, kwargs)
     model = cls(fpn_backbone, num_classes + 1, min_size=min_size, max_size=max_size, **kwargs)
     if box_regression_bias is not None:
         if arch != "fcos":
@@ -165,6 +178,26 @@ def build_detector(
             )
         nn.init.constant_(model.head.regression_head.bbox_reg.bias, float(box_regression_bias))
     return model, [FPN_LAYER]
+
+
+def _check_centerness(arch: str, centerness_on: object, kwargs: dict[str, Any]) -> None:
+    if centerness_on is None:
+        return
+    if arch != "fcos":
+        raise UserValueError(f"centerness_on applies to FCOS only, not {arch!r}")
+    if centerness_on not in ("reg", "cls"):
+        raise UserValueError(f"centerness_on must be 'reg' or 'cls', got {centerness_on!r}")
+    if centerness_on == "cls" and "head" in kwargs:
+        raise UserValueError("give either head= or centerness_on='cls', not both")
+
+
+def _cls_centerness_head(
+    backbone: nn.Module, num_classes: int, kwargs: dict[str, Any]
+) -> ClsCenternessFCOSHead:
+    """An FCOS head for ``backbone`` with centerness on the classification tower."""
+    generator = kwargs.get("anchor_generator")
+    anchors = generator.num_anchors_per_location()[0] if generator is not None else 1
+    return ClsCenternessFCOSHead(backbone.out_channels, anchors, num_classes + 1)
 
 
 def _mobilenet_p3_p7(
