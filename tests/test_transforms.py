@@ -163,3 +163,31 @@ def test_detection_collate_keeps_lists_in_order() -> None:
         [(torch.zeros(3, 2, 2), torch.zeros(2, 2, dtype=torch.long))] * 3
     )
     assert seg[0].shape == (3, 3, 2, 2) and seg[1].shape == (3, 2, 2)
+
+
+@pytest.mark.parametrize(
+    ("task", "options", "named"),
+    [
+        ("detection", {"hfilp": 0.5}, "hflip"),
+        ("segmentation", {"mean": [0.5] * 3, "crop": 3}, "scale_range"),
+    ],
+)
+def test_unknown_transform_options_are_named_with_the_valid_ones(task, options, named):
+    with pytest.raises(ValueError, match="unknown option") as info:
+        build_transforms(task, True, 32, **options)
+    text = str(info.value)
+    bad = sorted(set(options) - {"mean"})
+    assert str(bad) in text and named in text and "\n" not in text
+
+
+def test_segmentation_training_without_a_crop_size_names_the_option():
+    with pytest.raises(ValueError, match=r"crop size .*\(data\.size\)"):
+        build_transforms("segmentation", True, None)
+
+
+def test_a_size_among_the_transform_options_points_to_data_size():
+    from maskd.engine.config import DataArgs
+
+    for key in ("train_transforms", "val_transforms"):
+        with pytest.raises(ValueError, match=rf"data\.{key}: 'size' .*data\.(val_)?size"):
+            DataArgs(**{key: {"size": 64}})

@@ -9,6 +9,7 @@ normalisation), so their output already meets the data contract of `docs/design.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -142,7 +143,7 @@ def segmentation_transforms(
     if train:
         if size is None:
             raise UserValueError(
-                "segmentation training needs a crop size (size=...) to batch samples"
+                "segmentation training needs a crop size to batch samples (data.size)"
             )
         if scale_range is not None:
             ops.append(RandomScale(scale_range))
@@ -162,11 +163,20 @@ def build_transforms(task: str, train: bool, size: Size | None = None, **kwargs:
     Extra keyword arguments (`scale_range`, `hflip`, `max_size`, `mean`, `std`) go to
     `detection_transforms` / `segmentation_transforms`.
     """
-    if task == "detection":
-        return detection_transforms(train, size, **kwargs)
-    if task == "segmentation":
-        return segmentation_transforms(train, size, **kwargs)
-    raise UserValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    builders = {"detection": detection_transforms, "segmentation": segmentation_transforms}
+    if task not in builders:
+        raise UserValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    builder = builders[task]
+    valid = [
+        n for n, p in inspect.signature(builder).parameters.items() if p.kind == p.KEYWORD_ONLY
+    ]
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise UserValueError(
+            f"{'train' if train else 'val'}_transforms: unknown option(s) {unknown} for "
+            f"{task}; valid: {valid}"
+        )
+    return builder(train, size, **kwargs)
 
 
 def finalize_detection(

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from maskd._checks import check_number
+from maskd.errors import UserValueError
 
 __all__ = ["DataArgs", "InitFrom", "ModelArgs"]
 
@@ -105,6 +106,11 @@ class DataArgs:
             sizes = getattr(self, name)
             for v in [] if sizes is None else [sizes] if isinstance(sizes, int) else sizes:
                 check_number(v, f"data.{name}", low=1, integer=True)
+        for name, size in (("train_transforms", "size"), ("val_transforms", "val_size")):
+            if "size" in getattr(self, name):
+                raise UserValueError(
+                    f"data.{name}: 'size' is not a transform option; set data.{size} instead"
+                )
         if self.aspect_ratio_group_factor not in (None, -1):
             check_number(
                 self.aspect_ratio_group_factor,
