@@ -175,6 +175,8 @@ class Plan:
             "--trainer.progress_bar=false",
         ]
         self.resume = ["--run.resume=auto"]  # a cell stopped midway continues
+        # a diagnostic schedule: every student cell runs this many steps (its own cells)
+        self.student_steps: int | None = getattr(args, "student_steps", None)
         if self.quick:
             self.trainer += ["--trainer.checkpoint_every_n_steps=1"]
 
@@ -267,6 +269,8 @@ class Plan:
         out = self.work / name
         common = [f"--data.root={self.data}", f"--run.out={out}", f"--run.seed={seed}"]
         common += [*self.trainer, *self._steps("student"), *self.resume]
+        if self.student_steps:
+            common += [f"--trainer.max_steps={self.student_steps}"]
         if row.method is None:
             cmd = _maskd("train", "--config", str(self.cfg / "student.yaml"), *common)
             return self._model_cell(name, ["data"], cmd, "student", splits)
@@ -278,6 +282,15 @@ class Plan:
         if row.method == "maskd":
             cmd += [f"--distill.tokens={self.work / row.tokens / 'tokens.pt'}"]
             cmd += [f"--distill.loss_weight={weight}"]
+            warmup = yaml.safe_load((self.cfg / "distill.yaml").read_text())["distill"]
+            warmup = warmup.get("custom_mask_warmup")
+            if (
+                self.student_steps
+                and warmup
+                and "--distill.custom_mask_warmup=null" not in (row.overrides)
+            ):  # the custom mask starts at the same fraction of the schedule
+                fraction = warmup / _config_steps(self, quick=False)
+                cmd += [f"--distill.custom_mask_warmup={round(fraction * self.student_steps)}"]
             deps.append(row.tokens)
         else:
             kind = "fitnet" if row.method == "ones" else row.method
@@ -351,9 +364,12 @@ def tuning_methods(plan: Plan) -> list[str]:
     return [*plan.spec["peers"], "maskd"]
 
 
-def cell_name(row: Row, weight: float | None, seed: int) -> str:
-    """``student_s0``, ``maskd_w10_s1``: the same settings give the same cell."""
-    return f"{row.name}_s{seed}" if weight is None else f"{row.name}_w{weight:g}_s{seed}"
+def cell_name(row: Row, weight: float | None, seed: int, steps: int | None = None) -> str:
+    """``student_s0``, ``maskd_w10_s1``, ``cwd_w90_steps1000_s0``: same settings, same cell."""
+    schedule = f"_steps{steps}" if steps else ""
+    if weight is None:
+        return f"{row.name}{schedule}_s{seed}"
+    return f"{row.name}_w{weight:g}{schedule}_s{seed}"
 
 
 def tune(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
@@ -434,27 +450,38 @@ def table(plan: Plan, args: argparse.Namespace) -> dict[str, Any] | None:
     rows = [r for r in task_rows(plan.spec) if args.ablations or not r.ablation]
     if plan.quick:  # one cell of each kind
         rows = [r for r in rows if not r.ablation or r.name == "maskd_random"]
-    if args.rows:
-        rows = [r for r in rows if r.name in args.rows]
+    if args.rows:  # a diagnostic schedule's report also needs its own student alone
+        keep = {*args.rows, *(["student"] if plan.student_steps else [])}
+        rows = [r for r in rows if r.name in keep]
     weights: dict[str, float] = {}
     if any(r.method for r in rows):
         weights = chosen_weights(plan, args)
         weights["ones"] = weights["maskd"]
     variants = {r.tokens for r in rows if r.method == "maskd"}
-    cells = [plan.data_cell(), plan.teacher_cell(), *plan.token_cells(variants)]
+    cells = [plan.data_cell()]
+    if any(r.method for r in rows) or not args.rows:  # the report reads the teacher's scores
+        cells += [plan.teacher_cell(), *plan.token_cells(variants)]
     for row in rows:
         for seed in seeds:
             w = weights.get(row.method) if row.method else None
-            cells.append(plan.student_cell(row, seed, w, cell_name(row, w, seed), ("val", "test")))
+            name = cell_name(row, w, seed, plan.student_steps)
+            cells.append(plan.student_cell(row, seed, w, name, ("val", "test")))
     run_cells(cells, plan.work, args.workers, plan.kept)
-    if args.rows:  # part of the table: its cells are trained, the report waits for the rest
-        return None
+    if args.rows and not (plan.student_steps and any(r.method for r in rows)):
+        return None  # part of the table: its cells are trained, the report waits for the rest
     return _report(plan, args, rows, seeds, weights)
 
 
 def _score(result: dict[str, Any], split: str, metric: str) -> float:
     """The split's metric, or NaN for a cell whose training failed (diverged)."""
     return float("nan") if "error" in result else float(result[split][metric])
+
+
+def _config_steps(plan: Plan, quick: bool = True) -> int:
+    """The student recipe's step count (``--quick``'s unless ``quick`` is False)."""
+    if plan.quick and quick:
+        return QUICK["student_steps"]
+    return yaml.safe_load((plan.cfg / "student.yaml").read_text())["trainer"]["max_steps"]
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
@@ -467,13 +494,15 @@ def _report(plan: Plan, args: argparse.Namespace, rows: list[Row], seeds: list[i
     teacher_result = plan.read("teacher")
     teacher, teacher_val = teacher_result["test"], teacher_result["val"][key]
     sizes = QUICK["data"] if plan.quick else plan.spec["data"]
-    base = [100 * _score(plan.read(f"student_s{s}"), "test", key) for s in seeds]
+    steps = plan.student_steps
+    student = Row("student", "student alone")
+    base = [100 * _score(plan.read(cell_name(student, None, s, steps)), "test", key) for s in seeds]
     base_mean = statistics.fmean(base)
     gap = 100 * teacher[key] - base_mean
     out_rows = []
     for row in rows:
         w = weights.get(row.method) if row.method else None
-        results = [plan.read(cell_name(row, w, s)) for s in seeds]
+        results = [plan.read(cell_name(row, w, s, steps)) for s in seeds]
         values = [100 * _score(r, "test", key) for r in results]
         diffs = [v - b for v, b in zip(values, base, strict=True)]
         mean, std = _stats(values)
@@ -509,11 +538,12 @@ def _report(plan: Plan, args: argparse.Namespace, rows: list[Row], seeds: list[i
             "val": 100 * teacher_val,
         },
         "student_model": plan.spec["student"],
+        "student_steps": steps or _config_steps(plan),
         "metric": f"test {key}",
         "seeds": seeds,
         "rows": out_rows,
     }
-    stem = f"quality_{plan.task}_{args.accelerator}"
+    stem = f"quality_{plan.task}{f'_steps{steps}' if steps else ''}_{args.accelerator}"
     _write(args.out, stem, report, _table_md(report))
     _plot(report, args.out / f"{stem}.png")
     return report
@@ -552,9 +582,10 @@ def _table_md(r: dict[str, Any]) -> str:
     name = "AP" if r["task"] == "detection" else "mIoU"
     lines = [
         f"| row | weight | test {name}, mean ± std | per seed | Δ to student alone (paired) "
-        "| gap closed |",
-        "|---|---:|---:|---|---:|---:|",
-        f"| teacher ({r['teacher']['model']}) | | {r['teacher']['test']:.1f} | | | |",
+        f"| gap closed | validation {name}, mean |",
+        "|---|---:|---:|---|---:|---:|---:|",
+        f"| teacher ({r['teacher']['model']}) | | {r['teacher']['test']:.1f} | | | "
+        f"| {r['teacher']['val']:.1f} |",
     ]
     for row in r["rows"]:
         seeds = ", ".join(f"{v:.1f}" for v in row["test"])
@@ -569,13 +600,14 @@ def _table_md(r: dict[str, Any]) -> str:
             closed = f"{100 * row['gap_closed']:.0f} %" if row["gap_closed"] is not None else ""
         lines.append(
             f"| {row['label']} | {weight} | {row['mean']:.1f} ± {row['std']:.1f} | {seeds} "
-            f"| {delta} | {closed} |"
+            f"| {delta} | {closed} | {statistics.fmean(row['val']):.1f} |"
         )
     d = r["data"]
     return (
         f"Machine: {r['machine']}\n\nCommand: `{r['command']}`\n\nDate: {r['date']}\n\n"
         f"Data: synthetic, easy setting, {d['size']} px; {d['train']} train / {d['val']} val / "
-        f"{d['test']} test images. Student {r['student_model']}, seeds {r['seeds']}. "
+        f"{d['test']} test images. Student {r['student_model']}, "
+        f"{r.get('student_steps', '?')} steps, seeds {r['seeds']}. "
         f"Metric: {r['metric']} (percent). Δ is the mean ± std over seeds of the paired "
         'difference (same seed) to the student alone; "within noise": its two-sided 95 % '
         "t-interval contains 0 (always, with one seed). "
@@ -682,6 +714,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny data, a few steps, 1 seed")
     parser.add_argument("--rows", nargs="+", choices=[r.name for r in ROWS],
                         help="train only these rows' cells (no report)")  # fmt: skip
+    parser.add_argument("--student-steps", type=int, default=None,
+                        help="diagnostic: every student cell trains this many steps (own cells "
+                        "and report quality_<task>_steps<N>_<device>; with --rows, a report "
+                        "of those rows)")  # fmt: skip
     parser.add_argument("--work", type=Path, default=Path("runs/quality"))
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--random-tokens", type=Path, help=argparse.SUPPRESS)

@@ -93,3 +93,42 @@ def test_quality_quick_segmentation_has_its_own_peers_and_no_ablations(tmp_path)
     assert rows["student"]["test"] == [100 * result["test"]["miou"]]
     assert report["teacher"]["model"] == "deeplabv3_resnet18"
     assert "mIoU" in (out / "quality_segmentation_cpu.md").read_text()
+    # a diagnostic schedule: its own cells (student alone included) and its own report
+    steps = [*base, "--rows", "maskd", "--student-steps", "5"]
+    subprocess.run(steps, check=True, capture_output=True, text=True, timeout=900)
+    report = json.loads((out / "quality_segmentation_steps5_cpu.json").read_text())
+    assert report["student_steps"] == 5
+    assert [r["row"] for r in report["rows"]] == ["student", "maskd"]
+    for cell in ("student_steps5_s0", f"maskd_w{rows['maskd']['weight']:g}_steps5_s0"):
+        done = json.loads((work / "segmentation" / cell / "done.json").read_text())
+        assert done["global_step"] == 5, done
+    log = (work / "segmentation" / cell / "log.txt").read_text()
+    assert "--trainer.max_steps=5" in log and "custom_mask_warmup" not in log  # off here
+
+
+def test_quality_diagnostic_schedule_scales_the_custom_mask_warmup(tmp_path):
+    """--student-steps: MasKD's custom mask starts at the recipe's fraction (200 of 500)."""
+    import argparse
+
+    import yaml
+
+    sys.path.insert(0, str(QUALITY.parent))
+    from quality import CONFIGS, ROWS, Plan, cell_name
+
+    recipe = yaml.safe_load((CONFIGS / "detection" / "distill.yaml").read_text())
+    steps = yaml.safe_load((CONFIGS / "detection" / "student.yaml").read_text())
+    fraction = recipe["distill"]["custom_mask_warmup"] / steps["trainer"]["max_steps"]
+    args = argparse.Namespace(quick=False, work=tmp_path, out=tmp_path, accelerator="cpu",
+                              student_steps=1000)  # fmt: skip
+    plan = Plan("detection", args)
+    rows = {r.name: r for r in ROWS}
+    name = cell_name(rows["maskd"], 10.0, 0, 1000)
+    assert name == "maskd_w10_steps1000_s0"
+    train = plan.student_cell(rows["maskd"], 0, 10.0, name, ("val",)).commands[0][0]
+    assert "--trainer.max_steps=1000" in train
+    assert f"--distill.custom_mask_warmup={round(fraction * 1000)}" in train
+    off = plan.student_cell(rows["maskd_nocustom"], 0, 10.0, "x", ("val",)).commands[0][0]
+    assert not any(a.startswith("--distill.custom_mask_warmup=") and a[-4:] != "null" for a in off)
+    plain = plan.student_cell(rows["student"], 0, None, "student_steps1000_s0", ("val",))
+    assert "--trainer.max_steps=1000" in plain.commands[0][0]
+    assert cell_name(rows["student"], None, 2) == "student_s2"  # the table's own names stay
