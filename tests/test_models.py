@@ -465,6 +465,21 @@ def test_checkpoint_prefix_ambiguity_and_choice(tmp_path, lraspp_source):
         M.build("lraspp_mobilenet_v3_large", K, weights=tmp_path / "kd.ckpt", weights_prefix="x.")
 
 
+def test_checkpoint_with_other_modules_extra_state(tmp_path, lraspp_source):
+    """A distillation checkpoint also holds non-tensor extra state (the loss's step counter)
+    outside the student's prefix: loading the student ignores it; inside the prefix it is
+    still refused."""
+    state = {f"net.student.{k}": v for k, v in lraspp_source.items()}
+    state["net.loss._extra_state"] = {"steps": 3}
+    torch.save({"state_dict": state}, tmp_path / "kd.ckpt")
+    model, _ = M.build(
+        "lraspp_mobilenet_v3_large", K, weights=tmp_path / "kd.ckpt", weights_prefix="net.student."
+    )
+    _same(model, lraspp_source)
+    with pytest.raises(TypeError, match=r"entries that are not tensors: net\.loss\._extra_state"):
+        M.build("lraspp_mobilenet_v3_large", K, weights=tmp_path / "kd.ckpt", weights_prefix="net.")
+
+
 def test_checkpoint_wrong_num_classes(tmp_path, lraspp_source):
     torch.save(lraspp_source, tmp_path / "k3.pt")
     with pytest.raises(ValueError, match=r"shape mismatches.*classifier"):

@@ -73,6 +73,24 @@ def test_bad_weight_files_give_one_line(data, tmp_path, capsys):
         assert err.count("\n") == 1 and message in err and "Traceback" not in err, err
 
 
+def test_a_stage_one_checkpoint_as_model_weights_is_named(data, tmp_path, capsys):
+    ckpt = tmp_path / "last.ckpt"
+    meta = {"job": "learn-masks", "teacher": {"weights": "runs/teacher/model.pt"}}
+    torch.save({"maskd": meta, "state_dict": {"net.tokens.0.weight": torch.zeros(1)}}, ckpt)
+    code = main(
+        [
+            "evaluate",
+            "--model.name=fcos_resnet18_fpn",
+            f"--model.weights={ckpt}",
+            f"--data.root={data}",
+            "--trainer.accelerator=cpu",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1, err
+    assert "`maskd learn-masks` checkpoint" in err and "runs/teacher/model.pt" in err
+
+
 def test_bad_resume_checkpoints_give_one_line(data, tmp_path, capsys):
     args = _train_args(data)
     for i, (path, message) in enumerate(_bad_files(tmp_path).items()):

@@ -213,7 +213,15 @@ def _checkpoint_prefix(path: str, argument: str = "weights") -> str | None:
         return None
     obj = load_file(p, argument=argument)
     meta = obj.get("maskd") if isinstance(obj, Mapping) else None
-    return meta.get("weights_prefix") if isinstance(meta, Mapping) else None
+    if not isinstance(meta, Mapping):
+        return None
+    if meta.get("job") == "learn-masks":  # stage 1 keeps only the tokens, not the teacher
+        raise ConfigError(
+            f"{argument}: {path!r} is a `maskd learn-masks` checkpoint, which holds tokens, "
+            f"not model weights; give the teacher's weights ({meta.get('teacher', {}).get('weights')!r}) "
+            f"or a `maskd train` / `maskd distill` output"
+        )
+    return meta.get("weights_prefix")
 
 
 def _limit(dataset: Dataset, n: int) -> Dataset:

@@ -26,12 +26,16 @@ _COUNTER = "num_batches_tracked"
 _SHOWN = 12
 
 
-def read_state_dict(path: str | Path, *, argument: str = "weights") -> dict[str, Tensor]:
+def read_state_dict(
+    path: str | Path, *, argument: str = "weights", prefix: str = ""
+) -> dict[str, Tensor]:
     """Read a state dict from ``path``.
 
     Accepted layouts: a plain ``{name: Tensor}`` mapping; a mapping holding one under
     ``"state_dict"`` (Lightning and many training scripts) or ``"model"`` (torchvision's
-    reference scripts). Key prefixes are left untouched here.
+    reference scripts). Only the entries whose key starts with ``prefix`` are kept (and
+    checked: the rest of a training checkpoint may hold other modules' extra state); the
+    keys are left untouched.
     """
     obj = load_file(path, argument=argument)
     if not isinstance(obj, Mapping):
@@ -43,6 +47,7 @@ def read_state_dict(path: str | Path, *, argument: str = "weights") -> dict[str,
         if isinstance(inner, Mapping) and not isinstance(inner, Tensor):
             obj = inner
             break
+    obj = {k: v for k, v in obj.items() if not isinstance(k, str) or k.startswith(prefix)}
     bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
     if bad:
         raise UserTypeError(
@@ -90,13 +95,11 @@ def load_checkpoint(
     A model with an inner ``model`` attribute (``SegmentationTask``) also accepts a checkpoint
     of the inner network alone (a torchvision segmenter's state dict).
     """
-    state = read_state_dict(path, argument=argument)
+    if prefix is not None and not isinstance(prefix, str):
+        raise UserTypeError(f"weights_prefix must be a str or None, got {type(prefix).__name__}")
+    state = read_state_dict(path, argument=argument, prefix=prefix or "")
     where = f"{argument} {str(path)!r}"
     if prefix is not None:
-        if not isinstance(prefix, str):
-            raise UserTypeError(
-                f"weights_prefix must be a str or None, got {type(prefix).__name__}"
-            )
         picked = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if not picked:
             raise UserValueError(f"{where}: no key starts with weights_prefix {prefix!r}")
