@@ -578,6 +578,8 @@ def test_distill_aux_logits_with_reused_tokens(pipeline, seg_data, capsys):
 @pytest.mark.parametrize("pair", ["deeplabv3_r101_r18", "deeplabv3_r101_mobilenetv3"])
 def test_cityscapes_distill_configs_distil_the_raw_logits(pair):
     """The authors' segmentation script has no align module (segmentation/train_maskd.py)."""
-    cfg = yaml.safe_load((CONFIGS / "cityscapes" / pair / "distill.yaml").read_text())
+    from maskd.config_files import load_config
+
+    cfg = load_config(CONFIGS / "cityscapes" / pair / "distill.yaml")
     assert cfg["distill"]["align"] is False
     assert all(k.endswith("classifier.4") for k in cfg["distill"]["pairs"])

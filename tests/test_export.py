@@ -147,3 +147,100 @@ def test_export_names_an_unreadable_checkpoint_in_one_line(tmp_path, content, me
     text = str(info.value)
     assert "\n" not in text and not text.endswith(":") and "bad.ckpt" in text
     assert not (tmp_path / "y.pt").exists()
+
+
+def _run(code):
+    """Evaluate a printed call with nothing imported but torch, torchvision and maskd."""
+    import maskd.models
+
+    return eval(code, {"torch": torch, "torchvision": torchvision, "maskd": maskd})
+
+
+def _export(tmp_path, name, opts, seed=0):
+    torch.manual_seed(seed)
+    model, _ = build(name, K, **opts)
+    _perturb(model).eval()
+    ckpt = _fake_checkpoint(tmp_path / f"{name}.ckpt", model, {"name": name, "options": opts})
+    out, info = export_checkpoint(ckpt, tmp_path / f"{name}.pt")
+    return model, out, info
+
+
+IMAGES = [torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(7))]
+
+
+def test_p6_from_c5_and_multiscale_sizes_load_with_the_printed_torchvision_code(tmp_path):
+    """extra_levels_from: c5 is torchvision's LastLevelP6P7(C5 channels, 256); a min_size
+    list is the tuple torchvision's transform draws from."""
+    opts = {
+        "min_size": [48, 64],
+        "max_size": 64,
+        "score_thresh": 0.0,
+        "frozen_bn": False,
+        "extra_levels_from": "c5",
+        "relu_before_p7": True,
+    }
+    model, out, info = _export(tmp_path, "retinanet_resnet18_fpn", opts)
+    code = info["torchvision"]
+    assert info["torchvision_gap"] is None
+    assert "LastLevelP6P7(512, 256)" in code and "min_size=(48, 64)" in code
+    assert "extra_levels_from" not in code and "relu_before_p7" not in code
+    tv = _run(code)
+    tv.load_state_dict(torch.load(out, weights_only=True))  # strict
+    assert tuple(tv.transform.min_size) == (48, 64)
+    with torch.no_grad():
+        _same_detections(tv.eval()(IMAGES), model(IMAGES))
+    # the named torchvision builders cannot take it: the class form with C5's channels
+    call = torchvision_call("retinanet_resnet50_fpn", 80, {"extra_levels_from": "c5"})
+    assert "retinanet_resnet50_fpn(" not in call and "LastLevelP6P7(2048, 256)" in call
+    assert "LastLevelP6P7" not in torchvision_call("retinanet_resnet50_fpn", 80, {})
+
+
+def test_mmdet_p7_without_relu_has_no_torchvision_call_and_loads_with_maskd(tmp_path, capsys):
+    opts = {
+        "min_size": 64,
+        "max_size": 64,
+        "score_thresh": 0.0,
+        "extra_levels_from": "c5",
+        "relu_before_p7": False,
+    }
+    model, _, info = _export(tmp_path, "retinanet_resnet18_fpn", opts)
+    assert info["torchvision"] is None and "relu_before_p7: false" in info["torchvision_gap"]
+    assert (
+        json.loads((tmp_path / "retinanet_resnet18_fpn.pt.json").read_text())["maskd"]
+        == (info["maskd"])
+    )
+    again = _run(info["maskd"])  # the builder options and the exported file
+    with torch.no_grad():
+        _same_detections(again.eval()(IMAGES), model(IMAGES), exact=False)
+    # the command line says so instead of printing a torchvision call that would not build
+    from maskd.cli import main
+
+    ckpt = tmp_path / "retinanet_resnet18_fpn.ckpt"
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "c.pt")]) == 0
+    printed = capsys.readouterr().out
+    assert "load without maskd" not in printed
+    assert "no torchvision-only equivalent: P7 = conv(P6) without a ReLU" in printed
+    assert "load with maskd: maskd.models.build('retinanet_resnet18_fpn', 3" in printed
+
+
+def test_fcos_centerness_on_the_classification_tower_needs_maskd(tmp_path):
+    opts = {"min_size": 64, "max_size": 64, "score_thresh": 0.0, "centerness_on": "cls"}
+    assert torchvision_call("fcos_resnet50_fpn", 80, opts) is None
+    _, _, info = _export(tmp_path, "fcos_resnet18_fpn", opts)
+    assert info["torchvision"] is None and "centerness_on: cls" in info["torchvision_gap"]
+    assert "centerness_on='cls'" in info["maskd"]
+    # torchvision's layout (centerness_on: reg) is torchvision's own FCOS
+    reg = {**opts, "centerness_on": "reg", "frozen_bn": False}
+    model, out, info = _export(tmp_path, "fcos_resnet18_fpn", reg)
+    assert "centerness_on" not in info["torchvision"]
+    tv = _run(info["torchvision"])
+    tv.load_state_dict(torch.load(out, weights_only=True))
+    with torch.no_grad():
+        _same_detections(tv.eval()(IMAGES), model(IMAGES))
+    call = torchvision_call(
+        "fcos_resnet50_fpn", 80, {"min_size": [640, 800], "max_size": 1333, "centerness_on": "reg"}
+    )
+    assert call == (
+        "torchvision.models.detection.fcos_resnet50_fpn(weights=None, weights_backbone=None, "
+        "num_classes=81, min_size=(640, 800), max_size=1333)"
+    )

@@ -193,13 +193,10 @@ def test_unsafe_file_is_refused_unread(tmp_path):
 def test_retinanet_recipe_parts_fit():
     """configs/coco/retinanet_r101_r50: the student's init_from parts match the teacher's
     tensors name for name and shape for shape, and every stage builds the teacher alike."""
-    import yaml
+    from maskd.config_files import load_config
 
     root = Path(__file__).resolve().parents[1] / "configs" / "coco" / "retinanet_r101_r50"
-    cfg = {
-        n: yaml.safe_load((root / f"{n}.yaml").read_text())
-        for n in ("teacher", "learn_masks", "distill")
-    }
+    cfg = {n: load_config(root / f"{n}.yaml") for n in ("teacher", "learn_masks", "distill")}
     teacher_opts = cfg["teacher"]["model"]["options"]
     assert cfg["learn_masks"]["teacher"]["options"] == teacher_opts
     assert cfg["distill"]["teacher"]["options"] == teacher_opts

@@ -18,6 +18,7 @@ import yaml
 from torch import Tensor, nn
 
 from maskd import load_official_tokens
+from maskd.config_files import load_config
 from maskd.distiller import Distiller
 from maskd.tasks import SegmentationTask
 
@@ -98,7 +99,7 @@ def _logged_arguments() -> dict[str, str]:
 @pytest.mark.parametrize("pair", ["deeplabv3_r101_r18", "deeplabv3_r101_mobilenetv3"])
 def test_cityscapes_stage1_configs_match_the_logged_run(pair: str) -> None:
     args = _logged_arguments()
-    cfg = yaml.safe_load((ROOT / "configs" / "cityscapes" / pair / "learn_masks.yaml").read_text())
+    cfg = load_config(ROOT / "configs" / "cityscapes" / pair / "learn_masks.yaml")
     assert cfg["optim"]["lr"] == float(args["lr"])
     assert cfg["optim"]["momentum"] == float(args["momentum"])
     assert cfg["optim"]["weight_decay"] == float(args["weight_decay"])

@@ -14,11 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
+from maskd.config_files import load_config
 from maskd.engine.optim import OptimSpec, lr_factor
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@dataclass(frozen=True)
+class SameAs:
+    """The expected value is the one the same config sets at another dotted key."""
+
+    key: str
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,68 @@ def _segmentation_stage1(pair: str) -> list[Row]:
         Row(path, "masks.teacher_mode", "train", SEG_STAGE1 + ": self.model.train()"),
         Row(path, "masks.num_tokens", 8, SEG_STAGE1 + ": MaskModule(channels=19, num_tokens=8)"),
         Row(path, "masks.weighted", False, "released token file: mask_token only"),
+    ]
+
+
+MMDET = "open-mmlab/mmdetection v2.14 "
+GROUP_SAMPLER = (
+    MMDET + "mmdet/datasets/builder.py: GroupSampler / DistributedGroupSampler for every "
+    "shuffled training loader, flag width / height > 1 (mmdet/datasets/custom.py): two groups"
+)
+MMDET_EXTRA_LEVELS = (
+    MMDET + "configs/_base_/models/retinanet_r50_fpn.py add_extra_convs='on_input' (P6 from C5); "
+    "mmdet/models/necks/fpn.py relu_before_extra_convs=False"
+)
+FCOS_MSTRAIN = (
+    MMRAZOR_MASKD + "fcos_r101-fcos_r50_coco.py Resize img_scale=[(1333, 640), (1333, 800)], "
+    "multiscale_mode='value'; "
+    + MMDET
+    + "configs/fcos/fcos_r50_caffe_fpn_gn-head_mstrain_640-800_2x_coco.py"
+)
+FCOS_CENTERNESS = (
+    MMRAZOR_MASKD
+    + "fcos_r101-fcos_r50_coco.py student centerness_on_reg=False; "
+    + MMDET
+    + "mmdet/models/dense_heads/fcos_head.py default centerness_on_reg=False (teacher)"
+)
+SEG_SYNC_BN = {
+    "teacher.yaml": "winycg/CIRKD train_baseline.py: nn.SyncBatchNorm when distributed",
+    "learn_masks.yaml": SEG_STAGE1 + ": the teacher built with nn.SyncBatchNorm under DDP",
+    "distill.yaml": "segmentation/train_maskd.py: the student's nn.SyncBatchNorm under DDP",
+}
+COCO_PAIRS = ("fasterrcnn_r101_r50", "retinanet_r101_r50", "fcos_r101_r50")
+STAGES = ("teacher.yaml", "learn_masks.yaml", "distill.yaml")
+# The group each stage builds its models in (maskd train / learn-masks / distill).
+MODELS = {
+    "teacher.yaml": ("model",),
+    "learn_masks.yaml": ("teacher",),
+    "distill.yaml": ("student", "teacher"),
+}
+
+
+def _model_options(pair: str, options: dict[str, Any], source: str, stages=STAGES) -> list[Row]:
+    """One row per builder option of every model of the pair's stages."""
+    return [
+        Row(f"coco/{pair}/{stage}", f"{group}.options.{key}", value, source)
+        for stage in stages
+        for group in MODELS[stage]
+        for key, value in options.items()
+    ]
+
+
+def _aspect_ratio_groups() -> list[Row]:
+    return [
+        Row(f"coco/{pair}/{stage}", "data.aspect_ratio_group_factor", 0, GROUP_SAMPLER)
+        for pair in COCO_PAIRS
+        for stage in STAGES
+    ]
+
+
+def _segmentation_sync_bn() -> list[Row]:
+    return [
+        Row(f"cityscapes/{pair}/{stage}", "trainer.sync_batchnorm", True, source)
+        for pair in ("deeplabv3_r101_r18", "deeplabv3_r101_mobilenetv3")
+        for stage, source in SEG_SYNC_BN.items()
     ]
 
 
@@ -140,12 +209,87 @@ RECIPES: list[Row] = [
         0.02,
         MMRAZOR_MASKD + "retinanet_r101-retinanet_r50_coco.py: optimizer lr=0.02",
     ),
+    Row(
+        "coco/retinanet_r101_r50/distill.yaml",
+        "trainer.gradient_clip_val",
+        35.0,
+        MMRAZOR_MASKD + "retinanet_r101-retinanet_r50_coco.py: grad_clip max_norm=35",
+    ),
+    Row(
+        "coco/fcos_r101_r50/distill.yaml",
+        "trainer.gradient_clip_val",
+        35.0,
+        MMRAZOR_MASKD + "fcos_r101-fcos_r50_coco.py: grad_clip max_norm=35",
+    ),
+    Row(
+        "coco/fcos_r101_r50/distill.yaml",
+        "optim.lr",
+        0.01,
+        MMRAZOR_MASKD + "fcos_r101-fcos_r50_coco.py: optimizer lr=0.01",
+    ),
+    # mmcv's bias rules (issue item 7): paramwise_cfg bias_lr_mult / bias_decay_mult.
+    *[
+        Row(f"coco/fcos_r101_r50/{stage}", key, value, source)
+        for stage, source in (
+            ("distill.yaml", MMRAZOR_MASKD + "fcos_r101-fcos_r50_coco.py: opt_paramwise_cfg"),
+            ("teacher.yaml", MMDET + "configs/fcos/fcos_r50_caffe_fpn_gn-head_1x_coco.py"),
+        )
+        for key, value in (("optim.bias_lr_mult", 2.0), ("optim.bias_weight_decay", False))
+    ],
+    *[
+        Row(f"coco/{pair}/distill.yaml", key, value, MMRAZOR_MASKD + f"{cfg}: no bias rules")
+        for pair, cfg in (
+            ("retinanet_r101_r50", "retinanet_r101-retinanet_r50_coco.py"),
+            ("fasterrcnn_r101_r50", "fpn_r101-fpn_r50_coco.py"),
+        )
+        for key, value in (("optim.bias_lr_mult", 1.0), ("optim.bias_weight_decay", True))
+    ],
+    # RetinaNet (issue items 5 and 6): the student's FPN and head from the teacher's checkpoint,
+    # mmdet's P6 from C5 and P7 without ReLU in every stage.
+    Row(
+        "coco/retinanet_r101_r50/distill.yaml",
+        "student.init_from.prefixes",
+        {"backbone.fpn": "backbone.fpn", "head": "head"},
+        MMRAZOR_MASKD + "retinanet_r101-retinanet_r50_coco.py: init_cfg prefix 'neck' / "
+        "'bbox_head' (torchvision's backbone.fpn / head)",
+    ),
+    Row(
+        "coco/retinanet_r101_r50/distill.yaml",
+        "student.init_from.path",
+        SameAs("teacher.weights"),
+        MMRAZOR_MASKD + "retinanet_r101-retinanet_r50_coco.py: init_cfg checkpoint = the teacher's",
+    ),
+    *_model_options(
+        "retinanet_r101_r50",
+        {"extra_levels_from": "c5", "relu_before_p7": False},
+        MMDET_EXTRA_LEVELS,
+    ),
+    # FCOS (issue item 8): multi-scale 640/800, centerness on the classification tower.
+    *_model_options("fcos_r101_r50", {"min_size": [640, 800], "max_size": 1333}, FCOS_MSTRAIN),
+    *_model_options("fcos_r101_r50", {"centerness_on": "cls"}, FCOS_CENTERNESS),
+    # MobileNet student weight decay (issue item 7), the ResNet student's the script default.
+    Row(
+        "cityscapes/deeplabv3_r101_mobilenetv3/distill.yaml",
+        "optim.weight_decay",
+        2e-4,
+        "segmentation/train_scripts/train_maskd/deeplabv3_mbv2.sh: --weight-decay 2e-4",
+    ),
+    Row(
+        "cityscapes/deeplabv3_r101_r18/distill.yaml",
+        "optim.weight_decay",
+        5e-4,
+        "segmentation/train_maskd.py: --weight-decay default 5e-4",
+    ),
+    # Batches of one aspect-ratio group, SyncBatchNorm for the segmenters (issue item 8).
+    *_aspect_ratio_groups(),
+    *_segmentation_sync_bn(),
 ]
 
 
 @cache
 def _config(path: str) -> dict[str, Any]:
-    return yaml.safe_load((CONFIGS / path).read_text())
+    """The options ``maskd <command> --config configs/<path>`` reads (``base`` files merged)."""
+    return load_config(CONFIGS / path)
 
 
 _MISSING = object()
@@ -170,10 +314,15 @@ def _same(got: Any, want: Any) -> bool:
 
 @pytest.mark.parametrize("row", RECIPES, ids=lambda r: f"{r.config}:{r.key}")
 def test_config_matches_the_authors_recipe(row: Row) -> None:
-    got = _lookup(_config(row.config), row.key)
-    assert got is not _MISSING, f"{row.config} sets no {row.key} (want {row.expected!r})"
-    assert _same(got, row.expected), (
-        f"{row.config} {row.key} = {got!r}, the authors' value is {row.expected!r} ({row.source})"
+    cfg = _config(row.config)
+    want = row.expected
+    if isinstance(want, SameAs):
+        want = _lookup(cfg, want.key)
+        assert want is not _MISSING, f"{row.config} sets no {row.expected.key}"
+    got = _lookup(cfg, row.key)
+    assert got is not _MISSING, f"{row.config} sets no {row.key} (want {want!r})"
+    assert _same(got, want), (
+        f"{row.config} {row.key} = {got!r}, the authors' value is {want!r} ({row.source})"
     )
 
 

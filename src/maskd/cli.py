@@ -3,7 +3,8 @@
 Subcommands: ``train``, ``learn-masks``, ``distill``, ``evaluate``, ``visualize``, ``export``,
 ``data synth``, ``models``, ``demo``. Options come in groups (``--model.name``,
 ``--data.root``, ``--optim.lr``, ``--trainer.max_steps``, ``--run.out``, ...); every one can
-be given in a YAML file (``--config``) and overridden after it on the command line;
+be given in a YAML file (``--config``; its ``base:`` files merged in first, see
+:mod:`maskd.config_files`) and overridden after it on the command line;
 ``--print_config`` shows the resolved configuration. Problems with the options or the
 files they name end the command with one ``maskd: error: ...`` line and exit status 1
 (2 for options that do not parse); ``MASKD_DEBUG=1`` shows the traceback instead.
@@ -19,8 +20,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
-from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, Namespace
+from jsonargparse import ArgumentError, ArgumentParser, Namespace
 
+from maskd.config_files import ConfigFileAction
 from maskd.engine.config import DataArgs, ModelArgs
 from maskd.engine.jobs import DistillArgs, MaskArgs, RunArgs
 from maskd.engine.optim import OptimSpec
@@ -32,7 +34,12 @@ __all__ = ["build_parser", "main"]
 
 def _parser(description: str) -> ArgumentParser:
     p = ArgumentParser(description=description, exit_on_error=False)
-    p.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options")
+    p.add_argument(
+        "--config",
+        action=ConfigFileAction,
+        help="YAML file with any of the options; its 'base:' files (paths relative to it) "
+        "are merged in first",
+    )
     return p
 
 
@@ -304,7 +311,11 @@ def _cmd_export(parser: ArgumentParser, raw: Namespace, c: Namespace) -> int:
 
     path, info = export_checkpoint(c.checkpoint, c.out)
     print(f"wrote {path} ({info['model']}, {info['num_classes']} classes)")
-    print(f"load without maskd: {info['torchvision']}")
+    if info["torchvision"] is not None:
+        print(f"load without maskd: {info['torchvision']}")
+    else:
+        print(f"no torchvision-only equivalent: {info['torchvision_gap']}")
+    print(f"load with maskd: {info['maskd']}")
     return 0
 
 
@@ -398,6 +409,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = parser.parse_args(args)
     except ArgumentError as err:
+        print(f"maskd: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except UserError as err:  # a config file's 'base:' chain (maskd.config_files)
+        if os.environ.get("MASKD_DEBUG"):
+            raise
         print(f"maskd: error: {_one_line(err)}", file=sys.stderr)
         return 2
     command = cfg.command
