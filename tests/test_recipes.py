@@ -280,6 +280,26 @@ RECIPES: list[Row] = [
         5e-4,
         "segmentation/train_maskd.py: --weight-decay default 5e-4",
     ),
+    # The teachers, as the mmdet checkpoints the authors distil from were trained.
+    Row(
+        "coco/retinanet_r101_r50/teacher.yaml",
+        "optim.lr",
+        0.01,
+        MMDET + "configs/retinanet/retinanet_r50_fpn_1x_coco.py: optimizer lr=0.01",
+    ),
+    *[
+        Row(
+            f"coco/{pair}/teacher.yaml",
+            "trainer.gradient_clip_val",
+            clip,
+            MMDET + f"{source}: grad_clip",
+        )
+        for pair, clip, source in (
+            ("retinanet_r101_r50", 0.0, "configs/_base_/schedules/schedule_1x.py"),
+            ("fasterrcnn_r101_r50", 0.0, "configs/_base_/schedules/schedule_1x.py"),
+            ("fcos_r101_r50", 35.0, "configs/fcos/fcos_r50_caffe_fpn_gn-head_1x_coco.py"),
+        )
+    ],
     # Batches of one aspect-ratio group, SyncBatchNorm for the segmenters (issue item 8).
     *_aspect_ratio_groups(),
     *_segmentation_sync_bn(),
