@@ -116,6 +116,16 @@ def test_lr_factor_matches_formulas():
     assert 0.02 * lr_factor(100, 100, floored) == pytest.approx(1e-4)
 
 
+def test_constant_warmup_is_mmcvs():
+    """mmcv's warmup='constant': regular lr x warmup_ratio for the first warmup_iters."""
+    spec = OptimSpec(lr=0.01, schedule="step", milestones=[16_000, 22_000], gamma=0.1,
+                     warmup="constant", warmup_steps=500, warmup_factor=1 / 3)  # fmt: skip
+    assert [lr_factor(s, 24_000, spec) for s in (0, 250, 499)] == pytest.approx([1 / 3] * 3)
+    assert lr_factor(500, 24_000, spec) == 1.0
+    with pytest.raises(ValueError, match=r"optim\.warmup: 'cosine' is not one of"):
+        OptimSpec(warmup="cosine")
+
+
 def test_optimizer_skips_frozen_and_applies_bias_multiplier():
     model = TinySeg()
     model.body.requires_grad_(False)

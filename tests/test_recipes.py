@@ -186,6 +186,26 @@ RECIPES: list[Row] = [
         "grad_clip=None (the RetinaNet and FCOS configs add 35 themselves)",
     ),
     Row(
+        "coco/fcos_r101_r50/teacher.yaml",
+        "optim.warmup",
+        "constant",
+        "open-mmlab/mmdetection v2 configs/fcos/fcos_r50_caffe_fpn_gn-head_1x_coco.py: "
+        "lr_config warmup='constant'",
+    ),
+    Row(
+        "coco/fcos_r101_r50/teacher.yaml",
+        "optim.warmup_factor",
+        1 / 3,
+        "open-mmlab/mmdetection v2 configs/fcos/fcos_r50_caffe_fpn_gn-head_1x_coco.py: "
+        "warmup_ratio=1.0 / 3",
+    ),
+    Row(
+        "coco/fcos_r101_r50/distill.yaml",
+        "optim.warmup",
+        "linear",
+        MMRAZOR_MASKD + "fcos_r101-fcos_r50_coco.py: lr_config warmup='linear'",
+    ),
+    Row(
         "coco/fcos_r101_r50/distill.yaml",
         "optim.warmup_factor",
         1 / 3,

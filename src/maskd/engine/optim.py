@@ -1,7 +1,7 @@
 """Optimizers and per-iteration learning-rate schedules (METHOD.md's settings).
 
 Every schedule is a multiplier on the base learning rate, evaluated per optimizer
-step: a linear warm-up from ``warmup_factor`` to 1 over ``warmup_steps``, then
+step: a linear (or constant) warm-up from ``warmup_factor`` over ``warmup_steps``, then
 ``constant``, ``step`` (multiply by ``gamma`` at each milestone), ``cosine``
 (down to ``min_lr``) or ``poly`` (``min_lr + (lr - min_lr)(1 - t)^power``, as the
 segmentation recipes).
@@ -47,8 +47,11 @@ class OptimSpec:
         gamma: step decay factor.
         min_lr: final lr of the cosine and poly schedules.
         power: exponent of the poly schedule.
-        warmup_steps: linear warm-up length in optimizer steps (0: none).
+        warmup_steps: warm-up length in optimizer steps (0: none).
         warmup_factor: lr multiplier at the first warm-up step.
+        warmup: ``linear`` (from ``warmup_factor`` up to 1) or ``constant`` (``warmup_factor``
+            throughout the warm-up), as mmcv's ``warmup='linear'`` / ``'constant'`` with
+            ``warmup_ratio`` = ``warmup_factor``.
     """
 
     name: Literal["sgd", "adam", "adamw"] = "sgd"
@@ -64,6 +67,7 @@ class OptimSpec:
     power: float = 0.9
     warmup_steps: int = 0
     warmup_factor: float = 0.001
+    warmup: Literal["linear", "constant"] = "linear"
 
     def __post_init__(self) -> None:
         check_number(self.lr, "optim.lr", low=0, low_open=True)
@@ -75,6 +79,10 @@ class OptimSpec:
         check_number(self.power, "optim.power", low=0, low_open=True)
         check_number(self.warmup_steps, "optim.warmup_steps", low=0, integer=True)
         check_number(self.warmup_factor, "optim.warmup_factor", low=0, high=1, low_open=True)
+        if self.warmup not in ("linear", "constant"):
+            raise UserValueError(
+                f"optim.warmup: {self.warmup!r} is not one of ['linear', 'constant']"
+            )
         for i, m in enumerate(self.milestones):
             check_number(m, f"optim.milestones[{i}]", low=0, low_open=True)
 
@@ -157,7 +165,7 @@ def lr_factor(step: int, total_steps: int, spec: OptimSpec) -> float:
     else:
         raise UserValueError(f"optim.schedule: unknown schedule {spec.schedule!r}")
     if spec.warmup_steps > 0 and step < spec.warmup_steps:
-        alpha = step / spec.warmup_steps
+        alpha = 0.0 if spec.warmup == "constant" else step / spec.warmup_steps
         factor *= spec.warmup_factor * (1.0 - alpha) + alpha
     return factor
 
