@@ -334,3 +334,26 @@ def test_bad_option_values_always_give_one_line(data, tmp_path, capsys, bad):
     assert err.startswith("maskd: error:") and err.count("\n") == 1, (option, value, err)
     assert "Traceback" not in err
     assert not out.exists()
+
+
+def test_library_warnings_are_one_line(capsys):
+    """A library's warning (torch prints several) reads as one maskd line, not Python's
+    two-line form with the library's source line."""
+    import warnings
+
+    from maskd.cli import show_warning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show_warning
+        warnings.warn_explicit(
+            "The given buffer is not writable,\n  and PyTorch does not support it.",
+            UserWarning,
+            "/site-packages/torch/_utils.py",
+            42,
+        )
+    err = capsys.readouterr().err
+    assert err == (
+        "maskd: warning: The given buffer is not writable, and PyTorch does not support it. "
+        "(UserWarning, torch/_utils.py:42)\n"
+    )

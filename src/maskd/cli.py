@@ -395,7 +395,24 @@ def _quiet() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.showwarning = show_warning
     os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
+
+
+def show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    """A library's warning as one line (``maskd: warning: ...``), not Python's two-line form
+    with the source line of the library that raised it."""
+    text = " ".join(str(message).split())
+    where = "/".join(part for part in (Path(filename).parent.name, Path(filename).name) if part)
+    print(f"maskd: warning: {text} ({category.__name__}, {where}:{lineno})",
+          file=sys.stderr if file is None else file)  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
