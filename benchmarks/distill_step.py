@@ -49,7 +49,7 @@ from torchvision.models.detection import RetinaNet, retinanet_resnet50_fpn
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from maskd import Distiller, FeatureTaps, ReceptiveTokens
+from maskd import Distiller, FeatureTaps, ReceptiveTokens, total_loss
 from maskd.taps import probe_levels
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -101,34 +101,28 @@ class Steps:
         dry = (self.images,)
         self.student, self.teacher = student.train(), teacher.eval()
         self.taps = FeatureTaps(teacher, [LAYER], stop=True)
-        self.distillers = {
-            name: Distiller(
-                student,
-                teacher,
-                {LAYER: LAYER},
-                tokens,
-                loss_weight=7.0,
-                custom_mask_warmup=0 if name.startswith("maskd_custom") else None,
-                head_kd="retinanet_l1" if name.endswith("head_kd") else None,
-                example_input=dry,
-            ).train()
-            for name in variants
-            if name.startswith("maskd")
-        }
+        self.distillers = {}
         for name in variants:
-            if name in PEERS:
-                term = {**PEERS[name], "student": LAYER, "teacher": LAYER}
-                self.distillers[name] = Distiller(
-                    student, teacher, None, None, terms=[term], example_input=dry
-                ).train()
+            if name.startswith("maskd"):
+                maskd = {"kind": "maskd", "student": LAYER, "teacher": LAYER, "tokens": tokens,
+                         "weight": 7.0}  # fmt: skip
+                if name.startswith("maskd_custom"):
+                    maskd["custom_mask_warmup"] = 0
+                terms = [maskd, *([{"kind": "retinanet_l1"}] if name.endswith("head_kd") else [])]
+            elif name in PEERS:
+                terms = [{**PEERS[name], "student": LAYER, "teacher": LAYER}]
+            else:
+                continue
+            self.distillers[name] = Distiller(student, teacher, terms, example_input=dry).train()
         if not self.distillers:
             # The dry runs a Distiller makes at construction, so every variant's process
             # starts equally warmed up (this matters for the peak-memory measurement).
             probe_levels(student, [LAYER], dry)
             probe_levels(teacher, [LAYER], dry)
         params = list(student.parameters())
-        params += [p for d in self.distillers.values() for p in d.align.parameters()]
-        params += [p for d in self.distillers.values() for p in d.terms.parameters()]
+        params += [
+            p for d in self.distillers.values() for p in d.terms.parameters() if p.requires_grad
+        ]
         self.opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
         for p in teacher.parameters():
             p.requires_grad_(False)
@@ -141,7 +135,7 @@ class Steps:
             losses = self.student(self.images, self.targets)
         else:
             losses = self.distillers[variant](self.images, self.targets)
-        sum(losses.values()).backward()
+        total_loss(losses).backward()
         self.opt.step()
         self.taps.clear()
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchvision.ops import FrozenBatchNorm2d
 
-from maskd.distiller import Distiller
+from maskd.distiller import Distiller, total_loss
 from maskd.terms import channel_wise_divergence, fitnet_loss, pixel_kd_loss
 from maskd.tokens import ReceptiveTokens
 from tiny_detectors import detection_batch, detector
@@ -35,14 +35,15 @@ def test_distillation_step_with_every_term_on_cuda_under_bf16_autocast() -> None
         {"kind": "fgd", "student": FPN, "teacher": FPN, "detector": "fcos"},
     ]
     example = torch.zeros(1, 3, 64, 64, device="cuda")
-    d = Distiller(student, teacher, {FPN: FPN}, tokens, terms=terms, example_input=example).train()
+    maskd = {"kind": "maskd", "student": FPN, "teacher": FPN, "tokens": tokens}
+    d = Distiller(student, teacher, [maskd, *terms], example_input=example).train()
     images, targets = detection_batch()
     images = [i.cuda() for i in images]
     targets = [{k: v.cuda() for k, v in t.items()} for t in targets]
     full = {k: float(v.detach()) for k, v in d(images, targets).items()}
     with torch.autocast("cuda", dtype=torch.bfloat16):
         losses = d(images, targets)
-    total = sum(v.float() for k, v in losses.items())
+    total = total_loss(losses)
     total.backward()
     for key in ("loss_maskd", "loss_fitnet", "loss_cwd", "loss_fgd"):
         value = float(losses[key])

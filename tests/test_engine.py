@@ -513,12 +513,11 @@ def test_custom_mask_warmup_counts_optimizer_steps(tmp_path):
 
     class Record(Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            seen.append((trainer.global_step, pl_module.net.loss.custom_mask_active))
+            seen.append((trainer.global_step, pl_module.net.terms[0].loss.custom_mask_active))
 
-    distiller = Distiller(
-        TinySeg(), TinySeg(), {"body": "body"}, {"body": [ReceptiveTokens(8, 2)]},
-        custom_mask_warmup=2, example_input=torch.zeros(1, 3, 16, 16),
-    )  # fmt: skip
+    term = {"kind": "maskd", "student": "body", "teacher": "body",
+            "tokens": [ReceptiveTokens(8, 2)], "custom_mask_warmup": 2}  # fmt: skip
+    distiller = Distiller(TinySeg(), TinySeg(), [term], example_input=torch.zeros(1, 3, 16, 16))
     module = DistillModule(distiller, "segmentation", 3, metrics_factory=PixelAccuracy)
     data = MaskdDataModule(RandomSegData(12), RandomSegData(2), batch_size=2, seed=1)
     trainer = tiny_trainer(tmp_path, 3, accumulate_grad_batches=2, callbacks=[Record()])
@@ -526,4 +525,4 @@ def test_custom_mask_warmup_counts_optimizer_steps(tmp_path):
     # 6 micro-batches; the student-side mask is on from optimizer step 2 on, i.e. for the
     # forward of micro-batches 5 and 6 (whose start sees global_step 2)
     assert trainer.global_step == 3 and len(seen) == 6
-    assert distiller.loss.step == 3  # 2 at the last batch's start, + its own forward
+    assert distiller.terms[0].loss.step == 3  # 2 at the last batch's start, + its own forward

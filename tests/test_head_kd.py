@@ -1,4 +1,5 @@
-"""Tests for maskd.head_kd: the head-output KD terms of stage 2, through maskd.Distiller."""
+"""Tests for the head-output terms of stage 2 (retinanet_l1, rcnn_smoothl1), through
+maskd.Distiller."""
 
 from __future__ import annotations
 
@@ -15,14 +16,13 @@ from torch import Tensor, nn
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.ops import FrozenBatchNorm2d
 
-from maskd.distiller import Distiller
-from maskd.head_kd import build_head_kd, resolve_head_kd
+from maskd.distiller import Distiller, total_loss
 from maskd.taps import RESIZE
 from maskd.tokens import ReceptiveTokens
 from tiny_detectors import detection_batch, snapshot
 from tiny_detectors import detector as tiny_detector
 
-PAIRS = {"backbone.fpn": "backbone.fpn"}
+FPN = "backbone.fpn"
 FPN_LEVELS = {"fasterrcnn": 5, "retinanet": 5, "fcos": 5}
 
 
@@ -34,6 +34,10 @@ def detector(kind: str, seed: int, teacher: bool = False) -> nn.Module:
 def tokens(kind: str) -> dict[str, list[ReceptiveTokens]]:
     torch.manual_seed(7)
     return {"backbone.fpn": [ReceptiveTokens(256, 2) for _ in range(FPN_LEVELS[kind])]}
+
+
+def maskd(kind: str) -> dict[str, Any]:
+    return {"kind": "maskd", "student": FPN, "teacher": FPN, "tokens": tokens(kind)}
 
 
 def pair(kind: str) -> tuple[nn.Module, nn.Module]:
@@ -58,12 +62,15 @@ def test_retinanet_l1_matches_per_level_l1_computed_by_hand() -> None:
     student, teacher = pair("retinanet")
     before = snapshot(teacher)
     distiller = Distiller(
-        student, teacher, PAIRS, tokens("retinanet"), head_kd="retinanet_l1", head_kd_weight=2.0
+        student, teacher, [maskd("retinanet"), {"kind": "retinanet_l1", "weight": 2.0}]
     ).train()
     images, targets = detection_batch()
     losses = distiller(images, targets)
     assert no_hooks(student) and no_hooks(teacher)  # nothing outlives the forward
-    assert list(losses) == ["classification", "bbox_regression", "loss_maskd", "loss_head_kd"]
+    levels = [f"retinanet_l1/backbone:{k}" for k in ("0", "1", "2", "p6", "p7")]
+    assert [k for k in losses if "maskd" not in k] == [
+        "classification", "bbox_regression", "loss_retinanet_l1", *levels
+    ]  # fmt: skip
     teacher_cls = count_calls(teacher.head.classification_head)
     distiller(images, targets)
     assert teacher_cls[0] == 0  # only the teacher's regression branch runs
@@ -81,21 +88,24 @@ def test_retinanet_l1_matches_per_level_l1_computed_by_hand() -> None:
         F.l1_loss(s, t) for s, t in zip(s_reg.split(splits, 1), t_reg.split(splits, 1), strict=True)
     ]
     expected = 2.0 * sum(per_level)
-    torch.testing.assert_close(losses["loss_head_kd"], expected)
+    torch.testing.assert_close(losses["loss_retinanet_l1"], expected)
+    for key, value in zip(levels, per_level, strict=True):  # logged, unweighted, detached
+        torch.testing.assert_close(losses[key], value.detach())
+        assert not losses[key].requires_grad
     overall = 2.0 * F.l1_loss(s_reg, t_reg)  # one mean over all levels: not the authors' form
     assert not math.isclose(float(expected.detach()), float(overall.detach()), rel_tol=1e-3)
 
     # Gradients: the student's head gets exactly the hand computation's; the teacher none.
     weight = student.head.regression_head.bbox_reg.weight
-    (got,) = torch.autograd.grad(losses["loss_head_kd"], weight, retain_graph=True)
+    (got,) = torch.autograd.grad(losses["loss_retinanet_l1"], weight, retain_graph=True)
     (want,) = torch.autograd.grad(expected, weight)
     torch.testing.assert_close(got, want)
     assert got.abs().sum() > 0
     cls_weight = student.head.classification_head.cls_logits.weight
-    (none,) = torch.autograd.grad(losses["loss_head_kd"], cls_weight, allow_unused=True)
+    (none,) = torch.autograd.grad(losses["loss_retinanet_l1"], cls_weight, allow_unused=True)
     assert none is None or not none.any()
     opt = torch.optim.SGD(distiller.trainable_parameters(), lr=0.01)
-    sum(losses.values()).backward()
+    total_loss(losses).backward()
     opt.step()
     assert all(p.grad is None for p in teacher.parameters())
     after = snapshot(teacher)
@@ -104,8 +114,7 @@ def test_retinanet_l1_matches_per_level_l1_computed_by_hand() -> None:
 
 def test_rcnn_smoothl1_runs_the_teachers_roi_head_on_the_students_proposals() -> None:
     student, teacher = pair("fasterrcnn")
-    distiller = Distiller(student, teacher, PAIRS, tokens("fasterrcnn"), head_kd="auto")
-    assert distiller.head_kd is not None and distiller.head_kd.mode == "rcnn_smoothl1"
+    distiller = Distiller(student, teacher, [maskd("fasterrcnn"), {"kind": "rcnn_smoothl1"}])
     seen: dict[str, Any] = {}
 
     def record(key: str, pick: Callable[..., Any]) -> Callable[..., None]:
@@ -130,7 +139,7 @@ def test_rcnn_smoothl1_runs_the_teachers_roi_head_on_the_students_proposals() ->
     images, targets = detection_batch()
     distiller.train()
     losses = distiller(images, targets)
-    assert list(losses)[-2:] == ["loss_maskd", "loss_head_kd"]
+    assert [k for k in losses if k.startswith("loss_")][-2:] == ["loss_maskd", "loss_rcnn_smoothl1"]
     assert teacher_rpn[0] == 0  # the teacher never proposes boxes of its own
     for handle in handles:
         handle.remove()
@@ -151,7 +160,7 @@ def test_rcnn_smoothl1_runs_the_teachers_roi_head_on_the_students_proposals() ->
     s_reg = seen["student_reg"]
     assert s_reg.shape == t_reg.shape == (64, 3 * 4)  # 2 classes + background
     expected = F.smooth_l1_loss(s_reg[:, 4:], t_reg[:, 4:], beta=1.0)
-    torch.testing.assert_close(losses["loss_head_kd"], expected)
+    torch.testing.assert_close(losses["loss_rcnn_smoothl1"], expected)
     assert not torch.allclose(expected, F.smooth_l1_loss(s_reg, t_reg, beta=1.0))
     # Other proposals would give another value: the term really depends on the student's.
     with torch.no_grad():
@@ -163,38 +172,40 @@ def test_rcnn_smoothl1_runs_the_teachers_roi_head_on_the_students_proposals() ->
     bbox_pred = student.roi_heads.box_predictor.bbox_pred.weight
     conv = student.backbone.body.layer4[0].conv1.weight
     g_pred, g_conv = torch.autograd.grad(
-        losses["loss_head_kd"], [bbox_pred, conv], retain_graph=True
+        losses["loss_rcnn_smoothl1"], [bbox_pred, conv], retain_graph=True
     )
     assert g_pred[4:].abs().sum() > 0 and not g_pred[:4].any()
     assert g_conv.abs().sum() > 0
-    sum(losses.values()).backward()
+    total_loss(losses).backward()
     assert all(p.grad is None for p in teacher.parameters())
 
 
-@pytest.mark.parametrize("kind", ["retinanet", "fasterrcnn"])
-def test_head_kd_off_leaves_the_loss_dict_as_before(kind: str) -> None:
+HEADS = {"retinanet": "retinanet_l1", "fasterrcnn": "rcnn_smoothl1"}
+
+
+@pytest.mark.parametrize("kind", list(HEADS))
+def test_head_term_off_leaves_the_loss_dict_as_before(kind: str) -> None:
     student, teacher = pair(kind)
-    off = Distiller(student, teacher, PAIRS, tokens(kind))
-    on = Distiller(student, teacher, PAIRS, tokens(kind), head_kd="auto")
-    on.align.load_state_dict(off.align.state_dict())
-    assert off.head_kd is None
-    # Head KD adds the teacher's whole FPN dict (its backbone output) to what it records.
-    assert list(off._teacher_recorder.records) == ["backbone.fpn", RESIZE]
-    assert list(on._teacher_recorder.records) == ["backbone.fpn", RESIZE, "head_kd/features"]
+    off = Distiller(student, teacher, [maskd(kind)])
+    on = Distiller(student, teacher, [maskd(kind), {"kind": HEADS[kind]}])
+    on.terms[0].load_state_dict(off.terms[0].state_dict())
+    # The head term adds the teacher's whole FPN dict (its backbone output) to what it records.
+    assert list(off._teacher_recorder.records) == [FPN, RESIZE]
+    assert list(on._teacher_recorder.records) == [FPN, f"{HEADS[kind]}/features", RESIZE]
     images, targets = detection_batch()
     torch.manual_seed(3)
     plain = off.train()(images, targets)
     torch.manual_seed(3)
     with_kd = on.train()(images, targets)
-    assert list(plain) == [k for k in with_kd if k != "loss_head_kd"]
-    assert "loss_head_kd" not in plain and "loss_head_kd" in with_kd
+    assert list(plain) == [k for k in with_kd if not k.split("/")[0].endswith(HEADS[kind])]
+    assert f"loss_{HEADS[kind]}" in with_kd
     for key, value in plain.items():
         torch.testing.assert_close(with_kd[key], value, rtol=0, atol=0)
 
 
-def test_eval_never_runs_the_teacher_with_head_kd_on() -> None:
+def test_eval_never_runs_the_teacher_with_a_head_term() -> None:
     student, teacher = pair("retinanet")
-    distiller = Distiller(student, teacher, PAIRS, tokens("retinanet"), head_kd="retinanet_l1")
+    distiller = Distiller(student, teacher, [maskd("retinanet"), {"kind": "retinanet_l1"}])
     teacher_calls = count_calls(teacher)
     distiller.eval()
     images, _ = detection_batch()
@@ -212,35 +223,30 @@ class TinySegmenter(nn.Module):
         return {"loss_seg": out.pow(2).mean()} if self.training else out
 
 
-def test_unsupported_models_and_bad_options_fail_clearly() -> None:
+def test_unsupported_models_fail_clearly() -> None:
     seg = TinySegmenter(), TinySegmenter()
-    toks = {"b": [ReceptiveTokens(4, 2)]}
-    with pytest.raises(ValueError, match=r"'auto' has no head-KD term for a TinySegmenter"):
-        Distiller(*seg, {"b": "b"}, toks, head_kd="auto")
-    with pytest.raises(ValueError, match=r"'rcnn_smoothl1' needs a torchvision FasterRCNN student"):
-        Distiller(*seg, {"b": "b"}, toks, head_kd="rcnn_smoothl1")
-    with pytest.raises(ValueError, match=r"head_kd must be one of \['auto', 'retinanet_l1'"):
-        Distiller(*seg, {"b": "b"}, toks, head_kd="l1")
-
+    with pytest.raises(ValueError, match=r"rcnn_smoothl1 term needs a torchvision FasterRCNN "
+                       r"student, got TinySegmenter; head KD exists for RetinaNet"):  # fmt: skip
+        Distiller(*seg, [{"kind": "rcnn_smoothl1"}])
     fcos, retina = detector("fcos", 1), detector("retinanet", 0)
-    with pytest.raises(ValueError, match=r"no head-KD term for a FCOS student.*FCOS"):
-        resolve_head_kd("auto", fcos, fcos)
     with pytest.raises(ValueError, match=r"needs a torchvision RetinaNet student, got FCOS"):
-        resolve_head_kd("retinanet_l1", fcos, retina)
+        Distiller(fcos, retina, [{"kind": "retinanet_l1"}])
     with pytest.raises(ValueError, match=r"needs a torchvision RetinaNet teacher, got FCOS"):
-        resolve_head_kd("auto", retina, fcos)
-    for weight, err in ((0.0, ValueError), (float("nan"), ValueError), ("1", TypeError)):
-        with pytest.raises(err, match="head_kd_weight must be"):
-            build_head_kd("auto", retina, detector("retinanet", 2), weight)  # type: ignore[arg-type]
+        Distiller(retina, fcos, [{"kind": "retinanet_l1"}])
+    for weight, err in ((-1.0, ValueError), (float("nan"), ValueError), ("1", TypeError)):
+        with pytest.raises(err, match="retinanet_l1 term: weight must be"):
+            Distiller(
+                retina, detector("retinanet", 2), [{"kind": "retinanet_l1", "weight": weight}]
+            )
 
     other = detector("retinanet", 2)
     other.anchor_generator.sizes = tuple((s[0] * 2,) for s in other.anchor_generator.sizes)
     with pytest.raises(ValueError, match="anchor generators differ"):
-        build_head_kd("retinanet_l1", retina, other)
+        Distiller(retina, other, [{"kind": "retinanet_l1"}])
     rcnn_s, rcnn_t = detector("fasterrcnn", 1), detector("fasterrcnn", 0)
     rcnn_t.roi_heads.box_predictor = FastRCNNPredictor(1024, 6)
     with pytest.raises(ValueError, match=r"same box predictor outputs.*\(3, 12\).*\(6, 24\)"):
-        build_head_kd("rcnn_smoothl1", rcnn_s, rcnn_t)
+        Distiller(rcnn_s, rcnn_t, [{"kind": "rcnn_smoothl1"}])
 
 
 def test_distill_command_line_takes_the_options(capsys) -> None:
@@ -258,7 +264,7 @@ def test_distill_command_line_takes_the_options(capsys) -> None:
     assert "distill.head_kd" in capsys.readouterr().err
 
 
-def test_run_distill_passes_the_options_and_rejects_segmenters(tmp_path, monkeypatch) -> None:
+def test_run_distill_builds_the_terms_and_rejects_segmenters(tmp_path, monkeypatch) -> None:
     from maskd.engine import jobs
     from maskd.engine.config import DataArgs, ModelArgs
     from maskd.engine.optim import OptimSpec
@@ -276,27 +282,31 @@ def test_run_distill_passes_the_options_and_rejects_segmenters(tmp_path, monkeyp
     with pytest.raises(jobs.ConfigError, match=r"head_kd 'auto' needs a detector"):
         jobs.run_distill(*seg, jobs.DistillArgs(tokens=str(tokens_file), head_kd="auto"), *rest)
 
-    seen: dict[str, Any] = {}
+    seen: list[Any] = []
 
     class Stop(Exception):
         pass
 
-    def fake_distiller(*args: Any, **kwargs: Any) -> None:
-        seen.update(kwargs)
+    def fake_distiller(student: nn.Module, teacher: nn.Module, terms: list) -> None:
+        seen.extend(terms)
         raise Stop
 
     monkeypatch.setattr(jobs, "build_data", lambda *a, **k: (None, 3))
     monkeypatch.setattr(jobs, "build_model", lambda *a, **k: (nn.Identity(), ["l"], "detection"))
-    monkeypatch.setattr(jobs, "load_token_file", lambda *a, **k: {"l": []})
+    monkeypatch.setattr(jobs, "load_token_file", lambda *a, **k: {"l": ["tok"]})
     monkeypatch.setattr("maskd.distiller.Distiller", fake_distiller)
     det = (
         ModelArgs("retinanet_resnet18_fpn"),
         ModelArgs("retinanet_resnet18_fpn", weights=str(weights)),
     )
-    args = jobs.DistillArgs(tokens=str(tokens_file), head_kd="retinanet_l1", head_kd_weight=0.5)
+    args = jobs.DistillArgs(tokens=str(tokens_file), head_kd="auto", head_kd_weight=0.5)
     with pytest.raises(Stop):
         jobs.run_distill(*det, args, *rest)
-    assert seen["head_kd"] == "retinanet_l1" and seen["head_kd_weight"] == 0.5
+    assert seen == [
+        {"kind": "maskd", "student": "l", "teacher": "l", "tokens": {"l": ["tok"]},
+         "weight": 1.0, "align": True, "eps": 0.0, "custom_mask_warmup": None},
+        {"kind": "retinanet_l1", "weight": 0.5},
+    ]  # fmt: skip
 
 
 def test_distill_command_runs_detection_with_head_kd_end_to_end(tmp_path) -> None:
@@ -335,11 +345,14 @@ def test_distill_command_runs_detection_with_head_kd_end_to_end(tmp_path) -> Non
     ]
     assert main(args) == 0
     log = next((tmp_path / "run" / "csv").glob("version_*/metrics.csv"))
-    rows = [r for r in csv.DictReader(log.open()) if r.get("train/loss_head_kd")]
+    rows = [r for r in csv.DictReader(log.open()) if r.get("train/loss_retinanet_l1")]
     assert len(rows) == 2
-    assert all(float(r["train/loss_head_kd"]) > 0 for r in rows)
-    # the logged total is the sum of every logged term, head KD included
-    terms = ("classification", "bbox_regression", "loss_maskd", "loss_head_kd")
+    assert all(float(r["train/loss_retinanet_l1"]) > 0 for r in rows)
+    # the logged total is the sum of every logged loss, the head term included
+    terms = ("classification", "bbox_regression", "loss_maskd", "loss_retinanet_l1")
     for r in rows:
-        parts = sum(float(v) for k, v in r.items() if v and k.split("/")[-1] in terms)
+        parts = sum(float(r[f"train/{k}"]) for k in terms)
         assert abs(parts - float(r["train/loss"])) < 1e-4 * max(1.0, abs(parts))
+        levels = [float(v) for k, v in r.items() if v and k.startswith("train/retinanet_l1/")]
+        assert len(levels) == 5
+        assert abs(2.0 * sum(levels) - float(r["train/loss_retinanet_l1"])) < 1e-5

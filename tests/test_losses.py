@@ -513,7 +513,11 @@ def test_level_weights_scale_each_feature_map():
     assert rel_close(keyed({"a": s[0], "b": s[1]}, {"a": t[0], "b": t[1]}), ref[0])
     with pytest.raises(ValueError, match="level_weights has 1 entries but there are 2 levels"):
         MasKDLoss(toks, level_weights=[1.0])
-    with pytest.raises(ValueError, match=r"level_weights\['1'\] must be a finite number >= 0"):
+    with pytest.raises(ValueError, match=r"level_weights\['1'\] must be finite, got nan"):
         MasKDLoss(toks, level_weights=[1.0, float("nan")])
+    with pytest.raises(ValueError, match=r"level_weights\['0'\] must be in \[0, inf\), got -1"):
+        MasKDLoss(toks, level_weights=[-1, 1.0])
+    with pytest.raises(TypeError, match=r"level_weights\['1'\] must be a number, got '1'"):
+        MasKDLoss(toks, level_weights=[1.0, "1"])
     with pytest.raises(ValueError, match=r"unknown levels \['c'\]"):
         MasKDLoss({"a": toks[0], "b": toks[1]}, level_weights={"c": 1.0})

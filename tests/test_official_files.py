@@ -59,9 +59,9 @@ def test_released_cityscapes_tokens_drive_a_distillation_step() -> None:
 
     teacher, student = SegmentationTask(Seg19(0), 19), SegmentationTask(Seg19(1), 19)
     layer = "model.head"
-    distiller = Distiller(
-        student, teacher, {layer: layer}, {layer: [tok]}, loss_weight=0.5, eps=1e-5, align=False
-    ).train()
+    maskd = {"kind": "maskd", "student": layer, "teacher": layer, "tokens": {layer: [tok]},
+             "weight": 0.5, "eps": 1e-5, "align": False}  # fmt: skip
+    distiller = Distiller(student, teacher, [maskd]).train()
     g = torch.Generator().manual_seed(2)
     images = torch.randn(2, 3, 32, 64, generator=g)
     targets = torch.randint(0, 19, (2, 32, 64), generator=g)

@@ -169,7 +169,8 @@ def test_teacher_draws_the_students_sizes() -> None:
         model.transform.min_size = (40, 48, 56)
     torch.manual_seed(7)
     tokens = {"backbone.fpn": [ReceptiveTokens(256, 2) for _ in range(5)]}
-    distiller = Distiller(student, teacher, {"backbone.fpn": "backbone.fpn"}, tokens)
+    maskd = {"kind": "maskd", "student": "backbone.fpn", "teacher": "backbone.fpn"}
+    distiller = Distiller(student, teacher, [{**maskd, "tokens": tokens}])
     images, targets = detection_batch()
     images = images * 3  # six images: the per-image draws differ
     targets = targets * 3

@@ -1,7 +1,9 @@
-"""Tests for the peer distillation terms (FitNet, CWD, FGD, logits KD) and their use in stage 2.
+"""Tests for the distillation terms (MasKD, FitNet, CWD, FGD, logits KD) and their use in
+stage 2: the options of ``maskd distill`` turned into terms, and every kind through the command.
 
 Each loss is checked against a literal float64 computation written here from the paper's
-formula (values and gradients), and on hand-made cases whose answer is known.
+formula (values and gradients), and on hand-made cases whose answer is known. The head terms
+(retinanet_l1, rcnn_smoothl1) are checked in test_head_kd.py.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from maskd.distiller import Distiller
+from maskd.distiller import Distiller, total_loss
 from maskd.terms import (
     TERMS,
     FGDTerm,
     FitNetTerm,
+    MaskdTerm,
     TermContext,
     build_term,
     channel_wise_divergence,
@@ -32,6 +35,7 @@ from maskd.terms import (
     pixel_kd_loss,
 )
 from maskd.terms.fgd import FGD_DEFAULTS
+from maskd.tokens import ReceptiveTokens
 from tiny_detectors import detection_batch, detector
 
 FPN = "backbone.fpn"
@@ -197,21 +201,100 @@ def test_fgd_known_cases() -> None:
         term.level_loss(s, t, 0, TermContext())
 
 
+# ---- MasKD ----------------------------------------------------------------------------------
+def maskd_literal(student, teacher, tokens, connectors, weight, level_weights, eps, custom):
+    """MasKD's stage-2 loss transcribed from the paper, level by level, channel by channel."""
+    total, levels = 0.0, []
+    for s, t, tok, conv, lw in zip(
+        student, teacher, tokens, connectors, level_weights, strict=True
+    ):
+        n, c = t.shape[:2]
+        a = torch.einsum("oc,nchw->nohw", conv.weight[:, :, 0, 0], s) + conv.bias[:, None, None]
+        key = tok.mask_token  # [T, C]
+        m = 1 / (1 + torch.exp(-torch.einsum("kc,nchw->nkhw", key, t)))
+        if custom:  # times the mask of the aligned student feature (no gradient through it)
+            m = m * (1 / (1 + torch.exp(-torch.einsum("kc,nchw->nkhw", key, a.detach()))))
+        weights = tok.token_weights(t)
+        level = 0.0
+        for i, k in itertools.product(range(n), range(tok.num_tokens)):
+            area = m[i, k].sum() + eps
+            per_channel = [((m[i, k] ** 2) * (a[i, j] - t[i, j]) ** 2).sum() / area
+                           for j in range(c)]  # fmt: skip
+            mean_c = sum(per_channel) / c
+            if weights is None:
+                level = level + mean_c / (n * tok.num_tokens)
+            else:
+                level = level + weights[i, k] * mean_c / n
+        levels.append(level)
+        total = total + lw * level
+    return weight * total, levels
+
+
+@pytest.mark.parametrize("custom", [False, True])
+def test_maskd_term_matches_the_papers_loss_with_gradients(custom: bool) -> None:
+    torch.manual_seed(0)
+    shapes = [(2, 3, 4, 5), (2, 3, 2, 3)]
+    student = [torch.randn(*sh, dtype=torch.float64).mul_(2) for sh in [(2, 2, 4, 5), (2, 2, 2, 3)]]
+    teacher = [torch.randn(*sh, dtype=torch.float64) for sh in shapes]
+    tokens = [ReceptiveTokens(3, 2, weighted=True).double(), ReceptiveTokens(3, 3).double()]
+    for tok in tokens:
+        nn.init.normal_(tok.mask_token, std=0.7)
+    term = MaskdTerm(FPN, FPN, tokens, weight=7.0, level_weights=[1.0, 0.4], eps=1e-5,
+                     custom_mask_warmup=2)  # fmt: skip
+    term.build(student, teacher, ["p3", "p4"])
+    term.double()
+    for conv in term.connectors:  # connectors 2 → 3 channels, non-trivial biases
+        nn.init.normal_(conv.bias)
+    term.set_step(2 if custom else 1)
+    s = [x.clone().requires_grad_() for x in student]
+    out = term.compare(s, teacher, TermContext())
+    assert list(out) == ["loss_maskd", "maskd/p3", "maskd/p4"]
+    s_ref = [x.clone().requires_grad_() for x in student]
+    ref, ref_levels = maskd_literal(
+        s_ref, teacher, term.loss.tokens, term.connectors, 7.0, [1.0, 0.4], 1e-5, custom
+    )
+    torch.testing.assert_close(out["loss_maskd"], ref, rtol=1e-10, atol=0)
+    for name, level in zip(["p3", "p4"], ref_levels, strict=True):
+        torch.testing.assert_close(out[f"maskd/{name}"], level.detach(), rtol=1e-10, atol=0)
+    params = [p for conv in term.connectors for p in conv.parameters()]
+    got = torch.autograd.grad(out["loss_maskd"], [*s, *params])
+    want = torch.autograd.grad(ref, [*s_ref, *params])
+    for g, r in zip(got, want, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12)
+    assert all(p.grad is None for tok in term.loss.tokens for p in tok.parameters())
+
+
 # ---- specs and the Distiller ----------------------------------------------------------------
 def test_build_term_errors_name_the_valid_choices() -> None:
     with pytest.raises(ValueError, match=r"unknown distillation term kind 'kd'; valid kinds: \["):
         build_term({"kind": "kd", "student": FPN, "teacher": FPN})
     with pytest.raises(ValueError, match=r"cwd term: unknown options \['temp'\]; valid options"):
         build_term({"kind": "cwd", "student": FPN, "teacher": FPN, "temp": 2})
-    with pytest.raises(ValueError, match="tau must be a number > 0"):
+    with pytest.raises(ValueError, match=r"cwd term: tau must be in \(0, inf\), got 0"):
         build_term({"kind": "cwd", "student": FPN, "teacher": FPN, "tau": 0})
+    with pytest.raises(TypeError, match="logits_kd term: tau must be a number, got '2'"):
+        build_term({"kind": "logits_kd", "student": FPN, "teacher": FPN, "tau": "2"})
+    with pytest.raises(ValueError, match=r"fgd term: alpha must be in \[0, inf\), got -1"):
+        build_term({"kind": "fgd", "student": FPN, "teacher": FPN, "alpha": -1})
+    with pytest.raises(ValueError, match=r"fgd term: temperature must be in \(0, inf\), got 0"):
+        build_term({"kind": "fgd", "student": FPN, "teacher": FPN, "temperature": 0})
+    with pytest.raises(TypeError, match="fgd term: gamma must be a number, got True"):
+        build_term({"kind": "fgd", "student": FPN, "teacher": FPN, "gamma": True})
     with pytest.raises(ValueError, match="detector must be one of"):
         build_term({"kind": "fgd", "student": FPN, "teacher": FPN, "detector": "yolo"})
-    with pytest.raises(ValueError, match="weight must be finite and >= 0"):
+    with pytest.raises(ValueError, match="fitnet term: weight must be finite, got nan"):
         build_term({"kind": "fitnet", "student": FPN, "teacher": FPN, "weight": float("nan")})
+    with pytest.raises(ValueError, match=r"rcnn_smoothl1 term: weight must be in \[0, inf\)"):
+        build_term({"kind": "rcnn_smoothl1", "weight": -2})
     with pytest.raises(ValueError, match="teacher layer path missing"):
         build_term({"kind": "fitnet", "student": FPN})
-    assert sorted(TERMS) == ["cwd", "fgd", "fitnet", "logits_kd"]
+    with pytest.raises(ValueError, match="maskd term: tokens missing"):
+        build_term({"kind": "maskd", "student": FPN, "teacher": FPN})
+    with pytest.raises(ValueError, match=r"retinanet_l1 term: unknown options \['student'\]"):
+        build_term({"kind": "retinanet_l1", "student": FPN})
+    assert sorted(TERMS) == [
+        "cwd", "fgd", "fitnet", "logits_kd", "maskd", "rcnn_smoothl1", "retinanet_l1"
+    ]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -226,13 +309,16 @@ def test_distiller_with_peer_terms_only(models) -> None:
         {"kind": "cwd", "student": FPN, "teacher": FPN, "tau": 2.0},
         {"kind": "fgd", "student": FPN, "teacher": FPN, "detector": "fcos"},
     ]
-    distiller = Distiller(student, teacher, None, None, terms=specs).train()
+    distiller = Distiller(student, teacher, specs).train()
     images, targets = detection_batch()
     losses = distiller(images, targets)
     assert [k for k in losses if k.startswith("loss_")] == ["loss_fitnet", "loss_cwd", "loss_fgd"]
-    assert not any("/" in k for k in losses)  # per-level values are logged, never summed
-    diag = distiller.last_level_losses
+    diag = {k: v for k, v in losses.items() if "/" in k}  # logged, never summed
     assert len([k for k in diag if k.startswith("fitnet/")]) == 5
+    assert not any(v.requires_grad for v in diag.values())
+    parts = [v for k, v in losses.items() if "/" not in k]
+    assert len(parts) == 6  # FCOS's three task losses and the three terms
+    torch.testing.assert_close(total_loss(losses), sum(parts))
     # the total is weight × the sum of the logged levels
     fitnet_levels = [v for k, v in diag.items() if k.startswith("fitnet/")]
     torch.testing.assert_close(losses["loss_fitnet"].detach(), 2.0 * sum(fitnet_levels))
@@ -240,7 +326,7 @@ def test_distiller_with_peer_terms_only(models) -> None:
     with torch.no_grad():
         t_feats = teacher.backbone(teacher.transform(images, targets)[0].tensors)
     assert set(t_feats) == {"0", "1", "2", "p6", "p7"}
-    sum(v for k, v in losses.items() if k.startswith("loss")).backward()
+    total_loss(losses).backward()
     assert all(p.grad is not None for p in distiller.terms.parameters())
     assert all(p.grad is None for p in teacher.parameters())
 
@@ -248,42 +334,39 @@ def test_distiller_with_peer_terms_only(models) -> None:
 def test_distiller_term_level_matches_a_by_hand_fitnet(models) -> None:
     student, teacher = models
     term = FitNetTerm(FPN, FPN, align=False)
-    distiller = Distiller(student, teacher, None, None, terms=[term]).train()
+    distiller = Distiller(student, teacher, [term]).train()
     images, targets = detection_batch()
-    distiller(images, targets)
+    losses = distiller(images, targets)
     with torch.no_grad():
         batch = teacher.transform(images, targets)[0].tensors
         t_feats, s_feats = teacher.backbone(batch), student.backbone(batch)
     for key, name in zip(["0", "1", "2", "p6", "p7"], term.levels, strict=True):
         expected = ((s_feats[key] - t_feats[key]) ** 2).mean()
-        torch.testing.assert_close(distiller.last_level_losses[f"fitnet/{name}"], expected)
+        torch.testing.assert_close(losses[f"fitnet/{name}"], expected)
 
 
 def test_distiller_rejects_repeated_names_and_channel_mismatch(models) -> None:
     student, teacher = models
     twice = [{"kind": "cwd", "student": FPN, "teacher": FPN}] * 2
     with pytest.raises(ValueError, match=r"term names \['cwd'\] are used twice"):
-        Distiller(student, teacher, None, None, terms=twice)
+        Distiller(student, teacher, twice)
     named = [twice[0], {**twice[0], "name": "cwd_p", "tau": 4.0}]
-    distiller = Distiller(student, teacher, None, None, terms=named)
+    distiller = Distiller(student, teacher, named)
     assert [t.name for t in distiller.terms] == ["cwd", "cwd_p"]
     with pytest.raises(ValueError, match="align=false needs equal channels"):
         Distiller(
             student,
             teacher,
-            None,
-            None,
-            terms=[{"kind": "fitnet", "student": "backbone.body.layer2",
-                    "teacher": "backbone.fpn.inner_blocks.0", "align": False}],
+            [{"kind": "fitnet", "student": "backbone.body.layer2",
+              "teacher": "backbone.fpn.inner_blocks.0", "align": False}],
         )  # fmt: skip
-    with pytest.raises(TypeError, match="give pairs and tokens"):
-        Distiller(student, teacher, None, None)
+    with pytest.raises(TypeError, match="terms must be a list"):
+        Distiller(student, teacher, None)  # type: ignore[arg-type]
 
 
 def test_a_model_the_registry_does_not_build(models) -> None:
     """A hand-made segmenter: MasKD and a peer term on its logits, no package change."""
     from maskd.tasks import SegmentationTask
-    from maskd.tokens import ReceptiveTokens
 
     class TinySeg(nn.Module):
         def __init__(self, width: int) -> None:
@@ -297,10 +380,12 @@ def test_a_model_the_registry_does_not_build(models) -> None:
     torch.manual_seed(0)
     student, teacher = SegmentationTask(TinySeg(8), 4), SegmentationTask(TinySeg(16), 4)
     tokens = {"model.head": [ReceptiveTokens(4, 2)]}
-    terms = [{"kind": "logits_kd", "student": "model.head", "teacher": "model.head", "tau": 2.0}]
-    distiller = Distiller(
-        student, teacher, {"model.head": "model.head"}, tokens, align=False, terms=terms
-    ).train()
+    head = {"student": "model.head", "teacher": "model.head"}
+    terms = [
+        {"kind": "maskd", **head, "tokens": tokens, "align": False},
+        {"kind": "logits_kd", **head, "tau": 2.0},
+    ]
+    distiller = Distiller(student, teacher, terms).train()
     images = torch.rand(2, 3, 16, 16)
     masks = torch.randint(0, 4, (2, 16, 16))
     losses = distiller(images, masks)
@@ -310,48 +395,194 @@ def test_a_model_the_registry_does_not_build(models) -> None:
     torch.testing.assert_close(losses["loss_logits_kd"].detach(), pixel_kd_loss(s, t, 2.0))
 
 
-def test_distill_command_runs_every_peer_term(tmp_path) -> None:
-    """``maskd distill`` with each peer term alone on synthetic COCO data: logged, summed."""
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> dict[str, Path]:
+    """Tiny synthetic detection and segmentation sets (64 px)."""
     from maskd.cli import main
-    from maskd.models import build
 
-    data = tmp_path / "data"
-    synth = ["data", "synth", "--out", str(data), "--task", "detection", "--train", "4"]
-    assert main([*synth, "--val", "2", "--size", "64", "--preview", "0"]) == 0
-    opts = {"min_size": 64, "max_size": 64}
-    teacher, _ = build("fcos_resnet18_fpn", num_classes=6, **opts)
-    torch.save(teacher.state_dict(), tmp_path / "teacher.pt")
-    base = [
+    root = tmp_path_factory.mktemp("synthetic")
+    for task, train in (("detection", 4), ("segmentation", 4)):
+        args = ["data", "synth", "--out", str(root / task), "--task", task, "--train", str(train)]
+        assert main([*args, "--val", "2", "--size", "64", "--preview", "0"]) == 0
+    return {"root": root}
+
+
+# kind -> (student = teacher registry model, its task, the term spec, FPN levels or logits)
+KINDS = {
+    "maskd": ("fcos_resnet18_fpn", {"weight": 0.5}, 5),
+    "fitnet": ("fcos_resnet18_fpn", {"weight": 0.5}, 5),
+    "cwd": ("fcos_resnet18_fpn", {"weight": 0.5, "tau": 2.0}, 5),
+    "fgd": ("fcos_resnet18_fpn", {"weight": 0.5}, 5),
+    "logits_kd": ("deeplabv3_resnet18", {"weight": 0.5, "tau": 2.0}, 1),
+    "retinanet_l1": ("retinanet_resnet18_fpn", {"weight": 0.5}, 5),
+    "rcnn_smoothl1": ("fasterrcnn_resnet18_fpn", {"weight": 0.5}, 0),
+}
+
+
+def distill_args(synthetic, model: str, tmp: Path) -> list[str]:
+    """``maskd distill`` of a freshly initialised ``model`` from another, one step."""
+    from maskd.models import build, task_of
+
+    task = task_of(model)
+    opts = {"min_size": 64, "max_size": 64} if task == "detection" else {}
+    classes = 6 if task == "detection" else 7  # six shapes (+ background for segmentation)
+    torch.manual_seed(0)
+    teacher, _ = build(model, num_classes=classes, **opts)
+    torch.save(teacher.state_dict(), tmp / "teacher.pt")
+    data = ["--data.kind=coco"] if task == "detection" else ["--data.kind=folder", "--data.size=64"]
+    return [
         "distill",
-        "--teacher.name=fcos_resnet18_fpn",
-        f"--teacher.weights={tmp_path / 'teacher.pt'}",
-        "--student.name=fcos_resnet18_fpn",
+        f"--teacher.name={model}",
+        f"--teacher.weights={tmp / 'teacher.pt'}",
+        f"--student.name={model}",
         f"--student.options={json.dumps(opts)}",
         f"--teacher.options={json.dumps(opts)}",
         "--distill.tokens=null",
-        "--data.kind=coco",
-        f"--data.root={data}",
+        *data,
+        f"--data.root={synthetic['root'] / task}",
         "--data.batch_size=2",
         "--trainer.max_steps=1",
         "--trainer.log_every_n_steps=1",
         "--trainer.accelerator=cpu",
         "--trainer.progress_bar=false",
+        "--run.validate=false",
     ]
-    for kind in ("fitnet", "cwd", "fgd"):
-        out = tmp_path / kind
-        spec = json.dumps([{"kind": kind, "weight": 0.5}])
-        assert main([*base, f"--distill.terms={spec}", f"--run.out={out}"]) == 0, kind
-        log = next((out / "csv").glob("version_*/metrics.csv"))
-        row = next(r for r in csv.DictReader(log.open()) if r.get(f"train/loss_{kind}"))
-        levels = [float(v) for k, v in row.items() if v and k.startswith(f"train/{kind}/")]
-        assert len(levels) == 5
-        assert abs(float(row[f"train/loss_{kind}"]) - 0.5 * sum(levels)) < 1e-4
-        parts = ("classification", "bbox_regression", "bbox_ctrness", f"loss_{kind}")
-        total = sum(float(row[f"train/{p}"]) for p in parts)
-        assert abs(total - float(row["train/loss"])) < 1e-4 * max(1.0, total)
-    bad = json.dumps([{"kind": "bogus"}])
-    assert main([*base, f"--distill.terms={bad}", f"--run.out={tmp_path / 'bad'}"]) == 1
-    assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_distill_command_runs_every_term_kind(kind, synthetic, tmp_path) -> None:
+    """``maskd distill`` with each term kind alone on synthetic data: logged and summed."""
+    from maskd.cli import main
+    from maskd.token_io import save_tokens
+
+    model, options, levels = KINDS[kind]
+    spec = {"kind": kind, **options}
+    if kind == "maskd":
+        save_tokens(tmp_path / "tokens.pt", {FPN: [ReceptiveTokens(256, 2) for _ in range(5)]})
+        spec["tokens"] = str(tmp_path / "tokens.pt")
+    out = tmp_path / "run"
+    args = distill_args(synthetic, model, tmp_path)
+    assert main([*args, f"--distill.terms={json.dumps([spec])}", f"--run.out={out}"]) == 0
+    log = next((out / "csv").glob("version_*/metrics.csv"))
+    row = next(r for r in csv.DictReader(log.open()) if r.get(f"train/loss_{kind}"))
+    values = {
+        k.removeprefix("train/"): float(v) for k, v in row.items() if v and k.startswith("train/")
+    }
+    per_level = [v for k, v in values.items() if k.startswith(f"{kind}/")]
+    assert len(per_level) == levels
+    if levels:  # weight x the sum of the logged levels
+        assert values[f"loss_{kind}"] == pytest.approx(0.5 * sum(per_level), rel=1e-5)
+    assert values[f"loss_{kind}"] > 0
+    # the logged total is every logged loss but the per-level values
+    parts = [v for k, v in values.items() if k != "loss" and "/" not in k]
+    assert len(parts) >= 2 and values["loss"] == pytest.approx(sum(parts), rel=1e-5)
+
+
+def test_distill_command_names_the_valid_kinds_options_and_layers(synthetic, tmp_path, capsys):
+    from maskd.cli import main
+
+    args = distill_args(synthetic, "fcos_resnet18_fpn", tmp_path)
+    for spec, needle in [
+        ({"kind": "bogus"}, "distill.terms[0]: unknown distillation term kind 'bogus'; valid "
+                            "kinds: ['cwd', 'fgd', 'fitnet', 'logits_kd', 'maskd'"),
+        ({"kind": "cwd", "temp": 2}, "cwd term: unknown options ['temp']; valid options: "
+                                     "['align', 'name', 'resize', 'student', 'tau', 'teacher',"),
+        ({"kind": "fitnet", "teacher": "backbone.fnp"}, "unknown layer 'backbone.fnp' in FCOS; "
+                                                        "closest valid names: ['backbone.fpn'"),
+        ({"kind": "retinanet_l1"}, "retinanet_l1 term needs a torchvision RetinaNet student, got "
+                                   "FCOS"),
+    ]:  # fmt: skip
+        out = tmp_path / "bad"
+        code = main([*args, f"--distill.terms={json.dumps([spec])}", f"--run.out={out}"])
+        err = capsys.readouterr().err
+        assert code == 1 and needle in err, err
+        assert len(err.strip().splitlines()) == 1 and not (out / "checkpoints").exists()
+
+
+# ---- the options of maskd distill as terms -----------------------------------------------
+def terms_of(pairs=None, task="detection", student="retinanet_resnet50_fpn", **options):
+    from maskd.engine.jobs import DistillArgs, distill_terms
+
+    args = DistillArgs(**options)
+    return distill_terms(args, task, student, {FPN: FPN} if pairs is None else pairs)
+
+
+def test_each_shorthand_option_becomes_its_term_option() -> None:
+    base = {"kind": "maskd", "student": FPN, "teacher": FPN, "tokens": "t.pt", "weight": 1.0,
+            "align": True, "eps": 0.0, "custom_mask_warmup": None}  # fmt: skip
+    assert terms_of(tokens="t.pt") == [base]
+    for option, value, term_option, term_value in [
+        ("loss_weight", 7.0, "weight", 7.0),
+        ("custom_mask_warmup", 7000, "custom_mask_warmup", 7000),
+        ("align", False, "align", False),
+        ("eps", 1e-5, "eps", 1e-5),
+        ("resize", True, "resize", True),
+    ]:
+        assert terms_of(tokens="t.pt", **{option: value}) == [{**base, term_option: term_value}]
+    head = {"kind": "retinanet_l1", "weight": 1.0}
+    assert terms_of(tokens="t.pt", head_kd="auto") == [base, head]
+    assert terms_of(tokens="t.pt", head_kd="retinanet_l1", head_kd_weight=2.0) == [
+        base, {**head, "weight": 2.0}
+    ]  # fmt: skip
+    assert terms_of(tokens=None, head_kd="auto", student="fasterrcnn_resnet18_fpn") == [
+        {"kind": "rcnn_smoothl1", "weight": 1.0}
+    ]
+    # the authors' segmentation setting: the auxiliary logits with the main logits' tokens
+    main, aux = "model.classifier.4", "model.aux_classifier.4"
+    seg = terms_of({main: main, aux: aux}, "segmentation", "deeplabv3_resnet18", tokens="t.pt",
+                   reuse_tokens={aux: main}, layer_weights={aux: 0.4}, loss_weight=0.5)  # fmt: skip
+    layers = {"student": main, "teacher": main}
+    assert seg == [
+        {**base, **layers, "weight": 0.5},
+        {**base, "student": aux, "teacher": aux, "name": "maskd_2", "weight": 0.5,
+         "tokens_from": main, "level_weights": 0.4},
+    ]  # fmt: skip
+    # terms: after the shorthand MasKD term, layers from the first pair; none with tokens null
+    peer = {"kind": "cwd", "tau": 2.0}
+    assert terms_of(tokens="t.pt", terms=[peer]) == [base, {"student": FPN, "teacher": FPN, **peer}]
+    assert terms_of(tokens=None, terms=[peer], resize=True) == [
+        {"student": FPN, "teacher": FPN, **peer, "resize": True}
+    ]
+    # an explicit maskd term replaces the shorthand and takes distill.tokens unless it names a file
+    explicit = {"kind": "maskd", "weight": 7.0, "custom_mask_warmup": 7000}
+    assert terms_of(tokens="t.pt", terms=[explicit]) == [
+        {"student": FPN, "teacher": FPN, **explicit, "tokens": "t.pt"}
+    ]
+    own = {**explicit, "student": "a", "teacher": "b", "tokens": "other.pt"}
+    assert terms_of(tokens="t.pt", terms=[own]) == [own]
+
+
+def test_bad_distill_options_are_one_line_errors_naming_the_choices() -> None:
+    from maskd.engine.jobs import ConfigError
+
+    cases = [
+        (dict(terms=[{"kind": "kd"}]), r"distill.terms\[0\]: unknown distillation term kind "
+         r"'kd'; valid kinds: \['cwd', 'fgd', 'fitnet', 'logits_kd', 'maskd', 'rcnn_smoothl1', "
+         r"'retinanet_l1'\]"),
+        (dict(terms=[{"kind": "maskd", "weigth": 2}]), r"maskd term: unknown options "
+         r"\['weigth'\]; valid options: \['align', 'custom_mask_warmup', 'eps', "),
+        (dict(terms=["cwd"]), r"distill.terms\[0\]: a distillation term must be a mapping"),
+        (dict(terms=[{"kind": "fgd"}], task="segmentation"), "fgd needs a detector"),
+        (dict(terms=[{"kind": "rcnn_smoothl1"}], task="segmentation"),
+         "rcnn_smoothl1 needs a detector"),
+        (dict(head_kd="auto", student="fcos_resnet50_fpn"), r"head_kd 'auto': no head term for "
+         r"'fcos_resnet50_fpn'; head KD exists for RetinaNet \(retinanet_l1\) and Faster R-CNN "
+         r"\(rcnn_smoothl1\)"),
+        (dict(head_kd="auto", task="segmentation"), "head_kd 'auto' needs a detector"),
+        (dict(tokens="t.pt", reuse_tokens={"nope": FPN}), r"distill.reuse_tokens names "
+         r"\['nope'\], which are not distilled teacher layers \['backbone.fpn'\]"),
+        (dict(tokens="t.pt", layer_weights={"nope": 0.4}), r"distill.layer_weights names"),
+        (dict(tokens="t.pt", loss_weight=7.0, terms=[{"kind": "maskd"}]),
+         r"distill.loss_weight is shorthand for the MasKD terms .* set its options there"),
+        (dict(tokens=None, terms=[{"kind": "maskd"}]), "the maskd term needs tokens"),
+        (dict(tokens="t.pt", terms=[{"kind": "maskd", "tokens": 3}]), "tokens must be a token "
+         "file path"),
+        (dict(tokens=None), "nothing to distil"),
+    ]  # fmt: skip
+    for options, message in cases:
+        with pytest.raises(ConfigError, match=message) as err:
+            terms_of(**options)
+        assert "\n" not in str(err.value)
 
 
 OVERLAYS = sorted(

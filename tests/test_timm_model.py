@@ -28,7 +28,7 @@ from torchvision.models.detection import FCOS
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
-from maskd import Distiller, TokenLearner
+from maskd import Distiller, TokenLearner, total_loss
 from maskd.tokens import ReceptiveTokens
 from tiny_detectors import detection_batch, snapshot
 
@@ -151,7 +151,7 @@ def fitnet_literal(s: Tensor, t: Tensor, tau: float) -> Tensor:
     return ((s.double() - t.double()) ** 2).sum() / t.numel()
 
 
-# ---- today's API (the only part that depends on how MasKD is given to the Distiller) --------
+# ---- the API (the only part that depends on how MasKD is given to the Distiller) ----------
 def distiller_with(
     student: nn.Module,
     teacher: nn.Module,
@@ -160,25 +160,21 @@ def distiller_with(
     maskd_weight: float,
     term: dict[str, Any],
 ) -> Distiller:
-    """MasKD through ``pairs`` and ``tokens``, the peer method through ``terms``."""
-    return Distiller(
-        student,
-        teacher,
-        {maskd_pair[0]: maskd_pair[1]},
-        tokens,
-        loss_weight=maskd_weight,
-        terms=[term],
-    )
+    """MasKD as a ``maskd`` term first, the peer method second."""
+    maskd = {"kind": "maskd", "student": maskd_pair[0], "teacher": maskd_pair[1],
+             "tokens": tokens, "weight": maskd_weight}  # fmt: skip
+    return Distiller(student, teacher, [maskd, term])
 
 
 def maskd_parts(distiller: Distiller) -> tuple[list[ReceptiveTokens], list[nn.Module]]:
     """The distiller's frozen tokens and its align connectors, one each per MasKD level."""
-    assert distiller.loss is not None
-    return list(distiller.loss.tokens), list(distiller.align)
+    maskd = distiller.terms[0]
+    assert maskd.loss is not None
+    return list(maskd.loss.tokens), list(maskd.connectors)
 
 
 def term_connectors(distiller: Distiller) -> list[nn.Module]:
-    (term,) = distiller.terms
+    _, term = distiller.terms
     return list(term.connectors)
 
 
@@ -330,7 +326,7 @@ def test_timm_model_distilled_with_maskd_and_a_peer_term(kind: str) -> None:
                     losses[key], case.first_conv(student), retain_graph=True
                 )
                 assert grad.abs().sum() > 0, f"{key} gives no gradient to the student backbone"
-        sum(losses.values()).backward()
+        total_loss(losses).backward()
         assert all(p.grad is None for p in teacher.parameters())
         opt.step()
 

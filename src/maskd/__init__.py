@@ -5,6 +5,7 @@ from maskd.learner import TokenLearner
 from maskd.losses import MasKDLoss, dice_diversity, masked_distillation_loss
 from maskd.taps import FeatureTaps
 from maskd.tasks import SegmentationTask
+from maskd.terms import MaskdTerm, total_loss
 from maskd.token_io import load_official_tokens, load_tokens, save_tokens
 from maskd.tokens import ReceptiveTokens
 
@@ -14,6 +15,7 @@ __all__ = [
     "Distiller",
     "FeatureTaps",
     "MasKDLoss",
+    "MaskdTerm",
     "ReceptiveTokens",
     "SegmentationTask",
     "TokenLearner",
@@ -23,4 +25,5 @@ __all__ = [
     "load_tokens",
     "masked_distillation_loss",
     "save_tokens",
+    "total_loss",
 ]

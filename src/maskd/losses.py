@@ -17,7 +17,6 @@ gradient in place, so forward+backward allocate no more than MSE does.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -25,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from maskd._checks import check_features, check_same_shape
+from maskd._checks import check_features, check_number, check_same_shape
 from maskd._precision import accum_dtype, autocast_off
 from maskd.errors import UserTypeError, UserValueError
 from maskd.tokens import ReceptiveTokens
@@ -268,15 +267,7 @@ class MasKDLoss(nn.Module):
                 f"level_weights must be a sequence or mapping of numbers, got {type(weights).__name__}"
             )
         for name, v in zip(names, values, strict=True):
-            if (
-                isinstance(v, bool)
-                or not isinstance(v, int | float)
-                or not math.isfinite(v)
-                or v < 0
-            ):
-                raise UserValueError(
-                    f"level_weights[{name!r}] must be a finite number >= 0, got {v!r}"
-                )
+            check_number(v, f"level_weights[{name!r}]", low=0)
         return [float(v) for v in values]
 
     def get_extra_state(self) -> dict[str, int]:

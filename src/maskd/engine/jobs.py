@@ -45,6 +45,7 @@ __all__ = [
     "MaskArgs",
     "build_data",
     "build_model",
+    "distill_terms",
     "load_token_file",
     "run_distill",
     "run_evaluate",
@@ -84,34 +85,45 @@ class MaskArgs:
 
 @dataclass
 class DistillArgs:
-    """Stage-2 options.
+    """Stage-2 options: a list of distillation terms, or the shorthand for a plain MasKD run.
+
+    ``terms`` is the list the run distils with (:mod:`maskd.terms`). The other options are a
+    shorthand that :func:`distill_terms` turns into terms, so a plain MasKD config stays short:
+    ``tokens`` (not null) with no ``maskd`` entry in ``terms`` adds one ``maskd`` term per
+    pair (first in the list), ``head_kd`` one head term (last).
 
     Args:
         tokens: token file from ``maskd learn-masks`` (``tokens.pt``) or a released MasKD
-            mask checkpoint; ``null``: no MasKD loss (a peer method of ``terms`` alone).
+            mask checkpoint: the tokens of the shorthand MasKD terms, and of a ``maskd`` entry
+            of ``terms`` that names no ``tokens`` file of its own; ``null``: no shorthand
+            MasKD (a peer method of ``terms`` alone).
         pairs: ``{student layer: teacher layer}`` (``None``: the two models' default layers,
-            in order).
-        loss_weight: MasKD loss weight (authors: 1 Faster R-CNN, 7 RetinaNet, 10 FCOS,
-            0.5 segmentation).
-        custom_mask_warmup: steps before the student-side mask is multiplied in (``None``:
-            never).
-        align: 1×1 conv align modules (the authors use them even for equal channels).
-        resize: resize student features to the teacher's size when they differ.
-        eps: added to each mask's area (authors: 1e-5 for segmentation).
-        head_kd: extra KD term on the detector head's box regression (authors: Faster R-CNN
-            ``rcnn_smoothl1``, SmoothL1 on the RoI box regression with the teacher's RoI head
-            fed the student's proposals; RetinaNet ``retinanet_l1``, L1 on the box-regression
-            head outputs); ``auto`` picks the one for the student's type; ``null``: off.
-            RetinaNet and Faster R-CNN only.
-        head_kd_weight: scale of the head-KD term (authors: 1).
-        reuse_tokens: ``{teacher layer: teacher layer whose tokens it uses}``, e.g. the
-            auxiliary head's logits distilled with the main logits' tokens, as the authors do
-            in segmentation.
-        layer_weights: ``{teacher layer: multiplier}`` of its masked loss (authors: 0.4 for
-            the auxiliary head's logits).
-        terms: further distillation terms (:mod:`maskd.terms`), each
-            ``{kind: fitnet|cwd|fgd|logits_kd, student: layer, teacher: layer, weight: w,
-            ...options}``; ``student`` / ``teacher`` default to the first distilled pair's.
+            in order): one shorthand MasKD term each; the first pair also gives the layers
+            of a term that names none.
+        loss_weight: shorthand MasKD: the terms' ``weight`` (authors: 1 Faster R-CNN,
+            7 RetinaNet, 10 FCOS, 0.5 segmentation).
+        custom_mask_warmup: shorthand MasKD: optimizer steps before the student-side mask
+            is multiplied in (``None``: never).
+        align: shorthand MasKD: 1×1 conv connectors (the authors use them even for equal
+            channels).
+        resize: resize student features to the teacher's size when they differ (every
+            layer term).
+        eps: shorthand MasKD: added to each mask's area (authors: 1e-5 for segmentation).
+        head_kd: shorthand for the authors' head term: ``retinanet_l1`` (L1 on RetinaNet's
+            box-regression outputs), ``rcnn_smoothl1`` (SmoothL1 on Faster R-CNN's RoI box
+            regression, the teacher's RoI head fed the student's proposals), ``auto`` (the
+            one for the student's architecture) or ``null`` (off).
+        head_kd_weight: the head term's weight (authors: 1).
+        reuse_tokens: shorthand MasKD: ``{teacher layer: teacher layer whose tokens it
+            uses}`` (the term's ``tokens_from``), e.g. the auxiliary head's logits distilled
+            with the main logits' tokens, as the authors do in segmentation.
+        layer_weights: shorthand MasKD: ``{teacher layer: multiplier}`` of every level of
+            its masked loss (the term's ``level_weights``; authors: 0.4 for the auxiliary
+            head's logits).
+        terms: distillation terms, each ``{kind: maskd|fitnet|cwd|fgd|logits_kd|
+            retinanet_l1|rcnn_smoothl1, student: layer, teacher: layer, weight: w,
+            ...options}``; ``student`` / ``teacher`` default to the first pair's, a
+            ``maskd`` term's ``tokens`` (a file) to ``distill.tokens``.
     """
 
     tokens: str | None = "tokens.pt"
@@ -126,6 +138,157 @@ class DistillArgs:
     reuse_tokens: dict[str, str] | None = None
     layer_weights: dict[str, float] | None = None
     terms: list[dict[str, Any]] | None = None
+
+
+# The shorthand options of the MasKD terms and their defaults (DistillArgs').
+_MASKD_SHORTHAND: dict[str, Any] = {
+    "loss_weight": 1.0,
+    "custom_mask_warmup": None,
+    "align": True,
+    "eps": 0.0,
+    "reuse_tokens": None,
+    "layer_weights": None,
+}
+# distill.head_kd: auto, by the registry name's architecture.
+_HEAD_KD = {"retinanet": "retinanet_l1", "fasterrcnn": "rcnn_smoothl1"}
+
+
+def distill_terms(
+    distill: DistillArgs, task: str, student: str, pairs: Mapping[str, str] | None
+) -> list[dict[str, Any]]:
+    """The term specs of a distill run: ``distill.terms`` and the shorthand turned into terms.
+
+    The one place the shorthand options become terms, in this order:
+
+    1. ``tokens`` set and no ``maskd`` entry in ``terms``: one ``maskd`` term per pair
+       (named ``maskd``, then ``maskd_2``, ...) with ``weight: loss_weight``, ``align``,
+       ``eps``, ``custom_mask_warmup``, ``tokens_from: reuse_tokens[teacher]`` and
+       ``level_weights: layer_weights[teacher]``;
+    2. ``terms`` in order, a missing ``student`` / ``teacher`` taken from the first pair, a
+       ``maskd`` term's missing ``tokens`` from ``distill.tokens``;
+    3. ``head_kd``: its term, with ``weight: head_kd_weight``.
+
+    ``resize: true`` applies to every layer term that does not set it. ``tokens`` of a
+    ``maskd`` spec stay file paths here (:func:`run_distill` loads them).
+
+    Args:
+        distill: the options.
+        task: ``detection`` or ``segmentation``.
+        student: the student's registry name (``head_kd: auto`` reads its architecture).
+        pairs: the distilled pairs; ``None`` (before the models are built): check only,
+            layers are not filled in.
+
+    Raises:
+        ConfigError: an unknown kind or option (the valid ones named), a term the task cannot
+            take, a shorthand option beside an explicit ``maskd`` term, or a layer named in
+            ``reuse_tokens`` / ``layer_weights`` that is not distilled.
+    """
+    from maskd.terms import FeatureTerm, HeadTerm, MaskdTerm, check_spec
+
+    explicit: list[dict[str, Any]] = []
+    for i, spec in enumerate(distill.terms or []):
+        try:
+            cls = check_spec(spec, complete=False)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"distill.terms[{i}]: {err}") from None
+        kind = spec["kind"]
+        if task != "detection" and (kind == "fgd" or issubclass(cls, HeadTerm)):
+            raise ConfigError(
+                f"distill.terms[{i}]: {kind} needs a detector (ground-truth boxes or a "
+                f"detection head), but the student is a {task} model"
+            )
+        if cls is MaskdTerm and "tokens" in spec and not isinstance(spec["tokens"], str):
+            raise ConfigError(
+                f"distill.terms[{i}]: tokens must be a token file path, got {spec['tokens']!r}"
+            )
+        explicit.append(dict(spec))
+    has_maskd = any(spec["kind"] == "maskd" for spec in explicit)
+    changed = [k for k, v in _MASKD_SHORTHAND.items() if getattr(distill, k) != v]
+    if has_maskd and changed:
+        raise ConfigError(
+            f"distill.{changed[0]} is shorthand for the MasKD terms of distill.pairs, but "
+            "distill.terms has a maskd entry: set its options there (weight, align, eps, "
+            "custom_mask_warmup, tokens_from, level_weights)"
+        )
+    first = next(iter(pairs.items())) if pairs else None
+    specs: list[dict[str, Any]] = []
+    if distill.tokens is not None and not has_maskd and pairs is not None:
+        specs += _shorthand_maskd(distill, pairs)
+    for i, spec in enumerate(explicit):
+        cls = check_spec(spec, complete=False)
+        if issubclass(cls, FeatureTerm) and first is not None:
+            spec = {"student": first[0], "teacher": first[1], **spec}
+            if distill.resize:
+                spec.setdefault("resize", True)
+        if cls is MaskdTerm and "tokens" not in spec:
+            if distill.tokens is None:
+                raise ConfigError(
+                    f"distill.terms[{i}]: the maskd term needs tokens: set distill.tokens or "
+                    "the term's tokens (a token file)"
+                )
+            spec["tokens"] = distill.tokens
+        specs.append(spec)
+    if distill.head_kd is not None:
+        kind = _head_kd_kind(distill.head_kd, task, student)
+        specs.append({"kind": kind, "weight": distill.head_kd_weight})
+    if distill.tokens is None and not explicit and distill.head_kd is None:
+        raise ConfigError(
+            "distill.tokens is null, distill.terms is empty and distill.head_kd is null: "
+            "nothing to distil"
+        )
+    return specs
+
+
+def _shorthand_maskd(distill: DistillArgs, pairs: Mapping[str, str]) -> list[dict[str, Any]]:
+    """One ``maskd`` term per pair, from the shorthand options."""
+    teachers = list(pairs.values())
+    for option in ("reuse_tokens", "layer_weights"):
+        unknown = sorted(str(k) for k in (getattr(distill, option) or {}) if k not in teachers)
+        if unknown:
+            raise ConfigError(
+                f"distill.{option} names {unknown}, which are not distilled teacher layers "
+                f"{teachers}"
+            )
+    reuse, weights = distill.reuse_tokens or {}, distill.layer_weights or {}
+    specs = []
+    for i, (s_layer, t_layer) in enumerate(pairs.items()):
+        spec: dict[str, Any] = {"kind": "maskd", "student": s_layer, "teacher": t_layer}
+        if i:
+            spec["name"] = f"maskd_{i + 1}"
+        spec.update(
+            tokens=distill.tokens,
+            weight=distill.loss_weight,
+            align=distill.align,
+            eps=distill.eps,
+            custom_mask_warmup=distill.custom_mask_warmup,
+        )
+        if distill.resize:
+            spec["resize"] = True
+        if t_layer in reuse:
+            spec["tokens_from"] = reuse[t_layer]
+        if t_layer in weights:
+            spec["level_weights"] = weights[t_layer]
+        specs.append(spec)
+    return specs
+
+
+def _head_kd_kind(mode: str, task: str, student: str) -> str:
+    """The head term of ``distill.head_kd`` (``auto``: by the student's architecture)."""
+    if task != "detection":
+        raise ConfigError(
+            f"distill.head_kd {mode!r} needs a detector (RetinaNet or Faster R-CNN), but "
+            f"{student!r} is a {task} model; set distill.head_kd null"
+        )
+    if mode != "auto":
+        return mode
+    arch = student.split("_", 1)[0]
+    if arch not in _HEAD_KD:
+        raise ConfigError(
+            f"distill.head_kd 'auto': no head term for {student!r}; head KD exists for "
+            "RetinaNet (retinanet_l1) and Faster R-CNN (rcnn_smoothl1) students only (the "
+            "authors use none for FCOS); set distill.head_kd null"
+        )
+    return _HEAD_KD[arch]
 
 
 @dataclass
@@ -311,29 +474,34 @@ def load_token_file(path: str, teacher_layers: list[str]) -> dict[str, list]:
     return {teacher_layers[0]: list(official)}
 
 
-def _distill_tokens(distill: DistillArgs, teacher_layers: list[str]) -> dict[str, list]:
-    """Token sets per distilled teacher layer, with ``distill.reuse_tokens`` applied."""
-    reuse = dict(distill.reuse_tokens or {})
-    unknown = sorted(k for k in reuse if k not in teacher_layers)
-    if unknown:
-        raise ConfigError(
-            f"distill.reuse_tokens names {unknown}, which are not distilled teacher layers "
-            f"{teacher_layers}"
-        )
-    sources = list(dict.fromkeys(reuse.get(layer, layer) for layer in teacher_layers))
-    loaded = load_token_file(distill.tokens, sources)
-    missing = [layer for layer in sources if layer not in loaded]
-    if missing:
-        raise ConfigError(
-            f"distill.tokens: {distill.tokens} holds tokens for the teacher layer(s) "
-            f"{sorted(loaded)}, not for {missing}; learn tokens on those layers, or distil "
-            "the layers the file holds (distill.pairs)"
-        )
-    return {
-        layer: loaded[reuse.get(layer, layer)]
-        for layer in teacher_layers
-        if reuse.get(layer, layer) in loaded
-    }
+def _load_term_tokens(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ``maskd`` specs with their token files loaded: ``{source layer: [tokens]}``."""
+    from maskd.terms import MaskdTerm, check_spec
+
+    sources: dict[str, list[str]] = {}  # file -> the source layers read from it
+    for spec in specs:
+        if check_spec(spec) is MaskdTerm:
+            source = spec.get("tokens_from") or spec["teacher"]
+            sources.setdefault(spec["tokens"], [])
+            if source not in sources[spec["tokens"]]:
+                sources[spec["tokens"]].append(source)
+    loaded: dict[str, dict[str, list]] = {}
+    for path, layers in sources.items():
+        tokens = load_token_file(path, layers)
+        missing = [layer for layer in layers if layer not in tokens]
+        if missing:
+            raise ConfigError(
+                f"distill.tokens: {path} holds tokens for the teacher layer(s) "
+                f"{sorted(tokens)}, not for {missing}; learn tokens on those layers, or distil "
+                "the layers the file holds (distill.pairs)"
+            )
+        loaded[path] = tokens
+    out = []
+    for spec in specs:
+        if check_spec(spec) is MaskdTerm:
+            spec = {**spec, "tokens": loaded[spec["tokens"]]}
+        out.append(spec)
+    return out
 
 
 # ---- running --------------------------------------------------------------------------
@@ -563,25 +731,6 @@ def run_learn_masks(
     return _fit_and_finish(module, dm, trainer, run, callbacks, None, on_start)
 
 
-def _term_specs(distill: DistillArgs, task: str) -> list[dict[str, Any]]:
-    """``distill.terms`` checked before anything is built: kinds, options, the task."""
-    from maskd.terms import TERMS
-
-    specs = []
-    for i, spec in enumerate(distill.terms or []):
-        if not isinstance(spec, dict):
-            raise ConfigError(f"distill.terms[{i}] must be a mapping with a 'kind', got {spec!r}")
-        kind = spec.get("kind")
-        if kind not in TERMS:
-            raise ConfigError(
-                f"distill.terms[{i}]: unknown kind {kind!r}; valid kinds: {sorted(TERMS)}"
-            )
-        if kind == "fgd" and task != "detection":
-            raise ConfigError(f"distill.terms[{i}]: fgd needs ground-truth boxes (detection)")
-        specs.append(dict(spec))
-    return specs
-
-
 def run_distill(
     student: ModelArgs,
     teacher: ModelArgs,
@@ -604,17 +753,17 @@ def run_distill(
         )
     if teacher.weights is None:
         raise ConfigError("teacher.weights is required: distil from a trained teacher")
-    if distill.head_kd is not None and task != "detection":
-        raise ConfigError(
-            f"distill.head_kd {distill.head_kd!r} needs a detector (RetinaNet or Faster R-CNN), "
-            f"but {student.name!r} is a {task} model; set distill.head_kd null"
-        )
     _check_files(student, teacher)
-    if distill.tokens is None and not distill.terms:
-        raise ConfigError("distill.tokens is null and distill.terms is empty: nothing to distil")
-    if distill.tokens is not None and not Path(distill.tokens).is_file():
-        raise FileNotFoundError(f"distill.tokens: no such file {distill.tokens!r}")
-    terms = _term_specs(distill, task)
+    # kinds, options and token files, before any data is read
+    early = distill_terms(distill, task, student.name, None)
+    files = [spec["tokens"] for spec in early if spec["kind"] == "maskd"]
+    if distill.tokens is not None and not any(
+        t.get("kind") == "maskd" for t in distill.terms or []
+    ):
+        files.append(distill.tokens)  # the shorthand MasKD terms'
+    for path in dict.fromkeys(files):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"distill.tokens: no such file {path!r}")
     _seed(run)
     dm, num_classes = build_data(data, task, run.seed)
     _seed(run)
@@ -628,25 +777,8 @@ def run_distill(
                 "give distill.pairs"
             )
         pairs = dict(zip(s_layers, t_layers, strict=True))
-    terms = [{**dict(zip(("student", "teacher"), next(iter(pairs.items())), strict=True)), **t}
-             for t in terms]  # fmt: skip
-    maskd_on = distill.tokens is not None
-    tokens = _distill_tokens(distill, list(pairs.values())) if maskd_on else None
-    distiller = Distiller(
-        s_net,
-        t_net,
-        pairs if maskd_on else None,
-        tokens,
-        loss_weight=distill.loss_weight,
-        custom_mask_warmup=distill.custom_mask_warmup,
-        align=distill.align,
-        resize=distill.resize,
-        eps=distill.eps,
-        head_kd=distill.head_kd,
-        head_kd_weight=distill.head_kd_weight,
-        layer_weights=distill.layer_weights,
-        terms=terms,
-    )
+    terms = _load_term_tokens(distill_terms(distill, task, student.name, pairs))
+    distiller = Distiller(s_net, t_net, terms)
     classes = _classes(student, num_classes)
     meta = {
         "job": "distill",

@@ -23,7 +23,7 @@ from torch import nn
 from maskd.engine.optim import OptimSpec, build_optimizer, build_scheduler
 from maskd.engine.sampling import mix_seed
 from maskd.errors import UserTypeError, UserValueError
-from maskd.losses import MasKDLoss
+from maskd.terms.base import total_loss
 from maskd.tokens import ReceptiveTokens
 
 __all__ = ["DistillModule", "LearnMasksModule", "MaskdModule", "TrainModule", "make_metrics"]
@@ -105,7 +105,8 @@ class MaskdModule(L.LightningModule):
 
     # ---- training ---------------------------------------------------------------
     def training_step(self, batch: tuple[Any, Any], batch_idx: int) -> torch.Tensor:
-        """Sum of the net's losses.
+        """Sum of the net's losses (:func:`maskd.terms.total_loss`: the per-level values a
+        distiller returns, keys with a ``/``, are logged, not summed).
 
         The global RNG is re-seeded from (seed, step, micro-batch, rank) first, so the
         random choices inside models (proposal sampling, dropout) depend only on the
@@ -116,7 +117,7 @@ class MaskdModule(L.LightningModule):
         losses = self.net(images, targets)
         if not isinstance(losses, dict) or not losses:
             raise UserTypeError("in training mode the model must return a non-empty dict of losses")
-        total = torch.stack([v.float() for v in losses.values()]).sum()
+        total = total_loss(losses)
         if not bool(torch.isfinite(total)):
             terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
             raise FloatingPointError(
@@ -127,11 +128,7 @@ class MaskdModule(L.LightningModule):
         for key, value in losses.items():
             self.log(f"train/{key}", value.detach().float(), batch_size=n)
         self.log("train/loss", total.detach(), prog_bar=True, batch_size=n)
-        self._log_extras(n)
         return total
-
-    def _log_extras(self, batch_size: int) -> None:
-        """Hook for extra per-step values (per-level distillation losses)."""
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = build_optimizer(self.trainable_parameters(), self.optim, self.net)
@@ -272,11 +269,11 @@ class LearnMasksModule(MaskdModule):
 
 
 class DistillModule(MaskdModule):
-    """Stage 2: distill a student with frozen tokens (a ``maskd.Distiller``).
+    """Stage 2: distill a student through a list of terms (a ``maskd.Distiller``).
 
-    Only the student and the align modules are optimized; the teacher's and the
-    tokens' parameters are excluded by identity even if something re-enabled their
-    gradients. Validation scores the student alone.
+    Only the student and the terms' own modules (align connectors, FGD's global blocks) are
+    optimized; the teacher's and the tokens' parameters are excluded by identity even if
+    something re-enabled their gradients. Validation scores the student alone.
     """
 
     def __init__(self, distiller: nn.Module, task: Task, num_classes: int, **kwargs: Any) -> None:
@@ -295,9 +292,9 @@ class DistillModule(MaskdModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # The custom-mask warm-up counts optimizer steps (what configs mean), not forward
         # calls: they differ with gradient accumulation. global_step is restored on resume.
-        loss = getattr(self.net, "loss", None)
-        if isinstance(loss, MasKDLoss):
-            loss.step = int(self.global_step)
+        set_step = getattr(self.net, "set_step", None)
+        if callable(set_step):
+            set_step(int(self.global_step))
 
     def _frozen_ids(self) -> set[int]:
         frozen = {id(p) for p in self.net.teacher.parameters()}
@@ -311,12 +308,3 @@ class DistillModule(MaskdModule):
         for name, p in self.net.named_parameters():
             if p.requires_grad and id(p) not in frozen:
                 yield name, p
-
-    def _log_extras(self, batch_size: int) -> None:
-        levels = getattr(self.net, "last_level_losses", None)
-        if isinstance(levels, dict):
-            for key, value in levels.items():
-                # keys are already "loss_maskd/<teacher level>"
-                self.log(
-                    f"train/{key}", torch.as_tensor(value).detach().float(), batch_size=batch_size
-                )

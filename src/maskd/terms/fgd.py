@@ -20,12 +20,12 @@ added). The GcBlocks of both sides train with the student.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
+from maskd._checks import check_number
 from maskd._precision import accum_dtype
 from maskd.errors import UserValueError
 from maskd.terms.base import FeatureTerm, TermContext
@@ -143,15 +143,7 @@ class FGDTerm(FeatureTerm):
         for label, v in zip(
             ("temperature", "alpha", "beta", "gamma", "lambda_"), values, strict=True
         ):
-            if (
-                isinstance(v, bool)
-                or not isinstance(v, int | float)
-                or not math.isfinite(v)
-                or v < 0
-            ):
-                raise UserValueError(f"fgd term: {label} must be a finite number >= 0, got {v!r}")
-        if values[0] <= 0:
-            raise UserValueError(f"fgd term: temperature must be > 0, got {values[0]!r}")
+            check_number(v, f"fgd term: {label}", low=0, low_open=label == "temperature")
         self.detector = detector
         self.temperature, self.alpha, self.beta, self.gamma, self.lambda_ = map(float, values)
         self.student_context = nn.ModuleList()
