@@ -23,6 +23,7 @@ table. ``--workers 2`` runs two cells at once, each on one torch thread.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -212,10 +213,22 @@ class Plan:
         ]
 
         def finish(d: Path) -> None:
-            result = {s: json.loads((d / f"{s}.json").read_text()) for s in splits}
+            result: dict[str, Any] = {s: json.loads((d / f"{s}.json").read_text()) for s in splits}
+            result["inputs"] = self.fingerprints(deps)
             (d / "result.json").write_text(json.dumps(result, indent=1) + "\n")
 
         return Cell(name, deps, cmds, finish=finish, keep=name != "teacher")
+
+    def fingerprints(self, deps: list[str]) -> dict[str, str]:
+        """SHA-256 (first 16 hex digits) of what a cell was trained from: the data, and the
+        teacher and tokens where it used them. Two cells of one table must agree on these."""
+        out = {"data": _digest(sorted(p for p in self.data.rglob("*") if p.is_file()))}
+        for dep in deps:
+            if dep == "teacher":
+                out["teacher"] = _digest([self.work / "teacher" / "model.pt"])
+            elif dep.startswith("tokens"):
+                out[dep] = _digest([self.work / dep / "tokens.pt"])
+        return out
 
     def data_cell(self) -> Cell:
         train, val, test, size = QUICK["data"] if self.quick else self.spec["data"]
@@ -484,6 +497,33 @@ def _config_steps(plan: Plan, quick: bool = True) -> int:
     return yaml.safe_load((plan.cfg / "student.yaml").read_text())["trainer"]["max_steps"]
 
 
+def _digest(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _check_inputs(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The fingerprints the table's cells agree on; a mix of data or teachers is refused.
+
+    Cells kept from before fingerprints were recorded are counted, not checked."""
+    seen: dict[str, set[str]] = {}
+    unrecorded = sorted(name for name, r in results.items() if "inputs" not in r)
+    for r in results.values():
+        for key, value in r.get("inputs", {}).items():
+            seen.setdefault(key, set()).add(value)
+    mixed = {k: sorted(v) for k, v in seen.items() if len(v) > 1}
+    if mixed:
+        raise SystemExit(
+            f"the table's cells were trained from different inputs {mixed}: retrain the cells "
+            "of one of them (delete their kept results) so every row shares one teacher"
+        )
+    return {"fingerprints": {k: next(iter(v)) for k, v in seen.items()},
+            "cells_without_fingerprints": unrecorded}  # fmt: skip
+
+
 def _stats(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
@@ -499,6 +539,9 @@ def _report(plan: Plan, args: argparse.Namespace, rows: list[Row], seeds: list[i
     base = [100 * _score(plan.read(cell_name(student, None, s, steps)), "test", key) for s in seeds]
     base_mean = statistics.fmean(base)
     gap = 100 * teacher[key] - base_mean
+    cells = {cell_name(r, weights.get(r.method) if r.method else None, s, steps): None
+             for r in rows for s in seeds}  # fmt: skip
+    inputs = _check_inputs({name: plan.read(name) for name in cells})
     out_rows = []
     for row in rows:
         w = weights.get(row.method) if row.method else None
@@ -537,6 +580,7 @@ def _report(plan: Plan, args: argparse.Namespace, rows: list[Row], seeds: list[i
             "test": 100 * teacher[key],
             "val": 100 * teacher_val,
         },
+        "inputs": inputs,
         "student_model": plan.spec["student"],
         "student_steps": steps or _config_steps(plan),
         "metric": f"test {key}",
@@ -614,7 +658,19 @@ def _table_md(r: dict[str, Any]) -> str:
         "Gap closed = (row mean − student mean) / (teacher − student mean).\n\n"
         + "\n".join(lines)
         + "\n"
+        + _inputs_md(r.get("inputs"))
     )
+
+
+def _inputs_md(inputs: dict[str, Any] | None) -> str:
+    if not inputs:
+        return ""
+    prints = ", ".join(f"{k} {v}" for k, v in sorted(inputs["fingerprints"].items()))
+    line = f"\nInputs every fingerprinted cell shares (SHA-256, first 16 hex): {prints or 'none'}."
+    if inputs["cells_without_fingerprints"]:
+        line += (f" {len(inputs['cells_without_fingerprints'])} cells were kept from before "
+                 "fingerprints were recorded.")  # fmt: skip
+    return line + "\n"
 
 
 def _plot(r: dict[str, Any], path: Path) -> None:

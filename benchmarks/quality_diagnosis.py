@@ -78,17 +78,18 @@ def loss_scales(plan_work: Path, spec: dict, images: list, targets: list) -> dic
     """Each term at weight 1 (fresh connectors, as when training starts) and its gradient
     norm on the student's parameters, beside the task loss's."""
     teacher, _ = build(spec["teacher"], num_classes=3, weights=str(plan_work / "teacher" / "model.pt"),
-                       **spec["options"])  # fmt: skip
+                       **spec["options"]["teacher"])  # fmt: skip
     torch.manual_seed(0)
-    student, layers = build(spec["student"], num_classes=3, **spec["options"])
+    student, layers = build(spec["student"], num_classes=3, **spec["options"]["student"])
     fpn = layers[0]
     terms = [{"kind": k, "student": fpn, "teacher": fpn} for k in ("fitnet", "cwd")]
     terms.append({"kind": "fgd", "student": fpn, "teacher": fpn, "detector": "fcos"})
     tokens = load_tokens(plan_work / "tokens" / "tokens.pt")
-    d = Distiller(student, teacher, {fpn: fpn}, tokens, terms=terms).train()
+    maskd = {"kind": "maskd", "student": fpn, "teacher": fpn, "tokens": tokens}
+    d = Distiller(student, teacher, [maskd, *terms]).train()
     losses = d(images, targets)
     params = [p for p in student.parameters() if p.requires_grad]
-    task = sum(v for k, v in losses.items() if not k.startswith("loss_"))
+    task = sum(v for k, v in losses.items() if not k.startswith("loss_") and "/" not in k)
     parts = {"task": task} | {k: v for k, v in losses.items() if k.startswith("loss_")}
     out = {}
     for name, value in parts.items():
@@ -96,6 +97,77 @@ def loss_scales(plan_work: Path, spec: dict, images: list, targets: list) -> dic
         norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None))
         out[name] = {"value": float(value.detach()), "grad_norm": float(norm)}
     return out
+
+
+def level_shares(plan_work: Path, spec: dict, images: list, targets: list) -> dict:
+    """Per FPN level of the student: each term's value at weight 1 (its logged per-level
+    diagnostic) and the norm of its gradient on that level's output, beside the task loss's.
+
+    At 64 px the FPN's P6 and P7 are 1 x 1: a spatial softmax (CWD) has nothing to
+    distribute there, while per-position losses (FitNet, MasKD) still count them in full.
+    """
+    teacher, _ = build(spec["teacher"], num_classes=3, weights=str(plan_work / "teacher" / "model.pt"),
+                       **spec["options"]["teacher"])  # fmt: skip
+    torch.manual_seed(0)
+    student, layers = build(spec["student"], num_classes=3, **spec["options"]["student"])
+    fpn = layers[0]
+    terms = [{"kind": k, "student": fpn, "teacher": fpn} for k in ("fitnet", "cwd")]
+    terms.append({"kind": "fgd", "student": fpn, "teacher": fpn, "detector": "fcos"})
+    tokens = load_tokens(plan_work / "tokens" / "tokens.pt")
+    maskd = {"kind": "maskd", "student": fpn, "teacher": fpn, "tokens": tokens}
+    d = Distiller(student, teacher, [maskd, *terms]).train()
+    levels: dict[str, torch.Tensor] = {}
+    hook = student.get_submodule(fpn).register_forward_hook(lambda _m, _i, out: levels.update(out))
+    try:
+        losses = d(images, targets)
+    finally:
+        hook.remove()
+    names = list(levels)
+    task = sum(v for k, v in losses.items() if torch.is_tensor(v) and not k.startswith("loss_")
+               and "/" not in k)  # fmt: skip
+    parts = {"task": task} | {k: v for k, v in losses.items() if k.startswith("loss_")}
+    out: dict[str, Any] = {"levels": {n: list(levels[n].shape[-2:]) for n in names}}
+    for name, value in parts.items():
+        grads = torch.autograd.grad(value, [levels[n] for n in names], retain_graph=True,
+                                    allow_unused=True)  # fmt: skip
+        norms = [0.0 if g is None else float(g.float().norm()) for g in grads]
+        total = sum(v * v for v in norms) or 1.0
+        term = name.removeprefix("loss_")
+        per_level = {}
+        for n, norm in zip(names, norms, strict=True):
+            diag = [v for k, v in losses.items() if k.startswith(f"{term}/") and
+                    k.split(":")[-1] == str(n)]  # fmt: skip
+            per_level[n] = {
+                "value": float(diag[0]) if diag else None,
+                "grad_norm": norm,
+                "grad_share": norm * norm / total,
+            }
+        out[name] = per_level
+    return out
+
+
+def _levels_md(r: dict[str, Any]) -> str:
+    lv = r["levels"]
+    names = list(lv["levels"])
+    head = " | ".join(f"{n} ({lv['levels'][n][0]}×{lv['levels'][n][1]})" for n in names)
+    lines = [
+        "Per FPN level of the initialised student (seed 0, one training batch of 16), each "
+        "term at weight 1: its per-level value and the share of its squared gradient norm on "
+        "the student's FPN outputs that lands on each level.",
+        "",
+        f"| term | | {head} |",
+        "|---|---|" + "---:|" * len(names),
+    ]
+    fmt = lambda v: "" if v is None else f"{v:.3g}"  # noqa: E731
+    for term, per in lv.items():
+        if term == "levels":
+            continue
+        if term != "task":
+            lines.append(f"| {term} | value | " + " | ".join(fmt(per[n]["value"]) for n in names)
+                         + " |")  # fmt: skip
+        lines.append(f"| {term} | gradient share | "
+                     + " | ".join(f"{100 * per[n]['grad_share']:.0f} %" for n in names) + " |")  # fmt: skip
+    return f"Machine: {r['machine']}\n\nCommand: `{r['command']}`\n\n" + "\n".join(lines) + "\n"
 
 
 def _curve(cell: Path, key: str | None) -> dict[str, Any]:
@@ -130,13 +202,27 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/quality"))
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--levels", action="store_true",
+                        help="only the per-level values and gradient shares "
+                        "(quality_<task>_levels_cpu.{json,md})")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(1)
     spec = TASKS[args.task]
     work = args.work / args.task
+    if args.levels:
+        train_images, train_targets = _batch(work / "data", "train", 16)
+        report = {
+            "benchmark": "quality_levels",
+            "task": args.task,
+            "command": " ".join(["python", *sys.argv]),
+            "machine": _machine("cpu"),
+            "levels": level_shares(work, spec, train_images, train_targets),
+        }
+        _write(args.out, f"quality_{args.task}_levels_cpu", report, _levels_md(report))
+        return
     images, targets = _batch(work / "data", "val", args.images)
     teacher, _ = build(spec["teacher"], num_classes=3, weights=str(work / "teacher" / "model.pt"),
-                       **spec["options"])  # fmt: skip
+                       **spec["options"]["teacher"])  # fmt: skip
     teacher.eval()
     masks = {}
     for variant in ("tokens", "tokens_nodice", "tokens_unweighted", "tokens_t1", "tokens_random"):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "teacher_gap.py"
 
@@ -56,6 +59,13 @@ def test_quality_quick_runs_every_kind_of_cell_and_resumes(tmp_path):
         assert row["test"] == [100 * result["test"]["map"]]
         assert row["diff_to_student"] == [row["test"][0] - rows["student"]["test"][0]]
     assert rows["maskd"]["weight"] == tuning["methods"]["maskd"]["chosen"]
+    # every cell names what it was trained from; the report checks they agree
+    teacher = hashlib.sha256(b"model.pt" + (work / "detection/teacher/model.pt").read_bytes())
+    assert report["inputs"]["fingerprints"]["teacher"] == teacher.hexdigest()[:16]
+    assert report["inputs"]["cells_without_fingerprints"] == []
+    maskd_cell = json.loads((kept / f"maskd_w{rows['maskd']['weight']:g}_s0.json").read_text())
+    assert set(maskd_cell["inputs"]) == {"data", "teacher", "tokens"}
+    assert set(json.loads((kept / "student_s0.json").read_text())["inputs"]) == {"data"}
     assert (out / "quality_detection_cpu.png").stat().st_size > 1000
     md = (out / "quality_detection_cpu.md").read_text()
     assert "| MasKD, untrained (random) tokens |" in md and "teacher (fcos_resnet50_fpn)" in md
@@ -132,3 +142,18 @@ def test_quality_diagnostic_schedule_scales_the_custom_mask_warmup(tmp_path):
     plain = plan.student_cell(rows["student"], 0, None, "student_steps1000_s0", ("val",))
     assert "--trainer.max_steps=1000" in plain.commands[0][0]
     assert cell_name(rows["student"], None, 2) == "student_s2"  # the table's own names stay
+
+
+def test_quality_report_refuses_cells_of_different_teachers():
+    sys.path.insert(0, str(QUALITY.parent))
+    from quality import _check_inputs
+
+    a = {"inputs": {"data": "d1", "teacher": "t1"}}
+    b = {"inputs": {"data": "d1", "teacher": "t2"}}
+    old = {"val": {}}  # kept before fingerprints: counted, not checked
+    assert _check_inputs({"a": a, "old": old}) == {
+        "fingerprints": {"data": "d1", "teacher": "t1"},
+        "cells_without_fingerprints": ["old"],
+    }
+    with pytest.raises(SystemExit, match=r"different inputs \{'teacher': \['t1', 't2'\]\}"):
+        _check_inputs({"a": a, "b": b})
