@@ -222,7 +222,9 @@ class Plan:
     def fingerprints(self, deps: list[str]) -> dict[str, str]:
         """SHA-256 (first 16 hex digits) of what a cell was trained from: the data, and the
         teacher and tokens where it used them. Two cells of one table must agree on these."""
-        out = {"data": _digest(sorted(p for p in self.data.rglob("*") if p.is_file()))}
+        own = {self.data / "log.txt", self.data / "done.txt"}  # the cell's log and marker
+        files = [p for p in self.data.rglob("*") if p.is_file() and p not in own]
+        out = {"data": _digest(sorted(files))}
         for dep in deps:
             if dep == "teacher":
                 out["teacher"] = _digest([self.work / "teacher" / "model.pt"])
