@@ -582,5 +582,6 @@ def test_cityscapes_distill_configs_distil_the_raw_logits(pair):
     from maskd.config_files import load_config
 
     cfg = load_config(CONFIGS / "cityscapes" / pair / "distill.yaml")
-    assert cfg["distill"]["align"] is False
-    assert all(k.endswith("classifier.4") for k in cfg["distill"]["pairs"])
+    terms = cfg["distill"]["terms"]
+    assert terms and all(t["kind"] == "maskd" and t["align"] is False for t in terms)
+    assert all(t[side].endswith("classifier.4") for t in terms for side in ("student", "teacher"))

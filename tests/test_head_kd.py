@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import Tensor, nn
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.ops import FrozenBatchNorm2d
@@ -258,8 +259,8 @@ def test_distill_command_line_takes_the_options(capsys) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["distill", "--config", config, "--print_config"])
     assert exc.value.code == 0
-    out = capsys.readouterr().out
-    assert "head_kd: retinanet_l1" in out and "head_kd_weight: 1.0" in out
+    terms = yaml.safe_load(capsys.readouterr().out)["distill"]["terms"]
+    assert {"kind": "retinanet_l1", "weight": 1.0} in terms  # the head term, as a list entry
     assert main(["distill", "--config", config, "--distill.head_kd", "bogus"]) == 2
     assert "distill.head_kd" in capsys.readouterr().err
 

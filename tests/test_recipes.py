@@ -2,12 +2,15 @@
 
 A row names a config under ``configs/``, a dotted key in it, the value the authors' code uses
 and where that value comes from (repository hunto/MasKD unless another is named). Append rows
-for further settings; a later edit of a config that drifts from its source fails here.
+for further settings; a later edit of a config that drifts from its source fails here. A key
+part ``terms[kind=maskd]`` picks the one entry of a list whose ``kind`` is ``maskd`` (any
+field works: ``terms[name=maskd_aux]``).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -47,6 +50,10 @@ SEG_LOG = (
     "argument line"
 )
 SEG_STAGE1 = "segmentation/train_mask_module.py"
+SEG_MASKD_LOSS = "segmentation/losses/maskd.py MasKDLoss"
+SEG_STAGE2 = "segmentation/train_maskd.py"
+MMRAZOR = "open-mmlab/mmrazor configs/distill/"
+CIRKD = "winycg/CIRKD "
 
 
 def _detection_stage1(pair: str, source: str, optim: dict[str, Any], clip: float) -> list[Row]:
@@ -146,6 +153,64 @@ def _segmentation_sync_bn() -> list[Row]:
         Row(f"cityscapes/{pair}/{stage}", "trainer.sync_batchnorm", True, source)
         for pair in ("deeplabv3_r101_r18", "deeplabv3_r101_mobilenetv3")
         for stage, source in SEG_SYNC_BN.items()
+    ]
+
+
+# COCO pair: (the authors' mmrazor config, MasKD weight, custom-mask warm-up, head term and
+# its setting in that config; None: no head term).
+DETECTION_TERMS = {
+    "fasterrcnn_r101_r50": (
+        "fpn_r101-fpn_r50_coco.py",
+        1.0,
+        7330,
+        ("rcnn_smoothl1", "mmdet.SmoothL1Loss loss_weight=1 on 'roi_head.bbox_head.fc_reg'"),
+    ),
+    "retinanet_r101_r50": (
+        "retinanet_r101-retinanet_r50_coco.py",
+        7.0,
+        7000,
+        ("retinanet_l1", "mmdet.L1Loss loss_weight=1 on 'bbox_head.retina_reg'"),
+    ),
+    "fcos_r101_r50": ("fcos_r101-fcos_r50_coco.py", 10.0, 5000, None),
+}
+
+
+def _detection_terms() -> list[Row]:
+    """MasKD's layer, weight and custom-mask warm-up, and the head term, per COCO pair."""
+    rows = []
+    for pair, (cfg, weight, warmup, head) in DETECTION_TERMS.items():
+        path, source = f"coco/{pair}/distill.yaml", MMRAZOR_MASKD + cfg
+        maskd = "distill.terms[kind=maskd]"
+        rows += [
+            Row(path, f"{maskd}.student", "backbone.fpn", source + ": MasKDLoss on 'neck'"),
+            Row(path, f"{maskd}.weight", weight, source + ": MasKDLoss loss_weight"),
+            Row(path, f"{maskd}.custom_mask_warmup", warmup, source + ": custom_mask_warmup"),
+        ]
+        if head is not None:
+            kind, setting = head
+            rows.append(
+                Row(path, f"distill.terms[kind={kind}].weight", 1.0, f"{source}: {setting}")
+            )
+    return rows
+
+
+def _segmentation_terms(pair: str, name: str = "maskd") -> list[Row]:
+    """A Cityscapes MasKD term: the authors' loss scale, eps and raw logits."""
+    path, key = f"cityscapes/{pair}/distill.yaml", f"distill.terms[name={name}]"
+    return [
+        Row(path, f"{key}.weight", 0.5, SEG_MASKD_LOSS + ": loss = square_loss * 0.5"),
+        Row(path, f"{key}.eps", 1e-5, SEG_MASKD_LOSS + ": mask.sum((2, 3)) + 1e-5"),
+        Row(path, f"{key}.align", False, SEG_STAGE2 + ": criterion_kd on the raw logits"),
+    ]
+
+
+def _peer_terms(
+    path: str, kind: str, source: str, settings: dict[str, tuple[Any, str]]
+) -> list[Row]:
+    """One row per option of a peer config's term: ``{option: (value, where in source)}``."""
+    return [
+        Row(path, f"distill.terms[kind={kind}].{key}", value, f"{source}: {where}")
+        for key, (value, where) in settings.items()
     ]
 
 
@@ -323,6 +388,67 @@ RECIPES: list[Row] = [
     # Batches of one aspect-ratio group, SyncBatchNorm for the segmenters (issue item 8).
     *_aspect_ratio_groups(),
     *_segmentation_sync_bn(),
+    # Stage-2 terms: MasKD and the authors' head terms.
+    *_detection_terms(),
+    *_segmentation_terms("deeplabv3_r101_r18"),
+    *_segmentation_terms("deeplabv3_r101_mobilenetv3"),
+    Row(
+        "cityscapes/deeplabv3_r101_r18/distill.yaml",
+        "distill.terms[name=maskd_aux].level_weights",
+        0.4,
+        SEG_STAGE2 + ": kd_loss += 0.4 * lambda_kd * criterion_kd(s_outputs[1], t_outputs[1])",
+    ),
+    Row(
+        "cityscapes/deeplabv3_r101_r18/distill.yaml",
+        "distill.terms[name=maskd_aux].tokens_from",
+        "model.classifier.4",
+        SEG_STAGE2 + ": one criterion_kd (one MaskModule) for the main and auxiliary logits",
+    ),
+    *_segmentation_terms("deeplabv3_r101_r18", "maskd_aux"),
+    # The peer methods' settings (their papers' code).
+    *_peer_terms(
+        "coco/retinanet_r101_r50/cwd.yaml",
+        "cwd",
+        MMRAZOR + "mmdet/cwd/cwd_fpn_frcnn_r101_frcnn_r50_1x_coco.py (the RetinaNet config's base)",
+        {"tau": (1.0, "ChannelWiseDivergence tau=1"), "weight": (10.0, "loss_weight=10")},
+    ),
+    *_peer_terms(
+        "coco/retinanet_r101_r50/fgd.yaml",
+        "fgd",
+        "yzd-v/FGD configs/distillers/fgd/fgd_retina_r101_fpn_2x_distill_retina_r50_fpn_2x_coco.py",
+        {"detector": ("retinanet", "the RetinaNet coefficients (maskd.terms.fgd)")},
+    ),
+    *_peer_terms(
+        "cityscapes/deeplabv3_r101_r18/cwd.yaml",
+        "cwd",
+        MMRAZOR + "mmseg/cwd/cwd_logits_pspnet_r101_d8_pspnet_r18_d8_512x1024_cityscapes_80k.py",
+        {
+            "student": ("model.classifier.4", "recorder 'decode_head.conv_seg' (the logits)"),
+            "tau": (1.0, "ChannelWiseDivergence tau=1"),
+            "weight": (5.0, "loss_weight=5"),
+            "align": (False, "no connector"),
+        },
+    ),
+    *_peer_terms(
+        "cityscapes/deeplabv3_r101_r18/logits_kd.yaml",
+        "logits_kd",
+        CIRKD + "losses/kd.py CriterionKD, train_kd.py",
+        {"tau": (1.0, "--kd-temperature default 1.0"), "weight": (1.0, "--lambda-kd 1.0")},
+    ),
+    *_peer_terms(
+        "cityscapes/deeplabv3_r101_r18/fitnet.yaml",
+        "fitnet",
+        CIRKD + "train_kd.py",
+        {
+            "student": (
+                "model.classifier.3",
+                "criterion_fitnet(s_outputs[-1], ...): models/deeplabv3.py x_feat_after_aspp, "
+                "the head's 3x3 conv + BN + ReLU before the classifier conv",
+            ),
+            "teacher": ("model.classifier.3", "criterion_fitnet(..., t_outputs[-1])"),
+            "align": (True, "losses/fitnet.py CriterionFitNet: a 1x1 conv on the student"),
+        },
+    ),
 ]
 
 
@@ -335,12 +461,35 @@ def _config(path: str) -> dict[str, Any]:
 _MISSING = object()
 
 
+_SELECT = re.compile(r"^(\w+)\[(\w+)=([\w.]+)\]$")
+
+
+def _field(entry: dict[str, Any], field: str) -> Any:
+    """A list entry's field; a term that sets no ``name`` is named by its ``kind``."""
+    if field == "name":
+        return entry.get("name", entry.get("kind"))
+    return entry.get(field)
+
+
 def _lookup(cfg: dict[str, Any], key: str) -> Any:
+    """The value at a dotted key; ``terms[kind=maskd]`` is the one list entry with that field.
+
+    The key splits on the dots outside brackets (a selector's value may be a layer path).
+    Missing keys, and a selector that matches no entry or several, give ``_MISSING``.
+    """
     value: Any = cfg
-    for part in key.split("."):
-        if not isinstance(value, dict) or part not in value:
+    for part in re.findall(r"[^.\[]+(?:\[[^\]]*\])?", key):
+        select = _SELECT.match(part)
+        name = select.group(1) if select else part
+        if not isinstance(value, dict) or name not in value:
             return _MISSING
-        value = value[part]
+        value = value[name]
+        if select:
+            field, want = select.group(2), select.group(3)
+            found = [v for v in value or [] if isinstance(v, dict) and _field(v, field) == want]
+            if len(found) != 1:
+                return _MISSING
+            value = found[0]
     return value
 
 
@@ -371,6 +520,70 @@ def test_table_rows_are_unique_and_name_existing_configs() -> None:
     assert len(keys) == len(set(keys))
     assert all((CONFIGS / r.config).is_file() for r in RECIPES)
     assert all(r.source for r in RECIPES)
+
+
+# Every shipped stage-2 config: the terms `maskd distill` runs, in order, as (kind, weight).
+SHIPPED_TERMS: dict[str, list[tuple[str, float]]] = {
+    "coco/fasterrcnn_r101_r50/distill.yaml": [("maskd", 1.0), ("rcnn_smoothl1", 1.0)],
+    "coco/retinanet_r101_r50/distill.yaml": [("maskd", 7.0), ("retinanet_l1", 1.0)],
+    "coco/retinanet_r101_r50/cwd.yaml": [("cwd", 10.0)],
+    "coco/retinanet_r101_r50/fgd.yaml": [("fgd", 1.0)],
+    "coco/retinanet_r101_r50/fitnet.yaml": [("fitnet", 1.0)],
+    "coco/fcos_r101_r50/distill.yaml": [("maskd", 10.0)],
+    "cityscapes/deeplabv3_r101_r18/distill.yaml": [("maskd", 0.5), ("maskd", 0.5)],
+    "cityscapes/deeplabv3_r101_r18/cwd.yaml": [("cwd", 5.0)],
+    "cityscapes/deeplabv3_r101_r18/fitnet.yaml": [("fitnet", 1.0)],
+    "cityscapes/deeplabv3_r101_r18/logits_kd.yaml": [("logits_kd", 1.0)],
+    "cityscapes/deeplabv3_r101_mobilenetv3/distill.yaml": [("maskd", 0.5)],
+    "demo/detection/distill.yaml": [("maskd", 10.0)],
+    "demo/segmentation/distill.yaml": [("maskd", 13.5)],
+}
+
+
+def _distill_configs() -> list[str]:
+    return sorted(
+        str(p.relative_to(CONFIGS))
+        for folder in ("coco", "cityscapes", "demo")
+        for p in (CONFIGS / folder).rglob("*.yaml")
+        if "distill" in load_config(p)
+    )
+
+
+def test_the_term_table_names_every_shipped_distill_config() -> None:
+    assert sorted(SHIPPED_TERMS) == _distill_configs()
+
+
+@pytest.mark.parametrize("path", sorted(SHIPPED_TERMS))
+def test_shipped_config_runs_its_terms(path: str) -> None:
+    """The term list ``maskd distill`` builds from the config (its layers as run_distill)."""
+    import torch
+
+    from maskd import models
+    from maskd.engine.jobs import DistillArgs, distill_terms
+    from maskd.models.registry import DEFAULT_CLASSES
+    from maskd.terms import check_spec
+
+    cfg = _config(path)
+    distill = DistillArgs(**cfg["distill"])
+    student, teacher = cfg["student"], cfg["teacher"]
+    task = models.task_of(student["name"])
+    pairs = distill.pairs
+    if pairs is None:  # the two models' default layers, as run_distill
+        classes = DEFAULT_CLASSES[task]
+        with torch.device("meta"):
+            s_layers = models.build(student["name"], classes, **student.get("options", {}))[1]
+            t_layers = models.build(teacher["name"], classes, **teacher.get("options", {}))[1]
+        pairs = dict(zip(s_layers, t_layers, strict=True))
+    specs = distill_terms(distill, task, student["name"], pairs)
+    # a term that sets no weight has weight 1 (maskd.terms.Term)
+    assert [(s["kind"], s.get("weight", 1.0)) for s in specs] == SHIPPED_TERMS[path]
+    for spec in specs:
+        check_spec(spec)  # a known kind, known options, its layers (and tokens) given
+        if spec["kind"] == "maskd":
+            assert spec["tokens"] == distill.tokens
+    # a peer config runs its term alone: no MasKD tokens, no shorthand MasKD term
+    if "maskd" not in {kind for kind, _ in SHIPPED_TERMS[path]}:
+        assert distill.tokens is None
 
 
 def _mmcv_cosine(base_lr: float, min_lr: float, it: int, max_iters: int) -> float:
