@@ -35,6 +35,7 @@ from maskd.engine.datamodule import MaskdDataModule
 from maskd.engine.interrupt import Interrupted, SignalReceived, StopOnSignal
 from maskd.engine.modules import DistillModule, LearnMasksModule, MaskdModule, TrainModule
 from maskd.engine.optim import OptimSpec
+from maskd.engine.run_lock import RunLock
 from maskd.engine.trainer import TrainerSpec, build_trainer
 from maskd.errors import UserValueError
 from maskd.models.weights import load_file
@@ -609,11 +610,27 @@ def _fit_and_finish(
     checked before the first write; ``on_start`` (e.g. saving the resolved config) runs then.
     """
     out = Path(run.out)
-    ckpt = _resume_path(run)
-    if ckpt is not None:
-        _check_checkpoint(ckpt, module)
-    if on_start is not None:
-        on_start()
+    with RunLock(out) as lock:  # held from here (or from the folder's creation) to the end
+        ckpt = _resume_path(run)
+        if ckpt is not None:
+            _check_checkpoint(ckpt, module)
+        if on_start is not None:
+            on_start()
+        out.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+        return _fit_in(out, ckpt, module, dm, trainer_spec, run, callbacks, state_dict)
+
+
+def _fit_in(
+    out: Path,
+    ckpt: str | None,
+    module: MaskdModule,
+    dm: MaskdDataModule,
+    trainer_spec: TrainerSpec,
+    run: RunArgs,
+    callbacks: list | None,
+    state_dict: Any,
+) -> dict[str, float]:
     # a kill during a checkpoint or weights write leaves a temporary file: drop it
     remove_stale_temporaries(out, ("model.pt", "tokens.pt"))
     remove_stale_temporaries(out / "checkpoints", ("last.ckpt",))
