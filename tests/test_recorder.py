@@ -219,7 +219,9 @@ def test_layer_running_twice_fails() -> None:
 def test_bad_records_fail_at_construction(model: Tiny) -> None:
     with pytest.raises(ValueError, match=r"unknown layer 'spilt' in Tiny; closest valid names: \["):
         Recorder(model, {"x": Record("spilt")})
-    with pytest.raises(ValueError, match=r"one of \['output', 'input', 'pre'\].*'outputs'"):
+    with pytest.raises(
+        ValueError, match=r"one of \['output', 'input', 'pre', 'return'\].*'outputs'"
+    ):
         Record("stem", "outputs")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="replace must be callable"):
         Record("stem", replace=3)  # type: ignore[arg-type]
@@ -228,3 +230,48 @@ def test_bad_records_fail_at_construction(model: Tiny) -> None:
     with pytest.raises(ValueError, match="non-empty mapping"):
         Recorder(model, {})
     assert no_hooks(model)
+
+
+class Scored(nn.Linear):
+    def score(self, x: Tensor) -> Tensor:
+        return self(x).softmax(-1)
+
+
+class WithMethod(nn.Module):
+    """A forward that calls a plain method of a sub-module (as torchvision's RoI heads do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = Scored(4, 3)
+        self.after = Counted()
+
+    def forward(self, x: Tensor) -> Tensor:
+        scores = self.head.score(x)
+        return self.after((scores, scores))
+
+
+def test_method_return_is_recorded_replaced_and_unwrapped() -> None:
+    torch.manual_seed(0)
+    model = WithMethod()
+    x = torch.randn(2, 4)
+    want = model.head(x).softmax(-1)
+    rec = Recorder(model, {"s": Record("head.score", what="return")})
+    with rec:
+        out = model(x)
+    torch.testing.assert_close(rec["s"], want, rtol=0, atol=0)
+    torch.testing.assert_close(out, 2 * want.mean(), rtol=0, atol=0)
+    assert "score" not in vars(model.head)  # the instance is as it was
+    doubled = Recorder(model, {"s": Record("head.score", what="return", replace=lambda v: 2 * v)})
+    torch.testing.assert_close(doubled.run(x), 4 * want.mean(), rtol=0, atol=0)
+    torch.testing.assert_close(doubled["s"], want, rtol=0, atol=0)  # the original is kept
+    stop = Recorder(model, {"s": Record("head.score", what="return")}, stop=True)
+    calls = model.after.calls
+    assert stop.run(x) is None and model.after.calls == calls and stop.stopped
+    model.head.score = lambda v: v  # an instance attribute is put back, not deleted
+    with Recorder(model, {"s": Record("head.score", what="return")}):
+        pass
+    assert vars(model.head)["score"](3) == 3
+    with pytest.raises(ValueError, match=r"record 'm': Scored at 'head' has no method 'nope'"):
+        Recorder(model, {"m": Record("head.nope", what="return")})
+    with pytest.raises(ValueError, match="unknown layer 'heads'"):
+        Recorder(model, {"m": Record("heads.score", what="return")})

@@ -13,7 +13,10 @@ A :class:`Record` names a layer path (``named_modules()`` name) and what to take
 
 - ``"output"``: what the module returned (a forward hook);
 - ``"input"``: the module's first positional argument, as the call starts (a pre-hook);
-- ``"pre"``: the tuple of all positional arguments, as the call starts (a pre-hook).
+- ``"pre"``: the tuple of all positional arguments, as the call starts (a pre-hook);
+- ``"return"``: what a method returned; the path names the method after its module
+  (``"roi_heads.select_training_samples"``), which is wrapped on the instance while the
+  recorder is active.
 
 Values are kept as they are (a dict stays the same dict, a tuple the same tuple). With
 ``replace=fn`` the forward continues with ``fn(value)`` instead (the new output, first
@@ -38,8 +41,8 @@ from maskd.errors import UserKeyError, UserRuntimeError, UserTypeError, UserValu
 
 __all__ = ["RECORD_KINDS", "Record", "RecordKind", "Recorder", "resolve_layers"]
 
-RecordKind = Literal["output", "input", "pre"]
-RECORD_KINDS: tuple[str, ...] = ("output", "input", "pre")
+RecordKind = Literal["output", "input", "pre", "return"]
+RECORD_KINDS: tuple[str, ...] = ("output", "input", "pre", "return")
 
 
 class _StopForward(Exception):
@@ -84,14 +87,46 @@ def resolve_layers(model: nn.Module, layers: Sequence[str]) -> dict[str, nn.Modu
     return found
 
 
+def _module_path(record: Record) -> str:
+    return record.path.rpartition(".")[0] if record.what == "return" else record.path
+
+
+def _method(record: Record) -> str:
+    return record.path.rpartition(".")[2]
+
+
+class _MethodWrap:
+    """A method of one module instance wrapped to pass its return value through ``hook``;
+    ``remove()`` restores the instance as it was."""
+
+    def __init__(self, module: nn.Module, method: str, hook: Callable[[Any], Any]) -> None:
+        self.module, self.method = module, method
+        self._own = method in vars(module)  # an instance attribute to put back on remove
+        self._previous = vars(module).get(method)
+        original = getattr(module, method)
+
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            return hook(original(*args, **kwargs))
+
+        object.__setattr__(module, method, wrapped)
+
+    def remove(self) -> None:
+        if self._own:
+            object.__setattr__(self.module, self.method, self._previous)
+        else:
+            object.__delattr__(self.module, self.method)
+
+
 @dataclass(frozen=True)
 class Record:
     """What to record from one layer.
 
     Args:
-        path: dotted ``named_modules()`` path of the layer, relative to the recorded model.
-        what: ``"output"`` (the return value), ``"input"`` (the first positional argument)
-            or ``"pre"`` (all positional arguments as a tuple).
+        path: dotted ``named_modules()`` path of the layer, relative to the recorded model
+            (for ``"return"``: that path, a dot and the method's name).
+        what: ``"output"`` (the return value), ``"input"`` (the first positional argument),
+            ``"pre"`` (all positional arguments as a tuple) or ``"return"`` (what the
+            method returned).
         replace: optional ``fn(value) -> value``; the forward continues with its result.
     """
 
@@ -141,11 +176,19 @@ class Recorder:
         self.model = model
         self.records: dict[str, Record] = dict(records)
         self.stop = bool(stop)
-        paths = list(dict.fromkeys(r.path for r in self.records.values()))
+        paths = list(dict.fromkeys(_module_path(r) for r in self.records.values()))
         self.modules: dict[str, nn.Module] = resolve_layers(model, paths)
+        for name, record in self.records.items():
+            if record.what == "return":
+                module, method = self.modules[_module_path(record)], _method(record)
+                if not callable(getattr(module, method, None)):
+                    raise UserValueError(
+                        f"record {name!r}: {type(module).__name__} at {_module_path(record)!r} "
+                        f"has no method {method!r}"
+                    )
         self.stopped = False
         self._values: dict[str, Any] = {}
-        self._handles: list[RemovableHandle] = []
+        self._handles: list[RemovableHandle | _MethodWrap] = []
 
     def __repr__(self) -> str:
         parts = ", ".join(f"{n}={r.what}:{r.path}" for n, r in self.records.items())
@@ -165,8 +208,12 @@ class Recorder:
         self._handles.append(self.model.register_forward_pre_hook(self._on_call))
         try:
             for name, record in self.records.items():
-                module = self.modules[record.path]
-                if record.what == "output":
+                module = self.modules[_module_path(record)]
+                if record.what == "return":
+                    handle: RemovableHandle | _MethodWrap = _MethodWrap(
+                        module, _method(record), self._return_hook(name, record)
+                    )
+                elif record.what == "output":
                     handle = module.register_forward_hook(self._output_hook(name, record))
                 else:
                     handle = module.register_forward_pre_hook(self._pre_hook(name, record))
@@ -210,6 +257,15 @@ class Recorder:
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
             self._take(name, record, output)
             result = None if record.replace is None else record.replace(output)
+            self._maybe_stop()
+            return result
+
+        return hook
+
+    def _return_hook(self, name: str, record: Record) -> Callable[[Any], Any]:
+        def hook(value: Any) -> Any:
+            self._take(name, record, value)
+            result = value if record.replace is None else record.replace(value)
             self._maybe_stop()
             return result
 
