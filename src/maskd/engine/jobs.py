@@ -371,11 +371,9 @@ def _init_parts(model: nn.Module, args: ModelArgs) -> None:
 def _checkpoint_prefix(path: str, argument: str = "weights") -> str | None:
     """The key prefix of the trained model inside one of our Lightning checkpoints."""
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{argument}: no such file {path!r}")
     if p.suffix != ".ckpt":
         return None
-    obj = load_file(p, argument=argument)
+    obj = load_file(p, argument=argument)  # checks the file exists, once
     meta = obj.get("maskd") if isinstance(obj, Mapping) else None
     if not isinstance(meta, Mapping):
         return None
@@ -458,10 +456,8 @@ def load_token_file(path: str, teacher_layers: list[str]) -> dict[str, list]:
     """Tokens from our own file, or from a released MasKD checkpoint (one teacher layer)."""
     from maskd.token_io import load_official_tokens, load_tokens
 
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"tokens: no such file {path!r}")
     try:
-        return load_tokens(path)
+        return load_tokens(path)  # a missing file: FileNotFoundError, named there
     except ValueError as own_err:
         try:
             official = load_official_tokens(path)
