@@ -74,9 +74,9 @@ def mask_statistics(teacher: torch.nn.Module, tokens: dict, images: list, target
     return out
 
 
-def loss_scales(plan_work: Path, spec: dict, images: list, targets: list) -> dict:
-    """Each term at weight 1 (fresh connectors, as when training starts) and its gradient
-    norm on the student's parameters, beside the task loss's."""
+def _initialised_distiller(plan_work: Path, spec: dict) -> tuple[Any, str, Distiller]:
+    """The benchmark's teacher and a seed-0 student under MasKD, FitNet, CWD and FGD at
+    weight 1 (fresh connectors, as when training starts): (student, FPN path, distiller)."""
     teacher, _ = build(spec["teacher"], num_classes=3, weights=str(plan_work / "teacher" / "model.pt"),
                        **spec["options"]["teacher"])  # fmt: skip
     torch.manual_seed(0)
@@ -86,11 +86,22 @@ def loss_scales(plan_work: Path, spec: dict, images: list, targets: list) -> dic
     terms.append({"kind": "fgd", "student": fpn, "teacher": fpn, "detector": "fcos"})
     tokens = load_tokens(plan_work / "tokens" / "tokens.pt")
     maskd = {"kind": "maskd", "student": fpn, "teacher": fpn, "tokens": tokens}
-    d = Distiller(student, teacher, [maskd, *terms]).train()
-    losses = d(images, targets)
-    params = [p for p in student.parameters() if p.requires_grad]
+    return student, fpn, Distiller(student, teacher, [maskd, *terms]).train()
+
+
+def _objective_parts(losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The distiller's output as the objective's parts: the summed task losses as ``task``,
+    then each ``loss_<term>`` (per-level ``<term>/<level>`` values are left out)."""
     task = sum(v for k, v in losses.items() if not k.startswith("loss_") and "/" not in k)
-    parts = {"task": task} | {k: v for k, v in losses.items() if k.startswith("loss_")}
+    return {"task": task} | {k: v for k, v in losses.items() if k.startswith("loss_")}
+
+
+def loss_scales(plan_work: Path, spec: dict, images: list, targets: list) -> dict:
+    """Each term at weight 1 (fresh connectors, as when training starts) and its gradient
+    norm on the student's parameters, beside the task loss's."""
+    student, _, d = _initialised_distiller(plan_work, spec)
+    parts = _objective_parts(d(images, targets))
+    params = [p for p in student.parameters() if p.requires_grad]
     out = {}
     for name, value in parts.items():
         grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
@@ -106,16 +117,7 @@ def level_shares(plan_work: Path, spec: dict, images: list, targets: list) -> di
     At 64 px the FPN's P6 and P7 are 1 x 1: a spatial softmax (CWD) has nothing to
     distribute there, while per-position losses (FitNet, MasKD) still count them in full.
     """
-    teacher, _ = build(spec["teacher"], num_classes=3, weights=str(plan_work / "teacher" / "model.pt"),
-                       **spec["options"]["teacher"])  # fmt: skip
-    torch.manual_seed(0)
-    student, layers = build(spec["student"], num_classes=3, **spec["options"]["student"])
-    fpn = layers[0]
-    terms = [{"kind": k, "student": fpn, "teacher": fpn} for k in ("fitnet", "cwd")]
-    terms.append({"kind": "fgd", "student": fpn, "teacher": fpn, "detector": "fcos"})
-    tokens = load_tokens(plan_work / "tokens" / "tokens.pt")
-    maskd = {"kind": "maskd", "student": fpn, "teacher": fpn, "tokens": tokens}
-    d = Distiller(student, teacher, [maskd, *terms]).train()
+    student, fpn, d = _initialised_distiller(plan_work, spec)
     levels: dict[str, torch.Tensor] = {}
     hook = student.get_submodule(fpn).register_forward_hook(lambda _m, _i, out: levels.update(out))
     try:
@@ -123,9 +125,7 @@ def level_shares(plan_work: Path, spec: dict, images: list, targets: list) -> di
     finally:
         hook.remove()
     names = list(levels)
-    task = sum(v for k, v in losses.items() if torch.is_tensor(v) and not k.startswith("loss_")
-               and "/" not in k)  # fmt: skip
-    parts = {"task": task} | {k: v for k, v in losses.items() if k.startswith("loss_")}
+    parts = _objective_parts(losses)
     out: dict[str, Any] = {"levels": {n: list(levels[n].shape[-2:]) for n in names}}
     for name, value in parts.items():
         grads = torch.autograd.grad(value, [levels[n] for n in names], retain_graph=True,
