@@ -614,46 +614,37 @@ def _fit_and_finish(
             on_start()
         out.mkdir(parents=True, exist_ok=True)
         lock.acquire()
-        return _fit_in(out, ckpt, module, dm, trainer_spec, run, callbacks, state_dict)
-
-
-def _fit_in(
-    out: Path,
-    ckpt: str | None,
-    module: MaskdModule,
-    dm: MaskdDataModule,
-    trainer_spec: TrainerSpec,
-    run: RunArgs,
-    callbacks: list | None,
-    state_dict: Any,
-) -> dict[str, float]:
-    # a kill during a checkpoint or weights write leaves a temporary file: drop it
-    remove_stale_temporaries(out, ("model.pt", "tokens.pt"))
-    remove_stale_temporaries(out / "checkpoints", ("last.ckpt",))
-    trainer = build_trainer(trainer_spec, out, callbacks=[*(callbacks or []), StopOnSignal()])
-    start = time.perf_counter()
-    try:
-        trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
-    except SignalReceived as sig:  # a second signal, or one before the first step ended
-        last = out / "checkpoints" / "last.ckpt"
-        kept = last if last.is_file() else None
-        raise Interrupted(sig.signum, trainer.global_step, kept, saved=False) from None
-    except pickle.UnpicklingError as err:  # raised while Lightning reads the checkpoint
-        raise refusal(err, "run.resume", ckpt) from err
-    fit_seconds = time.perf_counter() - start
-    metrics: dict[str, float] = {}
-    if run.validate:
-        results = trainer.validate(module, datamodule=dm, verbose=False)
-        metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
-    if trainer.is_global_zero:
-        if state_dict is not None:
-            atomic_save(state_dict(), out / "model.pt")
-        _write_json(out / "metrics.json", metrics)
-        _write_json(
-            out / "done.json",
-            {"global_step": trainer.global_step, "fit_seconds": fit_seconds, "metrics": metrics},
-        )
-    return metrics
+        # a kill during a checkpoint or weights write leaves a temporary file: drop it
+        remove_stale_temporaries(out, ("model.pt", "tokens.pt"))
+        remove_stale_temporaries(out / "checkpoints", ("last.ckpt",))
+        trainer = build_trainer(trainer_spec, out, callbacks=[*(callbacks or []), StopOnSignal()])
+        start = time.perf_counter()
+        try:
+            trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+        except SignalReceived as sig:  # a second signal, or one before the first step ended
+            last = out / "checkpoints" / "last.ckpt"
+            kept = last if last.is_file() else None
+            raise Interrupted(sig.signum, trainer.global_step, kept, saved=False) from None
+        except pickle.UnpicklingError as err:  # raised while Lightning reads the checkpoint
+            raise refusal(err, "run.resume", ckpt) from err
+        fit_seconds = time.perf_counter() - start
+        metrics: dict[str, float] = {}
+        if run.validate:
+            results = trainer.validate(module, datamodule=dm, verbose=False)
+            metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
+        if trainer.is_global_zero:
+            if state_dict is not None:
+                atomic_save(state_dict(), out / "model.pt")
+            _write_json(out / "metrics.json", metrics)
+            _write_json(
+                out / "done.json",
+                {
+                    "global_step": trainer.global_step,
+                    "fit_seconds": fit_seconds,
+                    "metrics": metrics,
+                },
+            )
+        return metrics
 
 
 def _seed(run: RunArgs) -> None:
