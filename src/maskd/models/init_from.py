@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from maskd.errors import UserTypeError, UserValueError
-from maskd.models.weights import read_state_dict
+from maskd.models.weights import key_mismatch, read_state_dict
 
 __all__ = ["init_from_checkpoint"]
 
@@ -125,12 +125,10 @@ def _part(
         )
     expected = module.state_dict()
     label = f"{where}: prefix {src!r} -> {dst!r}"
-    missing = [k for k in expected if k not in part and not k.endswith(_COUNTER)]
-    unexpected = [k for k in part if k not in expected and not k.endswith(_COUNTER)]
+    missing, unexpected, reshaped = key_mismatch(expected, part)
     shapes = [
-        f"{_join(src, k)} {list(part[k].shape)} vs model {_join(dst, k)} {list(v.shape)}"
-        for k, v in expected.items()
-        if k in part and part[k].shape != v.shape
+        f"{_join(src, k)} {list(part[k].shape)} vs model {_join(dst, k)} {list(expected[k].shape)}"
+        for k in reshaped
     ]
     if shapes:
         raise UserValueError(f"{label}: shape mismatch: {_few(shapes)}")

@@ -150,6 +150,18 @@ def _coverage(state: Mapping[str, Tensor], prefix: str, wanted: set[str]) -> int
     return sum(1 for k in state if k.startswith(prefix) and k[len(prefix) :] in wanted)
 
 
+def key_mismatch(
+    expected: Mapping[str, Tensor], state: Mapping[str, Tensor]
+) -> tuple[list[str], list[str], list[str]]:
+    """How ``state`` differs from a module's ``expected`` state dict: the keys it lacks, the
+    keys it has in excess (BatchNorm's ``num_batches_tracked`` counts as neither) and the
+    keys of both whose tensors differ in shape, each in its dict's order."""
+    missing = [k for k in expected if k not in state and not k.endswith(_COUNTER)]
+    unexpected = [k for k in state if k not in expected and not k.endswith(_COUNTER)]
+    reshaped = [k for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    return missing, unexpected, reshaped
+
+
 def _strict_load(
     module: nn.Module,
     state: Mapping[str, Tensor],
@@ -157,12 +169,9 @@ def _strict_load(
     ignore_prefixes: tuple[str, ...] = (),
 ) -> None:
     expected = {k: v for k, v in module.state_dict().items() if not k.startswith(ignore_prefixes)}
-    missing = [k for k in expected if k not in state and not k.endswith(_COUNTER)]
-    unexpected = [k for k in state if k not in expected and not k.endswith(_COUNTER)]
+    missing, unexpected, reshaped = key_mismatch(expected, state)
     shapes = [
-        f"{k}: file {list(state[k].shape)} vs model {list(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
+        f"{k}: file {list(state[k].shape)} vs model {list(expected[k].shape)}" for k in reshaped
     ]
     if missing or unexpected or shapes:
         lines = [f"{where} does not match the model ({type(module).__name__}):"]
