@@ -37,7 +37,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
+from maskd.config_files import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -47,6 +47,7 @@ SECOND = {"detection": "map_50", "segmentation": "pixel_acc"}
 # data: (train, val, test, size); models and the layer every term distils
 TASKS: dict[str, dict[str, Any]] = {
     "detection": {
+        "kind": "detection",
         "data": (1500, 200, 300, 64),
         "student": "fcos_resnet18_fpn",
         "teacher": "fcos_resnet50_fpn",
@@ -61,6 +62,7 @@ TASKS: dict[str, dict[str, Any]] = {
         "ablations": True,
     },
     "segmentation": {
+        "kind": "segmentation",
         "data": (1500, 200, 300, 64),
         "student": "lraspp_mobilenet_v3_large",
         "teacher": "deeplabv3_resnet18",
@@ -69,6 +71,16 @@ TASKS: dict[str, dict[str, Any]] = {
         # CWD: mmrazor's Cityscapes weight 3 (tau 1); MasKD: the authors' segmentation 0.5
         "defaults": {"fitnet": 1.0, "cwd": 3.0, "logits_kd": 1.0, "maskd": 0.5},
         "ablations": False,  # the issue's ablations are a detection table
+    },
+}
+# The detection regime with FCOS's scale ranges divided by 4 for its 64 px images, so that
+# objects train P4 as well as P3 (configs/quality/detection_ranges/teacher.yaml says why).
+RANGES = [[0, 16], [16, 32], [32, 64], [64, 128], [128, float("inf")]]
+TASKS["detection_ranges"] = {
+    **TASKS["detection"],
+    "options": {
+        role: {**options, "regress_ranges": RANGES}
+        for role, options in TASKS["detection"]["options"].items()
     },
 }
 QUICK = {"data": (16, 8, 8, 64), "teacher_steps": 4, "student_steps": 2, "tokens_steps": 2}
@@ -165,6 +177,7 @@ class Plan:
     def __init__(self, task: str, args: argparse.Namespace) -> None:
         self.task = task
         self.spec = TASKS[task]
+        self.kind = self.spec["kind"]  # detection | segmentation
         self.args = args
         self.quick = args.quick
         self.work = args.work / task
@@ -197,7 +210,7 @@ class Plan:
             f"--model.options={json.dumps(self.spec['options'][role])}",
             f"--model.weights={weights}",
             f"--data.root={self.data}",
-            f"--data.kind={'coco' if self.task == 'detection' else 'folder'}",
+            f"--data.kind={'coco' if self.kind == 'detection' else 'folder'}",
             f"--data.val_split={split}",
             "--data.val_batch_size=50",
             f"--out={out}",
@@ -235,7 +248,7 @@ class Plan:
     def data_cell(self) -> Cell:
         train, val, test, size = QUICK["data"] if self.quick else self.spec["data"]
         cmd = _maskd(
-            "data", "synth", "--out", str(self.data), "--task", self.task,
+            "data", "synth", "--out", str(self.data), "--task", self.kind,
             "--train", str(train), "--val", str(val), "--test", str(test), "--size", str(size),
             "--seed", "0", "--difficulty", "easy", "--overwrite", "true", "--preview", "8",
         )  # fmt: skip
@@ -297,7 +310,7 @@ class Plan:
         if row.method == "maskd":
             cmd += [f"--distill.tokens={self.work / row.tokens / 'tokens.pt'}"]
             cmd += [f"--distill.loss_weight={weight}"]
-            warmup = yaml.safe_load((self.cfg / "distill.yaml").read_text())["distill"]
+            warmup = load_config(self.cfg / "distill.yaml")["distill"]
             warmup = warmup.get("custom_mask_warmup")
             if (
                 self.student_steps
@@ -309,7 +322,7 @@ class Plan:
             deps.append(row.tokens)
         else:
             kind = "fitnet" if row.method == "ones" else row.method
-            method_cfg = yaml.safe_load((self.cfg / f"{kind}.yaml").read_text())["distill"]
+            method_cfg = load_config(self.cfg / f"{kind}.yaml")["distill"]
             terms = [{**t, "weight": weight} for t in method_cfg["terms"]]
             cmd += ["--distill.tokens=null", f"--distill.terms={json.dumps(terms)}"]
         return self._model_cell(name, deps, cmd, "student", splits)
@@ -399,7 +412,7 @@ def tune(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
     factors = (1.0,) if plan.quick else TUNE_FACTORS
     base = [plan.data_cell(), plan.teacher_cell(), *plan.token_cells({"tokens"})]
     grid = {m: [plan.spec["defaults"][m] * f for f in factors] for m in tuning_methods(plan)}
-    metric = METRIC[plan.task]
+    metric = METRIC[plan.kind]
 
     def scores(method: str) -> dict[float, float]:
         return {w: _score(plan.read(cell_name(rows[method], w, 0)), "val", metric)
@@ -496,7 +509,7 @@ def _config_steps(plan: Plan, quick: bool = True) -> int:
     """The student recipe's step count (``--quick``'s unless ``quick`` is False)."""
     if plan.quick and quick:
         return QUICK["student_steps"]
-    return yaml.safe_load((plan.cfg / "student.yaml").read_text())["trainer"]["max_steps"]
+    return load_config(plan.cfg / "student.yaml")["trainer"]["max_steps"]
 
 
 def _digest(paths: list[Path]) -> str:
@@ -532,7 +545,7 @@ def _stats(values: list[float]) -> tuple[float, float]:
 
 def _report(plan: Plan, args: argparse.Namespace, rows: list[Row], seeds: list[int],
             weights: dict[str, float]) -> dict[str, Any]:  # fmt: skip
-    key, second = METRIC[plan.task], SECOND[plan.task]
+    key, second = METRIC[plan.kind], SECOND[plan.kind]
     teacher_result = plan.read("teacher")
     teacher, teacher_val = teacher_result["test"], teacher_result["val"][key]
     sizes = QUICK["data"] if plan.quick else plan.spec["data"]
@@ -619,13 +632,13 @@ def _tuning_md(r: dict[str, Any]) -> str:
         lines.append(f"| {m} | {v['default']:g} | {tried} | {chosen} |")
     return (
         f"Machine: {r['machine']}\n\nCommand: `{r['command']}`\n\nDate: {r['date']}\n\n"
-        f"Validation {'AP' if r['task'] == 'detection' else 'mIoU'} (percent) per loss weight, "
+        f"Validation {'AP' if TASKS[r['task']]['kind'] == 'detection' else 'mIoU'} (percent) per loss weight, "
         f"{r['protocol']}:\n\n" + "\n".join(lines) + "\n"
     )
 
 
 def _table_md(r: dict[str, Any]) -> str:
-    name = "AP" if r["task"] == "detection" else "mIoU"
+    name = "AP" if TASKS[r["task"]]["kind"] == "detection" else "mIoU"
     lines = [
         f"| row | weight | test {name}, mean ± std | per seed | Δ to student alone (paired) "
         f"| gap closed | validation {name}, mean |",
@@ -694,7 +707,7 @@ def _plot(r: dict[str, Any], path: Path) -> None:
     lo = min(min(row["test"]) for row in rows)
     ax.set_ylim(max(0.0, lo - 5), r["teacher"]["test"] + 3)
     ax.set_xticks(list(xs), [row["row"] for row in rows], rotation=35, ha="right", fontsize=8)
-    ax.set_ylabel(f"test {'AP' if r['task'] == 'detection' else 'mIoU'} (%)")
+    ax.set_ylabel(f"test {'AP' if TASKS[r['task']]['kind'] == 'detection' else 'mIoU'} (%)")
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path)
@@ -757,11 +770,11 @@ def random_tokens(path: Path, task: str) -> None:
     from maskd.tokens import ReceptiveTokens
 
     spec = TASKS[task]
-    num_classes = len(classes("easy")) + (task == "segmentation")  # + background
+    num_classes = len(classes("easy")) + (spec["kind"] == "segmentation")  # + background
     teacher, layers = build(spec["teacher"], num_classes=num_classes, **spec["options"]["teacher"])
     feats, levels = probe_levels(teacher, layers)
     torch.manual_seed(0)
-    cfg = yaml.safe_load((CONFIGS / task / "learn_masks.yaml").read_text())["masks"]
+    cfg = load_config(CONFIGS / task / "learn_masks.yaml")["masks"]
     tokens = {
         layer: [
             ReceptiveTokens(feats[n].shape[1], cfg["num_tokens"], cfg["weighted"]) for n in names

@@ -66,6 +66,7 @@ _MASKD_ONLY_OPTIONS = {
     "aux_weight",
     "ignore_index",
     "box_regression_bias",  # an initial value only
+    "regress_ranges",  # which locations train on which box: training only
 }
 # registry options that shape the architecture, handled by torchvision_call itself
 _ARCHITECTURE_OPTIONS = {"extra_levels_from", "relu_before_p7", "centerness_on"}

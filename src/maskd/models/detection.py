@@ -21,6 +21,7 @@ checkpoint) gets ``FrozenBatchNorm2d`` and 3 trainable stages; a random one gets
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ from maskd.models.backbones import (
     mobilenet_stage_indices,
 )
 from maskd.models.fcos_head import ClsCenternessFCOSHead
+from maskd.models.fcos_ranges import RangedFCOS, check_regress_ranges
 from maskd.models.fpn_levels import ExtraSource, p6p7
 
 DETECTORS: dict[str, type[nn.Module]] = {
@@ -63,7 +65,9 @@ _OWN_OPTIONS = {
     "extra_levels_from",
     "relu_before_p7",
     "centerness_on",
+    "regress_ranges",
 }
+_FCOS_LEVELS = 5  # P3–P7
 # Last block at stride 8 / 16 / 32 in mobilenet_v3_large().features.
 _MOBILENET_C3_C5 = (6, 12, 16)
 
@@ -83,6 +87,7 @@ def build_detector(
     extra_levels_from: ExtraSource = "p5",
     relu_before_p7: bool = True,
     centerness_on: str | None = None,
+    regress_ranges: Sequence[Sequence[float | str]] | None = None,
     **kwargs: Any,
 ) -> tuple[nn.Module, list[str]]:
     """Build ``arch`` (fasterrcnn | retinanet | fcos) on ``backbone`` with FPN.
@@ -106,6 +111,10 @@ def build_detector(
     ``centerness_on`` (FCOS only): ``"reg"`` (torchvision, default) predicts centerness from
     the regression tower, ``"cls"`` from the classification tower (mmdet's default
     ``centerness_on_reg=False``, which the MasKD authors' FCOS teacher and student use).
+    ``regress_ranges`` (FCOS only): one ``[low, high]`` per level P3–P7, the range of a
+    positive location's largest box distance (mmdet's option; torchvision's are
+    ``[0, 64], [64, 128], [128, 256], [256, 512], [512, inf]``, made for ~800 px images:
+    smaller images put every object on P3). See :mod:`maskd.models.fcos_ranges`.
     Other ``kwargs`` go to the torchvision detector class (e.g. ``score_thresh``).
     Returns the detector and ``["backbone.fpn"]``, whose output dict holds every FPN level.
     """
@@ -166,6 +175,11 @@ def build_detector(
             fpn_backbone = _mobilenet_p3_p7(net, trainable, extra)
     if centerness_on == "cls":
         kwargs["head"] = _cls_centerness_head(fpn_backbone, num_classes, kwargs)
+    if regress_ranges is not None:
+        if arch != "fcos":
+            raise UserValueError(f"regress_ranges applies to FCOS only, not {arch!r}")
+        cls = RangedFCOS
+        kwargs["regress_ranges"] = check_regress_ranges(regress_ranges, _FCOS_LEVELS)
     model = cls(fpn_backbone, num_classes + 1, min_size=min_size, max_size=max_size, **kwargs)
     if box_regression_bias is not None:
         if arch != "fcos":
