@@ -9,46 +9,13 @@ import torch
 from torch import Tensor, nn
 
 from maskd.recorder import Record, Recorder
-
-
-class Split(nn.Module):
-    """Returns an OrderedDict of two feature maps, as an FPN does."""
-
-    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
-        return OrderedDict(low=x, high=x[:, :, ::2, ::2])
-
-
-class Merge(nn.Module):
-    def forward(self, feats: OrderedDict[str, Tensor], scale: float = 1.0) -> tuple[Tensor, Tensor]:
-        return feats["low"] * 2 * scale, feats["high"] + 1
-
-
-class Counted(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls = 0
-
-    def forward(self, pair: tuple[Tensor, Tensor]) -> Tensor:
-        self.calls += 1
-        return pair[0].mean() + pair[1].mean()
-
-
-class Tiny(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
-        self.split = Split()
-        self.merge = Merge()
-        self.head = Counted()
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.merge(self.split(self.stem(x)), 0.5))
+from tiny_models import Counted, Tiny
 
 
 @pytest.fixture
 def model() -> Tiny:
     torch.manual_seed(0)
-    return Tiny()
+    return Tiny(scale=0.5)
 
 
 def no_hooks(model: nn.Module) -> bool:

@@ -24,8 +24,8 @@ from maskd.engine.sampling import (
     group_batches,
     image_sizes,
 )
-from maskd.engine.trainer import TrainerSpec, build_trainer
 from maskd.tokens import ReceptiveTokens
+from test_engine import tiny_trainer
 from tiny_detectors import detection_batch, detector
 
 # (height, width) of the tiny dataset's images: landscape, square and portrait ones.
@@ -118,17 +118,7 @@ def fit(run_dir: Path, steps: int, groups: list[int] | None, resume=None, crash_
         group_ids=groups,
     )
     record = Record(crash_at)
-    spec = TrainerSpec(
-        max_steps=steps,
-        accelerator="cpu",
-        devices=1,
-        progress_bar=False,
-        val_every_n_epochs=0,
-        log_every_n_steps=1,
-        deterministic=True,
-        checkpoint_every_n_steps=2,
-    )
-    trainer = build_trainer(spec, run_dir, callbacks=[record])
+    trainer = tiny_trainer(run_dir, steps, checkpoint_every_n_steps=2, callbacks=[record])
     trainer.fit(module, datamodule=data, ckpt_path=resume)
     return model, record
 

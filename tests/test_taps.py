@@ -21,46 +21,13 @@ from maskd.taps import (
     resized_batch,
     resolve_layers,
 )
-
-
-class Split(nn.Module):
-    """Returns a dict of two feature maps."""
-
-    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
-        return OrderedDict(low=x, high=x[:, :, ::2, ::2])
-
-
-class Merge(nn.Module):
-    def forward(self, feats: OrderedDict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        return feats["low"] * 2, feats["high"] + 1
-
-
-class Head(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls = 0
-
-    def forward(self, pair: tuple[Tensor, Tensor]) -> Tensor:
-        self.calls += 1
-        return pair[0].mean() + pair[1].mean()
-
-
-class Tiny(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
-        self.split = Split()
-        self.merge = Merge()
-        self.head = Head()
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.merge(self.split(self.stem(x))))
+from tiny_models import Tiny
 
 
 @pytest.fixture
 def model() -> Tiny:
     torch.manual_seed(0)
-    return Tiny()
+    return Tiny(norm=True)
 
 
 def no_hooks(model: nn.Module) -> bool:
