@@ -157,3 +157,25 @@ def test_quality_report_refuses_cells_of_different_teachers():
     }
     with pytest.raises(SystemExit, match=r"different inputs \{'teacher': \['t1', 't2'\]\}"):
         _check_inputs({"a": a, "b": b})
+
+
+def test_quality_detection_ranges_is_the_detection_regime_with_scale_ranges():
+    """Every config of the ranges regime is the detection one plus the ranges on each FCOS,
+    and the evaluation builds the models the configs train."""
+    sys.path.insert(0, str(QUALITY.parent))
+    from maskd.config_files import load_config
+    from quality import CONFIGS, RANGES, TASKS
+
+    regime, base = CONFIGS / "detection_ranges", CONFIGS / "detection"
+    assert sorted(p.name for p in regime.iterdir()) == sorted(p.name for p in base.iterdir())
+    for path in regime.iterdir():
+        got, want = load_config(path), load_config(base / path.name)
+        for role in ("model", "student", "teacher"):
+            if role in want:
+                assert got[role]["options"].pop("regress_ranges") == RANGES, (path.name, role)
+        assert got == want, path.name
+    options = TASKS["detection_ranges"]["options"]
+    assert options["teacher"] == load_config(regime / "teacher.yaml")["model"]["options"]
+    student = load_config(regime / "student.yaml")["model"]["options"]
+    student.pop("box_regression_bias")  # an initial value: evaluation loads the weights
+    assert options["student"] == student
