@@ -26,8 +26,10 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from maskd.config_files import load_config
 from maskd.data import build_dataset, detection_collate
 from maskd.distiller import Distiller
+from maskd.learner import TokenLearner
 from maskd.losses import dice_diversity
 from maskd.models import build
 from maskd.taps import FeatureTaps
@@ -146,6 +148,41 @@ def level_shares(plan_work: Path, spec: dict, images: list, targets: list) -> di
     return out
 
 
+def stage1_shares(plan_work: Path, cfg: dict, spec: dict, images: list, targets: list) -> dict:
+    """Stage 1 at its start (tokens initialised with seed 0, the benchmark's ``masks``
+    settings ``cfg``): the share of the squared gradient norm that the teacher's task loss
+    and the Dice term each put on every level's tokens (and weighting head)."""
+    teacher, layers = build(spec["teacher"], num_classes=3, weights=str(plan_work / "teacher" / "model.pt"),
+                            **spec["options"]["teacher"])  # fmt: skip
+    torch.manual_seed(0)
+    learner = TokenLearner(teacher, layers, cfg["num_tokens"], cfg["weighted"],
+                           cfg["dice_weight"]).train()  # fmt: skip
+    groups = {n: list(t.parameters()) for n, t in learner._by_level.items()}
+    losses = learner(images, targets)
+    parts = {
+        "task": sum(v for k, v in losses.items() if k != "loss_dice"),
+        "dice": losses["loss_dice"],
+    }
+    out = {}
+    for name, value in parts.items():
+        params = [p for ps in groups.values() for p in ps]
+        grads = iter(torch.autograd.grad(value, params, retain_graph=True, allow_unused=True))
+        sq = {n: sum(0.0 if (g := next(grads)) is None else float(g.float().pow(2).sum())
+                     for _ in ps) for n, ps in groups.items()}  # fmt: skip
+        total = sum(sq.values()) or 1.0
+        out[name] = {n: v / total for n, v in sq.items()}
+    return out
+
+
+def _trained_coverage(plan_work: Path, spec: dict, images: list, targets: list) -> dict:
+    """The stage-1 tokens' mean mask value per level (means over tokens and images)."""
+    teacher, _ = build(spec["teacher"], num_classes=3, weights=str(plan_work / "teacher" / "model.pt"),
+                       **spec["options"]["teacher"])  # fmt: skip
+    stats = mask_statistics(teacher.eval(), load_tokens(plan_work / "tokens" / "tokens.pt"),
+                            images, targets)  # fmt: skip
+    return {n: sum(v["coverage"]) / len(v["coverage"]) for n, v in stats.items()}
+
+
 def _levels_md(r: dict[str, Any]) -> str:
     lv = r["levels"]
     names = list(lv["levels"])
@@ -153,7 +190,10 @@ def _levels_md(r: dict[str, Any]) -> str:
     lines = [
         "Per FPN level of the initialised student (seed 0, one training batch of 16), each "
         "term at weight 1: its per-level value and the share of its squared gradient norm on "
-        "the student's FPN outputs that lands on each level.",
+        "the student's FPN outputs that lands on each level. Stage 1 at its start (tokens "
+        "initialised, the same batch): the share of the task loss's and the Dice term's "
+        "squared gradient norm on each level's tokens. Last row: the trained tokens' mean "
+        "mask value on validation images.",
         "",
         f"| term | | {head} |",
         "|---|---|" + "---:|" * len(names),
@@ -167,6 +207,16 @@ def _levels_md(r: dict[str, Any]) -> str:
                          + " |")  # fmt: skip
         lines.append(f"| {term} | gradient share | "
                      + " | ".join(f"{100 * per[n]['grad_share']:.0f} %" for n in names) + " |")  # fmt: skip
+    by_level = lambda d: {k.split(":")[-1]: v for k, v in d.items()}  # noqa: E731
+    if "stage1" in r:
+        for part, shares in r["stage1"].items():
+            per = by_level(shares)
+            lines.append(f"| stage 1, {part} → tokens | gradient share | "
+                         + " | ".join(f"{100 * per[n]:.0f} %" for n in names) + " |")  # fmt: skip
+    if "coverage" in r:
+        per = by_level(r["coverage"])
+        lines.append("| stage-1 tokens (trained), validation images | mean mask value | "
+                     + " | ".join(f"{per[n]:.3g}" for n in names) + " |")  # fmt: skip
     return f"Machine: {r['machine']}\n\nCommand: `{r['command']}`\n\n" + "\n".join(lines) + "\n"
 
 
@@ -217,6 +267,14 @@ def main() -> None:
             "command": " ".join(["python", *sys.argv]),
             "machine": _machine("cpu"),
             "levels": level_shares(work, spec, train_images, train_targets),
+            "stage1": stage1_shares(
+                work,
+                load_config(CONFIGS / args.task / "learn_masks.yaml")["masks"],
+                spec,
+                train_images,
+                train_targets,
+            ),
+            "coverage": _trained_coverage(work, spec, *_batch(work / "data", "val", args.images)),
         }
         _write(args.out, f"quality_{args.task}_levels_cpu", report, _levels_md(report))
         return
