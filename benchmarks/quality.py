@@ -705,7 +705,8 @@ def _plot(r: dict[str, Any], path: Path) -> None:
     base = next(row["mean"] for row in rows if row["row"] == "student")
     ax.axhline(base, color="#444", lw=1, ls=":", label="student alone")
     lo = min(min(row["test"]) for row in rows)
-    ax.set_ylim(max(0.0, lo - 5), r["teacher"]["test"] + 3)
+    hi = max(r["teacher"]["test"], *(max(row["test"]) for row in rows))  # students may pass it
+    ax.set_ylim(max(0.0, lo - 5), hi + 3)
     ax.set_xticks(list(xs), [row["row"] for row in rows], rotation=35, ha="right", fontsize=8)
     ax.set_ylabel(f"test {'AP' if TASKS[r['task']]['kind'] == 'detection' else 'mIoU'} (%)")
     ax.legend(fontsize=8, loc="lower right")
