@@ -8,7 +8,9 @@ smallest. torchvision fixes the ranges to ``(4·s_l, 8·s_l)`` for the anchor si
 of ~800 px. On small images every object then falls in P3's range, and P4–P7 carry no
 positive at all. ``regress_ranges`` sets the ranges (mmdet's ``FCOSHead.regress_ranges``);
 the rest of the loss is torchvision's. Ranges affect training only: inference, weights and
-their names are unchanged.
+their names are unchanged. The bounds are strict, as torchvision's (``low < d < high``);
+mmdet's are inclusive (``low <= d <= high``, its first ``low`` being -1), which differs only
+for a location whose largest distance falls exactly on a bound.
 """
 
 from __future__ import annotations
