@@ -253,23 +253,18 @@ class Recorder:
             self.stopped = True
             raise _StopForward(self)
 
-    def _output_hook(self, name: str, record: Record) -> Callable[[nn.Module, Any, Any], Any]:
-        def hook(module: nn.Module, args: Any, output: Any) -> Any:
-            self._take(name, record, output)
-            result = None if record.replace is None else record.replace(output)
-            self._maybe_stop()
-            return result
+    def _pass(self, name: str, record: Record, value: Any) -> Any:
+        """Record a returned value; what the forward continues with (replaced or as is)."""
+        self._take(name, record, value)
+        result = value if record.replace is None else record.replace(value)
+        self._maybe_stop()
+        return result
 
-        return hook
+    def _output_hook(self, name: str, record: Record) -> Callable[[nn.Module, Any, Any], Any]:
+        return lambda module, args, output: self._pass(name, record, output)
 
     def _return_hook(self, name: str, record: Record) -> Callable[[Any], Any]:
-        def hook(value: Any) -> Any:
-            self._take(name, record, value)
-            result = value if record.replace is None else record.replace(value)
-            self._maybe_stop()
-            return result
-
-        return hook
+        return lambda value: self._pass(name, record, value)
 
     def _pre_hook(self, name: str, record: Record) -> Callable[[nn.Module, Any], Any]:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> Any:
