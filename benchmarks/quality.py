@@ -620,6 +620,10 @@ def _within_noise(diffs: list[float]) -> bool:
     return abs(mean) <= T_975.get(n, 2.0) * std / n**0.5
 
 
+def _score_name(task: str) -> str:
+    return "AP" if TASKS[task]["kind"] == "detection" else "mIoU"
+
+
 def _tuning_md(r: dict[str, Any]) -> str:
     lines = ["| method | default weight | validation score per weight tried | chosen |"]
     lines.append("|---|---:|---|---:|")
@@ -632,13 +636,13 @@ def _tuning_md(r: dict[str, Any]) -> str:
         lines.append(f"| {m} | {v['default']:g} | {tried} | {chosen} |")
     return (
         f"Machine: {r['machine']}\n\nCommand: `{r['command']}`\n\nDate: {r['date']}\n\n"
-        f"Validation {'AP' if TASKS[r['task']]['kind'] == 'detection' else 'mIoU'} (percent) per loss weight, "
+        f"Validation {_score_name(r['task'])} (percent) per loss weight, "
         f"{r['protocol']}:\n\n" + "\n".join(lines) + "\n"
     )
 
 
 def _table_md(r: dict[str, Any]) -> str:
-    name = "AP" if TASKS[r["task"]]["kind"] == "detection" else "mIoU"
+    name = _score_name(r["task"])
     lines = [
         f"| row | weight | test {name}, mean ± std | per seed | Δ to student alone (paired) "
         f"| gap closed | validation {name}, mean |",
@@ -708,7 +712,7 @@ def _plot(r: dict[str, Any], path: Path) -> None:
     hi = max(r["teacher"]["test"], *(max(row["test"]) for row in rows))  # students may pass it
     ax.set_ylim(max(0.0, lo - 5), hi + 3)
     ax.set_xticks(list(xs), [row["row"] for row in rows], rotation=35, ha="right", fontsize=8)
-    ax.set_ylabel(f"test {'AP' if TASKS[r['task']]['kind'] == 'detection' else 'mIoU'} (%)")
+    ax.set_ylabel(f"test {_score_name(r['task'])} (%)")
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path)

@@ -76,11 +76,16 @@ def mask_statistics(teacher: torch.nn.Module, tokens: dict, images: list, target
     return out
 
 
+def _teacher(plan_work: Path, spec: dict) -> tuple[torch.nn.Module, list[str]]:
+    """The benchmark's trained teacher (a fresh copy) and its default layers."""
+    return build(spec["teacher"], num_classes=3, weights=str(plan_work / "teacher" / "model.pt"),
+                 **spec["options"]["teacher"])  # fmt: skip
+
+
 def _initialised_distiller(plan_work: Path, spec: dict) -> tuple[Any, str, Distiller]:
     """The benchmark's teacher and a seed-0 student under MasKD, FitNet, CWD and FGD at
     weight 1 (fresh connectors, as when training starts): (student, FPN path, distiller)."""
-    teacher, _ = build(spec["teacher"], num_classes=3, weights=str(plan_work / "teacher" / "model.pt"),
-                       **spec["options"]["teacher"])  # fmt: skip
+    teacher, _ = _teacher(plan_work, spec)
     torch.manual_seed(0)
     student, layers = build(spec["student"], num_classes=3, **spec["options"]["student"])
     fpn = layers[0]
@@ -152,12 +157,16 @@ def stage1_shares(plan_work: Path, cfg: dict, spec: dict, images: list, targets:
     """Stage 1 at its start (tokens initialised with seed 0, the benchmark's ``masks``
     settings ``cfg``): the share of the squared gradient norm that the teacher's task loss
     and the Dice term each put on every level's tokens (and weighting head)."""
-    teacher, layers = build(spec["teacher"], num_classes=3, weights=str(plan_work / "teacher" / "model.pt"),
-                            **spec["options"]["teacher"])  # fmt: skip
+    teacher, layers = _teacher(plan_work, spec)
     torch.manual_seed(0)
     learner = TokenLearner(teacher, layers, cfg["num_tokens"], cfg["weighted"],
                            cfg["dice_weight"]).train()  # fmt: skip
-    groups = {n: list(t.parameters()) for n, t in learner._by_level.items()}
+    groups = {
+        name: list(tokens.parameters())
+        for path, group in learner.tokens().items()
+        for name, tokens in zip(learner.level_names[path], group, strict=True)
+    }
+    params = [p for ps in groups.values() for p in ps]
     losses = learner(images, targets)
     parts = {
         "task": sum(v for k, v in losses.items() if k != "loss_dice"),
@@ -165,7 +174,6 @@ def stage1_shares(plan_work: Path, cfg: dict, spec: dict, images: list, targets:
     }
     out = {}
     for name, value in parts.items():
-        params = [p for ps in groups.values() for p in ps]
         grads = iter(torch.autograd.grad(value, params, retain_graph=True, allow_unused=True))
         sq = {n: sum(0.0 if (g := next(grads)) is None else float(g.float().pow(2).sum())
                      for _ in ps) for n, ps in groups.items()}  # fmt: skip
@@ -176,10 +184,9 @@ def stage1_shares(plan_work: Path, cfg: dict, spec: dict, images: list, targets:
 
 def _trained_coverage(plan_work: Path, spec: dict, images: list, targets: list) -> dict:
     """The stage-1 tokens' mean mask value per level (means over tokens and images)."""
-    teacher, _ = build(spec["teacher"], num_classes=3, weights=str(plan_work / "teacher" / "model.pt"),
-                       **spec["options"]["teacher"])  # fmt: skip
-    stats = mask_statistics(teacher.eval(), load_tokens(plan_work / "tokens" / "tokens.pt"),
-                            images, targets)  # fmt: skip
+    teacher, _ = _teacher(plan_work, spec)
+    tokens = load_tokens(plan_work / "tokens" / "tokens.pt")
+    stats = mask_statistics(teacher.eval(), tokens, images, targets)
     return {n: sum(v["coverage"]) / len(v["coverage"]) for n, v in stats.items()}
 
 
@@ -279,9 +286,7 @@ def main() -> None:
         _write(args.out, f"quality_{args.task}_levels_cpu", report, _levels_md(report))
         return
     images, targets = _batch(work / "data", "val", args.images)
-    teacher, _ = build(spec["teacher"], num_classes=3, weights=str(work / "teacher" / "model.pt"),
-                       **spec["options"]["teacher"])  # fmt: skip
-    teacher.eval()
+    teacher = _teacher(work, spec)[0].eval()
     masks = {}
     for variant in ("tokens", "tokens_nodice", "tokens_unweighted", "tokens_t1", "tokens_random"):
         path = work / variant / "tokens.pt"

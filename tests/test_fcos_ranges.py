@@ -73,10 +73,9 @@ def test_smaller_ranges_move_positives_to_higher_levels() -> None:
     """At 64 px every positive sits on P3 under torchvision's ranges; scaled ranges use P4."""
     images, targets = batch()
     levels = {}
-    for name, ranges in {"torchvision": TORCHVISION_RANGES, "quarter": None}.items():
-        model = fcos(
-            regress_ranges=ranges or [[0, 16], [16, 32], [32, 64], [64, 128], [128, "inf"]]
-        )
+    quarter = [[0, 16], [16, 32], [32, 64], [64, 128], [128, "inf"]]
+    for name, ranges in {"torchvision": TORCHVISION_RANGES, "quarter": quarter}.items():
+        model = fcos(regress_ranges=ranges)
         seen = {}
 
         def spy(targets, head_outputs, anchors, matched, seen=seen):
