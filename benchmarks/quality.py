@@ -59,6 +59,7 @@ TASKS: dict[str, dict[str, Any]] = {
         "peers": ("fitnet", "cwd", "fgd"),
         # each method's published default weight; the sweep tries it ×0.3, ×1 and ×3
         "defaults": {"fitnet": 1.0, "cwd": 10.0, "fgd": 1.0, "maskd": 10.0},
+        "fpn": "backbone.fpn",  # the distilled layer (--levels picks among its levels)
         "ablations": True,
     },
     "segmentation": {
@@ -191,8 +192,23 @@ class Plan:
         self.resume = ["--run.resume=auto"]  # a cell stopped midway continues
         # a diagnostic schedule: every student cell runs this many steps (its own cells)
         self.student_steps: int | None = getattr(args, "student_steps", None)
+        # a diagnostic level set: every distilled cell distils only these FPN levels
+        self.levels: list[str] | None = getattr(args, "levels", None)
+        if self.levels and "fpn" not in self.spec:
+            raise SystemExit(f"--levels selects FPN levels; the {task} task has no FPN")
         if self.quick:
             self.trainer += ["--trainer.checkpoint_every_n_steps=1"]
+
+    def suffix(self, distilled: bool = True) -> str:
+        """What a diagnostic schedule or level set adds to cell and report names."""
+        suffix = f"_steps{self.student_steps}" if self.student_steps else ""
+        if self.levels and distilled:  # the student alone distils nothing: its cells stay
+            suffix += f"_lv{'-'.join(self.levels)}"
+        return suffix
+
+    def cell(self, row: Row, weight: float | None, seed: int) -> str:
+        """The name of a row's cell in this plan (:func:`cell_name` with :meth:`suffix`)."""
+        return cell_name(row, weight, seed, self.suffix(row.method is not None))
 
     def read(self, name: str) -> dict[str, Any]:
         """A cell's result, from the work folder or from the kept copy."""
@@ -310,6 +326,8 @@ class Plan:
         if row.method == "maskd":
             cmd += [f"--distill.tokens={self.work / row.tokens / 'tokens.pt'}"]
             cmd += [f"--distill.loss_weight={weight}"]
+            if self.levels:
+                cmd += [f"--distill.levels={json.dumps({self.spec['fpn']: self.levels})}"]
             warmup = load_config(self.cfg / "distill.yaml")["distill"]
             warmup = warmup.get("custom_mask_warmup")
             if (
@@ -324,6 +342,8 @@ class Plan:
             kind = "fitnet" if row.method == "ones" else row.method
             method_cfg = load_config(self.cfg / f"{kind}.yaml")["distill"]
             terms = [{**t, "weight": weight} for t in method_cfg["terms"]]
+            if self.levels:
+                terms = [{**t, "levels": self.levels} for t in terms]
             cmd += ["--distill.tokens=null", f"--distill.terms={json.dumps(terms)}"]
         return self._model_cell(name, deps, cmd, "student", splits)
 
@@ -392,12 +412,12 @@ def tuning_methods(plan: Plan) -> list[str]:
     return [*plan.spec["peers"], "maskd"]
 
 
-def cell_name(row: Row, weight: float | None, seed: int, steps: int | None = None) -> str:
-    """``student_s0``, ``maskd_w10_s1``, ``cwd_w90_steps1000_s0``: same settings, same cell."""
-    schedule = f"_steps{steps}" if steps else ""
+def cell_name(row: Row, weight: float | None, seed: int, suffix: str = "") -> str:
+    """``student_s0``, ``maskd_w10_s1``, ``cwd_w90_steps1000_s0``, ``fitnet_w3_lv0-1-2_s0``
+    (``suffix``: a diagnostic schedule or level set): same settings, same cell."""
     if weight is None:
-        return f"{row.name}{schedule}_s{seed}"
-    return f"{row.name}_w{weight:g}{schedule}_s{seed}"
+        return f"{row.name}{suffix}_s{seed}"
+    return f"{row.name}_w{weight:g}{suffix}_s{seed}"
 
 
 def tune(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
@@ -479,7 +499,7 @@ def table(plan: Plan, args: argparse.Namespace) -> dict[str, Any] | None:
     if plan.quick:  # one cell of each kind
         rows = [r for r in rows if not r.ablation or r.name == "maskd_random"]
     if args.rows:  # a diagnostic schedule's report also needs its own student alone
-        keep = {*args.rows, *(["student"] if plan.student_steps else [])}
+        keep = {*args.rows, *(["student"] if plan.student_steps or plan.levels else [])}
         rows = [r for r in rows if r.name in keep]
     weights: dict[str, float] = {}
     if any(r.method for r in rows):
@@ -492,10 +512,11 @@ def table(plan: Plan, args: argparse.Namespace) -> dict[str, Any] | None:
     for row in rows:
         for seed in seeds:
             w = weights.get(row.method) if row.method else None
-            name = cell_name(row, w, seed, plan.student_steps)
+            name = plan.cell(row, w, seed)
             cells.append(plan.student_cell(row, seed, w, name, ("val", "test")))
     run_cells(cells, plan.work, args.workers, plan.kept)
-    if args.rows and not (plan.student_steps and any(r.method for r in rows)):
+    diagnostic = plan.student_steps or plan.levels
+    if args.rows and not (diagnostic and any(r.method for r in rows)):
         return None  # part of the table: its cells are trained, the report waits for the rest
     return _report(plan, args, rows, seeds, weights)
 
@@ -551,16 +572,16 @@ def _report(plan: Plan, args: argparse.Namespace, rows: list[Row], seeds: list[i
     sizes = QUICK["data"] if plan.quick else plan.spec["data"]
     steps = plan.student_steps
     student = Row("student", "student alone")
-    base = [100 * _score(plan.read(cell_name(student, None, s, steps)), "test", key) for s in seeds]
+    base = [100 * _score(plan.read(plan.cell(student, None, s)), "test", key) for s in seeds]
     base_mean = statistics.fmean(base)
     gap = 100 * teacher[key] - base_mean
-    cells = {cell_name(r, weights.get(r.method) if r.method else None, s, steps): None
+    cells = {plan.cell(r, weights.get(r.method) if r.method else None, s): None
              for r in rows for s in seeds}  # fmt: skip
     inputs = _check_inputs({name: plan.read(name) for name in cells})
     out_rows = []
     for row in rows:
         w = weights.get(row.method) if row.method else None
-        results = [plan.read(cell_name(row, w, s, steps)) for s in seeds]
+        results = [plan.read(plan.cell(row, w, s)) for s in seeds]
         values = [100 * _score(r, "test", key) for r in results]
         diffs = [v - b for v, b in zip(values, base, strict=True)]
         mean, std = _stats(values)
@@ -598,11 +619,12 @@ def _report(plan: Plan, args: argparse.Namespace, rows: list[Row], seeds: list[i
         "inputs": inputs,
         "student_model": plan.spec["student"],
         "student_steps": steps or _config_steps(plan),
+        "levels": plan.levels,
         "metric": f"test {key}",
         "seeds": seeds,
         "rows": out_rows,
     }
-    stem = f"quality_{plan.task}{f'_steps{steps}' if steps else ''}_{args.accelerator}"
+    stem = f"quality_{plan.task}{plan.suffix()}_{args.accelerator}"
     _write(args.out, stem, report, _table_md(report))
     _plot(report, args.out / f"{stem}.png")
     return report
@@ -671,7 +693,12 @@ def _table_md(r: dict[str, Any]) -> str:
         f"Data: synthetic, easy setting, {d['size']} px; {d['train']} train / {d['val']} val / "
         f"{d['test']} test images. Student {r['student_model']}, "
         f"{r.get('student_steps', '?')} steps, seeds {r['seeds']}. "
-        f"Metric: {r['metric']} (percent). Δ is the mean ± std over seeds of the paired "
+        + (
+            f"Every distilled row distils FPN levels {r['levels']} only. "
+            if r.get("levels")
+            else ""
+        )
+        + f"Metric: {r['metric']} (percent). Δ is the mean ± std over seeds of the paired "
         'difference (same seed) to the student alone; "within noise": its two-sided 95 % '
         "t-interval contains 0 (always, with one seed). "
         "Gap closed = (row mean − student mean) / (teacher − student mean).\n\n"
@@ -806,6 +833,11 @@ def main() -> None:
                         help="diagnostic: every student cell trains this many steps (own cells "
                         "and report quality_<task>_steps<N>_<device>; with --rows, a report "
                         "of those rows)")  # fmt: skip
+    parser.add_argument("--levels", nargs="+", default=None,
+                        help="diagnostic (detection): every distilled cell distils only these "
+                        "FPN levels, e.g. 0 1 2 (own cells and report "
+                        "quality_<task>_lv0-1-2_<device>; the student alone's cells are the "
+                        "table's)")  # fmt: skip
     parser.add_argument("--work", type=Path, default=Path("runs/quality"))
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--random-tokens", type=Path, help=argparse.SUPPRESS)
@@ -814,6 +846,9 @@ def main() -> None:
         random_tokens(args.random_tokens, args.task)
         return
     plan = Plan(args.task, args)
+    if args.tune and (args.levels or args.student_steps):
+        raise SystemExit("--tune picks the table's weights: run it without --levels and "
+                         "--student-steps")  # fmt: skip
     if args.tune:
         tune(plan, args)
     else:

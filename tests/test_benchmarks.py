@@ -132,7 +132,7 @@ def test_quality_diagnostic_schedule_scales_the_custom_mask_warmup(tmp_path):
                               student_steps=1000)  # fmt: skip
     plan = Plan("detection", args)
     rows = {r.name: r for r in ROWS}
-    name = cell_name(rows["maskd"], 10.0, 0, 1000)
+    name = plan.cell(rows["maskd"], 10.0, 0)
     assert name == "maskd_w10_steps1000_s0"
     train = plan.student_cell(rows["maskd"], 0, 10.0, name, ("val",)).commands[0][0]
     assert "--trainer.max_steps=1000" in train
@@ -142,6 +142,36 @@ def test_quality_diagnostic_schedule_scales_the_custom_mask_warmup(tmp_path):
     plain = plan.student_cell(rows["student"], 0, None, "student_steps1000_s0", ("val",))
     assert "--trainer.max_steps=1000" in plain.commands[0][0]
     assert cell_name(rows["student"], None, 2) == "student_s2"  # the table's own names stay
+
+
+def test_quality_level_set_reaches_every_distilled_term(tmp_path):
+    """--levels: each distilled cell's command distils those FPN levels; the student's stay."""
+    import argparse
+
+    sys.path.insert(0, str(QUALITY.parent))
+    from maskd.engine.jobs import DistillArgs, distill_terms
+    from quality import ROWS, Plan
+
+    args = argparse.Namespace(quick=False, work=tmp_path, out=tmp_path, accelerator="cpu",
+                              levels=["0", "1", "2"])  # fmt: skip
+    plan = Plan("detection_ranges", args)
+    rows = {r.name: r for r in ROWS}
+    assert plan.cell(rows["student"], None, 1) == "student_s1"
+    assert plan.cell(rows["cwd"], 90.0, 1) == "cwd_w90_lv0-1-2_s1"
+    assert plan.suffix() == "_lv0-1-2"
+    for name in ("maskd", "maskd_ones", "fitnet", "cwd", "fgd"):
+        cmd = plan.student_cell(rows[name], 0, 3.0, "x", ("val",)).commands[0][0]
+        given = dict(a.removeprefix("--distill.").split("=", 1) for a in cmd
+                     if a.startswith("--distill."))  # fmt: skip
+        options = {"tokens": None if given["tokens"] == "null" else given["tokens"]}
+        options |= {k: json.loads(given[k]) for k in ("terms", "levels") if k in given}
+        terms = distill_terms(DistillArgs(**options), "detection", "fcos_resnet18_fpn",
+                              {"backbone.fpn": "backbone.fpn"})  # fmt: skip
+        assert [t["levels"] for t in terms] == [["0", "1", "2"]], (name, terms)
+    plain = plan.student_cell(rows["student"], 0, None, "student_s0", ("val",)).commands[0][0]
+    assert not any("levels" in a for a in plain)
+    with pytest.raises(SystemExit, match="the segmentation task has no FPN"):
+        Plan("segmentation", args)
 
 
 def test_quality_report_refuses_cells_of_different_teachers():

@@ -345,6 +345,57 @@ def test_distiller_term_level_matches_a_by_hand_fitnet(models) -> None:
         torch.testing.assert_close(losses[f"fitnet/{name}"], expected)
 
 
+def test_levels_distil_only_the_named_levels(models) -> None:
+    """A term's ``levels``: those levels' losses (by hand for FitNet), their token sets (MasKD)."""
+    student, teacher = models
+    images, targets = detection_batch()
+    with torch.no_grad():
+        batch = teacher.transform(images, targets)[0].tensors
+        t_feats, s_feats = teacher.backbone(batch), student.backbone(batch)
+    fitnet = FitNetTerm(FPN, FPN, align=False, levels=["p6", 0])
+    losses = Distiller(student, teacher, [fitnet]).train()(images, targets)
+    assert fitnet.levels == [f"{FPN}:0", f"{FPN}:p6"]  # output order, whatever the given order
+    assert fitnet.level_index == [0, 3]
+    assert sorted(k for k in losses if k.startswith("fitnet/")) == [f"fitnet/{FPN}:0",
+                                                                   f"fitnet/{FPN}:p6"]  # fmt: skip
+    expected = sum(((s_feats[k] - t_feats[k]) ** 2).mean() for k in ["0", "p6"])
+    torch.testing.assert_close(losses["loss_fitnet"].detach(), expected)
+
+    # MasKD on levels 1 and p7: the level values of the full term there, with their token sets
+    torch.manual_seed(3)
+    tokens = [ReceptiveTokens(256, 3, weighted=True) for _ in range(5)]
+    for tok in tokens:
+        nn.init.normal_(tok.mask_token, std=0.05)
+    full = MaskdTerm(FPN, FPN, tokens, align=False)
+    some = MaskdTerm(FPN, FPN, tokens, align=False, levels=["1", "p7"], name="some")
+    out = Distiller(student, teacher, [full, some]).train()(images, targets)
+    assert [k for k in out if k.startswith("some/")] == [f"some/{FPN}:1", f"some/{FPN}:p7"]
+    for key in ["1", "p7"]:
+        torch.testing.assert_close(out[f"some/{FPN}:{key}"], out[f"maskd/{FPN}:{key}"])
+    torch.testing.assert_close(
+        out["loss_some"].detach(), out[f"maskd/{FPN}:1"] + out[f"maskd/{FPN}:p7"]
+    )
+    assert len(some.loss.tokens) == 2 and len(some.connectors) == 2
+
+
+def test_levels_errors_name_the_levels(models) -> None:
+    student, teacher = models
+    with pytest.raises(
+        ValueError,
+        match=r"fitnet term: levels \['p9'\] are not levels of teacher "
+        r"layer 'backbone.fpn'; its levels are \['0', '1', '2', 'p6', 'p7'\]",
+    ):
+        Distiller(student, teacher, [FitNetTerm(FPN, FPN, levels=["0", "p9"])])  # fmt: skip
+    with pytest.raises(ValueError, match=r"cwd term: levels \['0', '0'\] name a level twice"):
+        build_term({"kind": "cwd", "student": FPN, "teacher": FPN, "levels": ["0", 0]})
+    for bad in ["0", [], [1.5], [True]]:
+        with pytest.raises(TypeError, match="fitnet term: levels must be"):
+            FitNetTerm(FPN, FPN, levels=bad)
+    layer = "backbone.body.layer4"
+    with pytest.raises(ValueError, match=r"returns one tensor, not several levels"):
+        Distiller(student, teacher, [FitNetTerm(layer, layer, levels=["0"])])
+
+
 def test_distiller_rejects_repeated_names_and_channel_mismatch(models) -> None:
     student, teacher = models
     twice = [{"kind": "cwd", "student": FPN, "teacher": FPN}] * 2
@@ -486,7 +537,7 @@ def test_distill_command_names_the_valid_kinds_options_and_layers(synthetic, tmp
         ({"kind": "bogus"}, "distill.terms[0]: unknown distillation term kind 'bogus'; valid "
                             "kinds: ['cwd', 'fgd', 'fitnet', 'logits_kd', 'maskd'"),
         ({"kind": "cwd", "temp": 2}, "cwd term: unknown options ['temp']; valid options: "
-                                     "['align', 'name', 'resize', 'student', 'tau', 'teacher',"),
+                                     "['align', 'levels', 'name', 'resize', 'student', 'tau', 'teacher',"),
         ({"kind": "fitnet", "teacher": "backbone.fnp"}, "unknown layer 'backbone.fnp' in FCOS; "
                                                         "closest valid names: ['backbone.fpn'"),
         ({"kind": "retinanet_l1"}, "retinanet_l1 term needs a torchvision RetinaNet student, got "
@@ -517,6 +568,7 @@ def test_each_shorthand_option_becomes_its_term_option() -> None:
         ("align", False, "align", False),
         ("eps", 1e-5, "eps", 1e-5),
         ("resize", True, "resize", True),
+        ("levels", {FPN: ["0", "1"]}, "levels", ["0", "1"]),
     ]:
         assert terms_of(tokens="t.pt", **{option: value}) == [{**base, term_option: term_value}]
     head = {"kind": "retinanet_l1", "weight": 1.0}
@@ -572,6 +624,7 @@ def test_bad_distill_options_are_one_line_errors_naming_the_choices() -> None:
         (dict(tokens="t.pt", reuse_tokens={"nope": FPN}), r"distill.reuse_tokens names "
          r"\['nope'\], which are not distilled teacher layers \['backbone.fpn'\]"),
         (dict(tokens="t.pt", layer_weights={"nope": 0.4}), r"distill.layer_weights names"),
+        (dict(tokens="t.pt", levels={"nope": ["0"]}), r"distill.levels names \['nope'\]"),
         (dict(tokens="t.pt", loss_weight=7.0, terms=[{"kind": "maskd"}]),
          r"distill.loss_weight is shorthand for the MasKD terms .* set its options there"),
         (dict(tokens=None, terms=[{"kind": "maskd"}]), "the maskd term needs tokens"),

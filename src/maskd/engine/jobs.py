@@ -121,6 +121,9 @@ class DistillArgs:
         layer_weights: shorthand MasKD: ``{teacher layer: multiplier}`` of every level of
             its masked loss (the term's ``level_weights``; authors: 0.4 for the auxiliary
             head's logits).
+        levels: shorthand MasKD: ``{teacher layer: [level keys]}``, the levels of that layer
+            to distil (the term's ``levels``, e.g. ``["0", "1", "2"]`` of an FPN; default:
+            every level).
         terms: distillation terms, each ``{kind: maskd|fitnet|cwd|fgd|logits_kd|
             retinanet_l1|rcnn_smoothl1, student: layer, teacher: layer, weight: w,
             ...options}``; ``student`` / ``teacher`` default to the first pair's, a
@@ -138,6 +141,7 @@ class DistillArgs:
     head_kd_weight: float = 1.0
     reuse_tokens: dict[str, str] | None = None
     layer_weights: dict[str, float] | None = None
+    levels: dict[str, list[str]] | None = None
     terms: list[dict[str, Any]] | None = None
 
 
@@ -149,6 +153,7 @@ _MASKD_SHORTHAND: dict[str, Any] = {
     "eps": 0.0,
     "reuse_tokens": None,
     "layer_weights": None,
+    "levels": None,
 }
 # distill.head_kd: auto, by the registry name's architecture.
 _HEAD_KD = {"retinanet": "retinanet_l1", "fasterrcnn": "rcnn_smoothl1"}
@@ -164,7 +169,7 @@ def distill_terms(
     1. ``tokens`` set and no ``maskd`` entry in ``terms``: one ``maskd`` term per pair
        (named ``maskd``, then ``maskd_2``, ...) with ``weight: loss_weight``, ``align``,
        ``eps``, ``custom_mask_warmup``, ``tokens_from: reuse_tokens[teacher]`` and
-       ``level_weights: layer_weights[teacher]``;
+       ``level_weights: layer_weights[teacher]``, ``levels: levels[teacher]``;
     2. ``terms`` in order, a missing ``student`` / ``teacher`` taken from the first pair, a
        ``maskd`` term's missing ``tokens`` from ``distill.tokens``;
     3. ``head_kd``: its term, with ``weight: head_kd_weight``.
@@ -182,7 +187,7 @@ def distill_terms(
     Raises:
         ConfigError: an unknown kind or option (the valid ones named), a term the task cannot
             take, a shorthand option beside an explicit ``maskd`` term, or a layer named in
-            ``reuse_tokens`` / ``layer_weights`` that is not distilled.
+            ``reuse_tokens`` / ``layer_weights`` / ``levels`` that is not distilled.
     """
     from maskd.terms import FeatureTerm, HeadTerm, MaskdTerm, check_spec
 
@@ -209,7 +214,7 @@ def distill_terms(
         raise ConfigError(
             f"distill.{changed[0]} is shorthand for the MasKD terms of distill.pairs, but "
             "distill.terms has a maskd entry: set its options there (weight, align, eps, "
-            "custom_mask_warmup, tokens_from, level_weights)"
+            "custom_mask_warmup, tokens_from, level_weights, levels)"
         )
     first = next(iter(pairs.items())) if pairs else None
     specs: list[dict[str, Any]] = []
@@ -243,7 +248,7 @@ def distill_terms(
 def _shorthand_maskd(distill: DistillArgs, pairs: Mapping[str, str]) -> list[dict[str, Any]]:
     """One ``maskd`` term per pair, from the shorthand options."""
     teachers = list(pairs.values())
-    for option in ("reuse_tokens", "layer_weights"):
+    for option in ("reuse_tokens", "layer_weights", "levels"):
         unknown = sorted(str(k) for k in (getattr(distill, option) or {}) if k not in teachers)
         if unknown:
             raise ConfigError(
@@ -251,6 +256,7 @@ def _shorthand_maskd(distill: DistillArgs, pairs: Mapping[str, str]) -> list[dic
                 f"{teachers}"
             )
     reuse, weights = distill.reuse_tokens or {}, distill.layer_weights or {}
+    levels = distill.levels or {}
     specs = []
     for i, (s_layer, t_layer) in enumerate(pairs.items()):
         spec: dict[str, Any] = {"kind": "maskd", "student": s_layer, "teacher": t_layer}
@@ -269,6 +275,8 @@ def _shorthand_maskd(distill: DistillArgs, pairs: Mapping[str, str]) -> list[dic
             spec["tokens_from"] = reuse[t_layer]
         if t_layer in weights:
             spec["level_weights"] = weights[t_layer]
+        if t_layer in levels:
+            spec["levels"] = levels[t_layer]
         specs.append(spec)
     return specs
 

@@ -169,6 +169,9 @@ class FeatureTerm(Term):
             the identity (equal channels needed), ``"auto"`` a conv only where they differ.
         resize: bilinearly resize each aligned student level to the teacher level's spatial
             size instead of failing when they differ.
+        levels: the levels to distil, by their key in the layer's output (a dict's keys, a
+            list's positions: ``["0", "1", "2"]`` of an FPN); ``None``: every level. The
+            student's levels are matched by position.
         name: the loss is logged as ``loss_<name>``; default: the term's kind.
     """
 
@@ -181,6 +184,7 @@ class FeatureTerm(Term):
         weight: float = 1.0,
         align: AlignMode | None = None,
         resize: bool = False,
+        levels: Sequence[str | int] | None = None,
         name: str | None = None,
     ) -> None:
         super().__init__(weight, name)
@@ -195,12 +199,18 @@ class FeatureTerm(Term):
         self.teacher = teacher
         self.align_mode: AlignMode = self.default_align if align is None else align
         self.resize = resize
-        self.levels: list[str] = []
-        self.student_levels: list[str] = []
+        self.only = _level_keys(levels, self.kind)
+        self.levels: list[str] = []  # the distilled teacher levels' names
+        self.level_index: list[int] = []  # their positions among all the layer's levels
+        self.student_levels: list[str] = []  # every level of the student layer (dry run)
+        self.teacher_levels: list[str] = []  # every level of the teacher layer (dry run)
         self.connectors = nn.ModuleList()
 
     def extra_repr(self) -> str:
-        return f"{self.student} -> {self.teacher}, weight={self.weight}, align={self.align_mode}"
+        only = "" if self.only is None else f", levels={self.only}"
+        return (
+            f"{self.student} -> {self.teacher}, weight={self.weight}, align={self.align_mode}{only}"
+        )
 
     def layers(self) -> tuple[list[str], list[str]]:
         return [self.student], [self.teacher]
@@ -219,10 +229,34 @@ class FeatureTerm(Term):
                 f"{list(s_levels)} but teacher layer {self.teacher!r} has {len(t_levels)} "
                 f"{list(t_levels)}"
             )
-        for (s_name, s), (t_name, t) in zip(s_levels.items(), t_levels.items(), strict=True):
+        self.student_levels, self.teacher_levels = list(s_levels), list(t_levels)
+        self.level_index = self._select(self.teacher_levels)
+        s_items, t_items = list(s_levels.items()), list(t_levels.items())
+        s_items, t_items = (
+            [s_items[i] for i in self.level_index],
+            [t_items[i] for i in self.level_index],
+        )
+        for (s_name, s), (t_name, t) in zip(s_items, t_items, strict=True):
             self._check_spatial(s_name, t_name, s, t)
-        self.student_levels = list(s_levels)
-        self.build(list(s_levels.values()), list(t_levels.values()), list(t_levels))
+        self.build([s for _, s in s_items], [t for _, t in t_items], [n for n, _ in t_items])
+
+    def _select(self, names: list[str]) -> list[int]:
+        """The positions of the distilled levels among the teacher layer's level names."""
+        if self.only is None:
+            return list(range(len(names)))
+        if names == [self.teacher]:
+            raise UserValueError(
+                f"{self.name} term: levels {self.only} given, but teacher layer "
+                f"{self.teacher!r} returns one tensor, not several levels; leave levels unset"
+            )
+        keys = [name[len(self.teacher) + 1 :] for name in names]
+        unknown = [k for k in self.only if k not in keys]
+        if unknown:
+            raise UserValueError(
+                f"{self.name} term: levels {unknown} are not levels of teacher layer "
+                f"{self.teacher!r}; its levels are {keys}"
+            )
+        return [i for i, k in enumerate(keys) if k in self.only]
 
     def build(
         self, student: Sequence[Tensor], teacher: Sequence[Tensor], levels: list[str]
@@ -266,11 +300,14 @@ class FeatureTerm(Term):
                 f"{self.name} term: student levels {s_names} differ from those of the dry run "
                 f"{self.student_levels}"
             )
-        if len(t_items) != len(self.levels):
+        if len(t_items) != len(self.teacher_levels):
             raise UserRuntimeError(
                 f"{self.name} term: teacher levels {[n for n, _ in t_items]} differ from those "
-                f"of the dry run {self.levels}"
+                f"of the dry run {self.teacher_levels}"
             )
+        if len(self.level_index) != len(s_items):
+            s_items = [s_items[i] for i in self.level_index]
+            t_items = [t_items[i] for i in self.level_index]
         for (s_name, s), (t_name, t) in zip(s_items, t_items, strict=True):
             self._check_spatial(s_name, t_name, s, t)
         return [s for _, s in s_items], [t for _, t in t_items]
@@ -326,3 +363,24 @@ class TemperatureTerm(FeatureTerm):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, tau={self.tau}"
+
+
+def _level_keys(levels: object, kind: str) -> list[str] | None:
+    """``levels`` as a list of distinct string keys (``None`` stays ``None``)."""
+    if levels is None:
+        return None
+    if isinstance(levels, str | int) or not isinstance(levels, Sequence) or not levels:
+        raise UserTypeError(
+            f'{kind} term: levels must be a non-empty list of level keys (e.g. ["0", "1"]), '
+            f"got {levels!r}"
+        )
+    keys = []
+    for key in levels:
+        if isinstance(key, bool) or not isinstance(key, str | int):
+            raise UserTypeError(
+                f"{kind} term: levels must be level keys (str or int), got {key!r} in {levels!r}"
+            )
+        keys.append(str(key))
+    if len(set(keys)) != len(keys):
+        raise UserValueError(f"{kind} term: levels {keys} name a level twice")
+    return keys

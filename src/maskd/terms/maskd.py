@@ -47,7 +47,7 @@ class MaskdTerm(FeatureTerm):
             e.g. the main logits' tokens for the auxiliary head's logits, as the authors do in
             segmentation.
         level_weights: a multiplier of each level's loss: one number for every level, or a
-            list with one per level (default 1).
+            list with one per distilled level (default 1).
         custom_mask_warmup: optimizer steps before the student-side mask is multiplied in
             (``None``: never).
         eps: added to each mask's area (authors: 1e-5 for segmentation, 0 for detection).
@@ -55,7 +55,8 @@ class MaskdTerm(FeatureTerm):
             0.5 segmentation).
         align: 1x1 conv connectors (the default, as the authors even for equal channels),
             ``False`` (identity) or ``"auto"``.
-        resize, name: :class:`~maskd.terms.base.FeatureTerm`'s.
+        resize, levels, name: :class:`~maskd.terms.base.FeatureTerm`'s (with ``levels``, the
+            token sets of those levels are used; ``tokens`` still holds one per level).
     """
 
     kind = "maskd"
@@ -102,13 +103,15 @@ class MaskdTerm(FeatureTerm):
         self, student: Sequence[Tensor], teacher: Sequence[Tensor], levels: list[str]
     ) -> None:
         super().build(student, teacher, levels)
-        group = self._given
-        if len(group) != len(levels):
+        group, every = self._given, self.teacher_levels or levels
+        if len(group) != len(every):
             source = "" if self.source == self.teacher else f" (tokens of {self.source!r})"
             raise UserValueError(
-                f"maskd term: teacher layer {self.teacher!r} has {len(levels)} levels {levels} "
+                f"maskd term: teacher layer {self.teacher!r} has {len(every)} levels {every} "
                 f"but {len(group)} token sets were given{source}"
             )
+        if len(levels) != len(every):  # distilling some levels: their token sets
+            group = [group[i] for i in self.level_index]
         for name, tok, t in zip(levels, group, teacher, strict=True):
             if tok.channels != t.shape[1]:
                 raise UserValueError(
