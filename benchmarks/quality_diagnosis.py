@@ -288,7 +288,15 @@ def main() -> None:
     images, targets = _batch(work / "data", "val", args.images)
     teacher = _teacher(work, spec)[0].eval()
     masks = {}
-    for variant in ("tokens", "tokens_nodice", "tokens_unweighted", "tokens_t1", "tokens_random"):
+    variants = (
+        "tokens",
+        "tokens_nodice",
+        "tokens_unweighted",
+        "tokens_t1",
+        "tokens_random",
+        "tokens_long",
+    )
+    for variant in variants:
         path = work / variant / "tokens.pt"
         if path.is_file():
             masks[variant] = mask_statistics(teacher, load_tokens(path), images, targets)
