@@ -232,13 +232,11 @@ class FeatureTerm(Term):
         self.student_levels, self.teacher_levels = list(s_levels), list(t_levels)
         self.level_index = self._select(self.teacher_levels)
         s_items, t_items = list(s_levels.items()), list(t_levels.items())
-        s_items, t_items = (
-            [s_items[i] for i in self.level_index],
-            [t_items[i] for i in self.level_index],
-        )
-        for (s_name, s), (t_name, t) in zip(s_items, t_items, strict=True):
+        pairs = [(s_items[i], t_items[i]) for i in self.level_index]
+        for (s_name, s), (t_name, t) in pairs:
             self._check_spatial(s_name, t_name, s, t)
-        self.build([s for _, s in s_items], [t for _, t in t_items], [n for n, _ in t_items])
+        self.build([s for (_, s), _ in pairs], [t for _, (_, t) in pairs],
+                   [name for _, (name, _) in pairs])  # fmt: skip
 
     def _select(self, names: list[str]) -> list[int]:
         """The positions of the distilled levels among the teacher layer's level names."""
