@@ -199,6 +199,11 @@ class Plan:
         if self.quick:
             self.trainer += ["--trainer.checkpoint_every_n_steps=1"]
 
+    @property
+    def diagnostic(self) -> bool:
+        """Whether the plan's cells are a diagnostic variant of the table's (own report)."""
+        return bool(self.student_steps or self.levels)
+
     def suffix(self, distilled: bool = True) -> str:
         """What a diagnostic schedule or level set adds to cell and report names."""
         suffix = f"_steps{self.student_steps}" if self.student_steps else ""
@@ -499,7 +504,7 @@ def table(plan: Plan, args: argparse.Namespace) -> dict[str, Any] | None:
     if plan.quick:  # one cell of each kind
         rows = [r for r in rows if not r.ablation or r.name == "maskd_random"]
     if args.rows:  # a diagnostic schedule's report also needs its own student alone
-        keep = {*args.rows, *(["student"] if plan.student_steps or plan.levels else [])}
+        keep = {*args.rows, *(["student"] if plan.diagnostic else [])}
         rows = [r for r in rows if r.name in keep]
     weights: dict[str, float] = {}
     if any(r.method for r in rows):
@@ -515,8 +520,7 @@ def table(plan: Plan, args: argparse.Namespace) -> dict[str, Any] | None:
             name = plan.cell(row, w, seed)
             cells.append(plan.student_cell(row, seed, w, name, ("val", "test")))
     run_cells(cells, plan.work, args.workers, plan.kept)
-    diagnostic = plan.student_steps or plan.levels
-    if args.rows and not (diagnostic and any(r.method for r in rows)):
+    if args.rows and not (plan.diagnostic and any(r.method for r in rows)):
         return None  # part of the table: its cells are trained, the report waits for the rest
     return _report(plan, args, rows, seeds, weights)
 

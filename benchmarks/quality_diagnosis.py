@@ -34,7 +34,7 @@ from maskd.losses import dice_diversity
 from maskd.models import build
 from maskd.taps import FeatureTaps
 from maskd.token_io import load_tokens
-from quality import CONFIGS, RESULTS, TASKS, _machine, _write
+from quality import CONFIGS, RESULTS, TASKS, TOKEN_VARIANTS, _machine, _write
 
 
 def _batch(root: Path, split: str, n: int) -> tuple[list[torch.Tensor], list[dict]]:
@@ -288,15 +288,7 @@ def main() -> None:
     images, targets = _batch(work / "data", "val", args.images)
     teacher = _teacher(work, spec)[0].eval()
     masks = {}
-    variants = (
-        "tokens",
-        "tokens_nodice",
-        "tokens_unweighted",
-        "tokens_t1",
-        "tokens_random",
-        "tokens_long",
-    )
-    for variant in variants:
+    for variant in (*TOKEN_VARIANTS, "tokens_random"):
         path = work / variant / "tokens.pt"
         if path.is_file():
             masks[variant] = mask_statistics(teacher, load_tokens(path), images, targets)

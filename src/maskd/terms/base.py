@@ -303,12 +303,10 @@ class FeatureTerm(Term):
                 f"{self.name} term: teacher levels {[n for n, _ in t_items]} differ from those "
                 f"of the dry run {self.teacher_levels}"
             )
-        if len(self.level_index) != len(s_items):
-            s_items = [s_items[i] for i in self.level_index]
-            t_items = [t_items[i] for i in self.level_index]
-        for (s_name, s), (t_name, t) in zip(s_items, t_items, strict=True):
+        pairs = [(s_items[i], t_items[i]) for i in self.level_index]
+        for (s_name, s), (t_name, t) in pairs:
             self._check_spatial(s_name, t_name, s, t)
-        return [s for _, s in s_items], [t for _, t in t_items]
+        return [s for (_, s), _ in pairs], [t for _, (_, t) in pairs]
 
     def forward(self, inputs: TermInputs) -> dict[str, Tensor]:
         student, teacher = self.recorded_levels(inputs)
