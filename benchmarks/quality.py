@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -394,6 +395,9 @@ def run_cells(cells: list[Cell], work: Path, workers: int, kept: Path) -> None:
         if cell.keep:
             kept.mkdir(parents=True, exist_ok=True)
             (kept / f"{cell.name}.json").write_text((folder / "result.json").read_text())
+            # the resume state (~160 MB at 64 px) is only needed while the cell trains;
+            # model.pt stays for inspection
+            shutil.rmtree(folder / "checkpoints", ignore_errors=True)
         print(f"[{datetime.now():%H:%M:%S}] {cell.name} done in "
               f"{time.perf_counter() - started:.0f} s", flush=True)  # fmt: skip
 

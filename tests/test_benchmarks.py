@@ -56,6 +56,9 @@ def test_quality_quick_runs_every_kind_of_cell_and_resumes(tmp_path):
         cell = "student_s0" if name == "student" else f"{name}_w{row['weight']:g}_s0"
         result = json.loads((work / "detection" / cell / "result.json").read_text())
         assert json.loads((kept / f"{cell}.json").read_text()) == result
+        # a finished cell keeps its model, not its resume state (one written every step here)
+        assert (work / "detection" / cell / "model.pt").is_file()
+        assert not (work / "detection" / cell / "checkpoints").exists()
         assert row["test"] == [100 * result["test"]["map"]]
         assert row["diff_to_student"] == [row["test"][0] - rows["student"]["test"][0]]
     assert rows["maskd"]["weight"] == tuning["methods"]["maskd"]["chosen"]
