@@ -569,6 +569,9 @@ def _check_inputs(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
+    """Mean and sample std; both NaN where a value is (a diverged cell's score)."""
+    if any(v != v for v in values):  # statistics.stdev raises on NaN instead of returning it
+        return float("nan"), float("nan")
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
@@ -631,11 +634,36 @@ def _report(plan: Plan, args: argparse.Namespace, rows: list[Row], seeds: list[i
         "metric": f"test {key}",
         "seeds": seeds,
         "rows": out_rows,
+        "maskd_vs_peers": _versus_peers(out_rows),
     }
     stem = f"quality_{plan.task}{plan.suffix()}_{args.accelerator}"
     _write(args.out, stem, report, _table_md(report))
     _plot(report, args.out / f"{stem}.png")
     return report
+
+
+def _versus_peers(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """MasKD's paired (same seed) test difference to each peer row: the user's question."""
+    by_name = {row["row"]: row for row in rows}
+    if "maskd" not in by_name:
+        return {}
+    ours = by_name["maskd"]["test"]
+    out = {}
+    for row in rows:
+        if row["ablation"] or row["row"] in ("student", "maskd"):
+            continue
+        diffs = [a - b for a, b in zip(ours, row["test"], strict=True)]
+        mean, std = _stats(diffs)
+        out[row["row"]] = {
+            "label": row["label"],
+            "diffs": diffs,
+            "mean": mean,
+            "std": std,
+            "within_noise": _within_noise(diffs),
+            "ahead_in": sum(d > 0 for d in diffs),
+            "diverged": any(d != d for d in diffs),  # NaN: a seed of either row diverged
+        }
+    return out
 
 
 T_975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571}  # Student's t, 0.975, n - 1 dof
@@ -712,8 +740,36 @@ def _table_md(r: dict[str, Any]) -> str:
         "Gap closed = (row mean − student mean) / (teacher − student mean).\n\n"
         + "\n".join(lines)
         + "\n"
+        + _versus_md(r.get("maskd_vs_peers"))
         + _inputs_md(r.get("inputs"))
     )
+
+
+def _versus_md(versus: dict[str, dict[str, Any]] | None) -> str:
+    if not versus:
+        return ""
+    lines = [
+        "\nMasKD against each peer, test, paired by seed (MasKD − peer):\n",
+        "| peer | per seed | mean ± std | MasKD ahead in | verdict |",
+        "|---|---|---:|---:|---|",
+    ]
+    for v in versus.values():
+        n = len(v["diffs"])
+        verdict = (
+            "a seed diverged"
+            if v["diverged"]
+            else "within noise"
+            if v["within_noise"]
+            else "ahead"
+            if v["mean"] > 0
+            else "behind"
+        )
+        seeds = ", ".join(f"{d:+.1f}" for d in v["diffs"])
+        lines.append(
+            f"| {v['label']} | {seeds} | {v['mean']:+.1f} ± {v['std']:.1f} "
+            f"| {v['ahead_in']} of {n} seeds | {verdict} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def _inputs_md(inputs: dict[str, Any] | None) -> str:

@@ -90,6 +90,34 @@ def test_within_noise_uses_the_t_interval():
     assert _within_noise([1.0, -0.2, 0.5])  # mean 0.43, std 0.6: 4.30 * 0.6 / sqrt(3) = 1.49
 
 
+def test_versus_peers_pairs_maskd_with_each_peer_by_seed():
+    sys.path.insert(0, str(QUALITY.parent))
+    from quality import _versus_md, _versus_peers
+
+    def row(name, test, ablation=False):
+        return {"row": name, "label": name.upper(), "ablation": ablation, "test": test}
+
+    rows = [
+        row("student", [10.0, 11.0, 12.0]),
+        row("cwd", [30.0, 31.0, 29.0]),
+        row("fitnet", [20.0, 20.5, 21.0]),
+        row("maskd", [29.0, 32.0, 30.0]),
+        row("maskd_t1", [1.0, 2.0, 3.0], ablation=True),
+    ]
+    versus = _versus_peers(rows)
+    assert list(versus) == ["cwd", "fitnet"]  # peers only: no student, MasKD or ablation
+    assert versus["cwd"]["diffs"] == [-1.0, 1.0, 1.0]
+    assert versus["cwd"]["ahead_in"] == 2 and versus["cwd"]["within_noise"]
+    assert abs(versus["cwd"]["mean"] - 1 / 3) < 1e-12
+    assert versus["fitnet"]["diffs"] == [9.0, 11.5, 9.0] and not versus["fitnet"]["within_noise"]
+    md = _versus_md(versus)
+    assert "| CWD | -1.0, +1.0, +1.0 | +0.3 ± 1.2 | 2 of 3 seeds | within noise |" in md
+    assert "| FITNET | +9.0, +11.5, +9.0 | +9.8 ± 1.4 | 3 of 3 seeds | ahead |" in md
+    rows[1]["test"][0] = float("nan")  # a diverged CWD seed: the report still writes
+    assert "a seed diverged" in _versus_md(_versus_peers(rows))
+    assert _versus_peers(rows[:3]) == {}  # no MasKD row, nothing to compare
+
+
 def test_quality_quick_segmentation_has_its_own_peers_and_no_ablations(tmp_path):
     """The segmentation table: logits KD instead of FGD, the authors' MasKD setting."""
     work, out = tmp_path / "work", tmp_path / "out"
