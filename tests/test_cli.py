@@ -381,6 +381,15 @@ def test_resume_last_continues_and_refuses_silent_restart(pipeline, capsys):
     assert json.loads((out / "done.json").read_text())["global_step"] == 3
 
 
+DISTILL = [
+    "distill",
+    "--student.name=fcn_resnet18",
+    "--teacher.name=deeplabv3_resnet18",
+    "--data.kind=folder",
+    "--data.root=.",
+]
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
@@ -405,6 +414,19 @@ def test_resume_last_continues_and_refuses_silent_restart(pipeline, capsys):
             "no such file",
         ),
         (["export", "--checkpoint=/no/such.ckpt", "--out=x.pt"], "no such file"),
+        # the shorthand MasKD term reads distill.tokens, also beside a peer term
+        ([*DISTILL, "--distill.tokens=/no/t.pt"], "distill.tokens: no such token file '/no/t.pt'"),
+        (
+            [*DISTILL, "--distill.tokens=/no/t.pt", '--distill.terms=[{"kind": "cwd"}]'],
+            "set distill.tokens: null",
+        ),
+        (
+            [
+                *DISTILL,
+                '--distill.terms=[{"kind": "cwd"}, {"kind": "maskd", "tokens": "/no/o.pt"}]',
+            ],
+            "distill.terms[1].tokens: no such token file '/no/o.pt'",
+        ),
     ],
 )
 def test_config_errors_are_one_line(args, needle, capsys, seg_data):
