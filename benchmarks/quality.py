@@ -127,6 +127,13 @@ ROWS = [
     ),
     Row("maskd_ones", "MasKD, all-ones masks (= FitNet at MasKD's weight)", "ones", ablation=True),
     Row(
+        "maskd_nohead",
+        "MasKD, the same tokens weighted equally in stage 2 (the head's weights unused)",
+        "maskd",
+        "tokens_nohead",
+        ablation=True,
+    ),
+    Row(
         "maskd_long",
         "MasKD, stage 1 at the authors' 2,000 steps",
         "maskd",
@@ -293,9 +300,14 @@ class Plan:
         teacher = self.work / "teacher" / "model.pt"
         for variant in sorted(variants):
             out = self.work / variant
+            deps = ["teacher"]
             if variant == "tokens_random":
                 cmd = [sys.executable, __file__, "--random-tokens", str(out / "tokens.pt"),
                        "--task", self.task]  # fmt: skip
+            elif variant == "tokens_nohead":
+                deps = ["tokens"]
+                cmd = [sys.executable, __file__, "--without-head",
+                       str(self.work / "tokens" / "tokens.pt"), str(out / "tokens.pt")]  # fmt: skip
             else:
                 cmd = _maskd(
                     "learn-masks", "--config", str(self.cfg / "learn_masks.yaml"),
@@ -308,9 +320,7 @@ class Plan:
                 (d / "done.txt").write_text("ok\n")
 
             cells.append(
-                Cell(
-                    variant, ["teacher"], [(cmd, "tokens.pt")], done_file="done.txt", finish=finish
-                )
+                Cell(variant, deps, [(cmd, "tokens.pt")], done_file="done.txt", finish=finish)
             )
         return cells
 
@@ -881,6 +891,23 @@ def random_tokens(path: Path, task: str) -> None:
     save_tokens(path, tokens)
 
 
+def without_head(src: Path, dst: Path) -> None:
+    """The tokens of ``src`` with their weighting heads dropped: the same masks, each token
+    weighted equally in stage 2 (``1 / T``), to test what the head's choice does."""
+    from maskd.token_io import load_tokens, save_tokens
+    from maskd.tokens import ReceptiveTokens
+
+    out = {}
+    for layer, levels in load_tokens(src).items():
+        out[layer] = []
+        for tok in levels:
+            bare = ReceptiveTokens(tok.channels, tok.num_tokens, weighted=False)
+            bare.mask_token.data.copy_(tok.mask_token.data)
+            out[layer].append(bare)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    save_tokens(dst, out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", choices=sorted(TASKS), default="detection")
@@ -905,9 +932,13 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/quality"))
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--random-tokens", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--without-head", type=Path, nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.random_tokens:
         random_tokens(args.random_tokens, args.task)
+        return
+    if args.without_head:
+        without_head(*args.without_head)
         return
     plan = Plan(args.task, args)
     if args.tune and (args.levels or args.student_steps):

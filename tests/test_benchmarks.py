@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "teacher_gap.py"
 
@@ -116,6 +117,25 @@ def test_versus_peers_pairs_maskd_with_each_peer_by_seed():
     rows[1]["test"][0] = float("nan")  # a diverged CWD seed: the report still writes
     assert "a seed diverged" in _versus_md(_versus_peers(rows))
     assert _versus_peers(rows[:3]) == {}  # no MasKD row, nothing to compare
+
+
+def test_without_head_keeps_the_masks_and_drops_the_weights(tmp_path):
+    sys.path.insert(0, str(QUALITY.parent))
+    from maskd.token_io import load_tokens, save_tokens
+    from maskd.tokens import ReceptiveTokens
+    from quality import without_head
+
+    torch.manual_seed(0)
+    levels = [ReceptiveTokens(8, 3, weighted=True), ReceptiveTokens(8, 3, weighted=True)]
+    save_tokens(tmp_path / "tokens.pt", {"backbone.fpn": levels})
+    without_head(tmp_path / "tokens.pt", tmp_path / "nohead" / "tokens.pt")
+    bare = load_tokens(tmp_path / "nohead" / "tokens.pt")["backbone.fpn"]
+    x = torch.randn(2, 8, 5, 5)
+    for tok, got in zip(levels, bare, strict=True):
+        assert tok.token_weights(x) is not None and got.token_weights(x) is None
+        expected = torch.sigmoid(torch.einsum("tc,nchw->nthw", tok.mask_token, x))
+        assert torch.allclose(got(x), expected, atol=1e-6)
+        assert torch.equal(got(x), tok(x))
 
 
 def test_quality_quick_segmentation_has_its_own_peers_and_no_ablations(tmp_path):
