@@ -738,7 +738,8 @@ def _table_md(r: dict[str, Any]) -> str:
         f"Machine: {r['machine']}\n\nCommand: `{r['command']}`\n\nDate: {r['date']}\n\n"
         f"Data: synthetic, easy setting, {d['size']} px; {d['train']} train / {d['val']} val / "
         f"{d['test']} test images. Student {r['student_model']}, "
-        f"{r.get('student_steps', '?')} steps, seeds {r['seeds']}. "
+        + (f"{r['student_steps']} steps, " if r.get("student_steps") else "")
+        + f"seeds {r['seeds']}. "
         + (
             f"Every distilled row distils FPN levels {r['levels']} only. "
             if r.get("levels")
@@ -891,6 +892,18 @@ def random_tokens(path: Path, task: str) -> None:
     save_tokens(path, tokens)
 
 
+def rerender(path: Path) -> None:
+    """Write ``path``'s .md and .png again from the JSON report, with what is derived from
+    the per-seed values (the MasKD-versus-peer pairing) computed by this version."""
+    report = json.loads(path.read_text())
+    if report.get("benchmark") != "quality" or "rows" not in report:
+        raise SystemExit(f"{path}: not a quality table report (no 'rows')")
+    report["maskd_vs_peers"] = _versus_peers(report["rows"])
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    path.with_suffix(".md").write_text(_table_md(report))
+    _plot(report, path.with_suffix(".png"))
+
+
 def without_head(src: Path, dst: Path) -> None:
     """The tokens of ``src`` with their weighting heads dropped: the same masks, each token
     weighted equally in stage 2 (``1 / T``), to test what the head's choice does."""
@@ -933,7 +946,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--random-tokens", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--without-head", type=Path, nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--rerender", type=Path, metavar="JSON",
+                        help="rewrite a table report's .md and .png from its .json (the "
+                        "measured values, machine, command and date stay; what is derived "
+                        "from them is computed again)")  # fmt: skip
     args = parser.parse_args()
+    if args.rerender:
+        rerender(args.rerender)
+        return
     if args.random_tokens:
         random_tokens(args.random_tokens, args.task)
         return

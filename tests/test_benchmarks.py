@@ -119,6 +119,29 @@ def test_versus_peers_pairs_maskd_with_each_peer_by_seed():
     assert _versus_peers(rows[:3]) == {}  # no MasKD row, nothing to compare
 
 
+def test_rerender_adds_the_pairing_to_a_committed_report(tmp_path):
+    """The committed segmentation table, written before the pairing existed, gains it."""
+    src = QUALITY.parent / "results" / "quality_segmentation_cpu.json"
+    report = json.loads(src.read_text())
+    report.pop("maskd_vs_peers", None)
+    path = tmp_path / "quality_segmentation_cpu.json"
+    path.write_text(json.dumps(report))
+    subprocess.run([sys.executable, str(QUALITY), "--rerender", str(path)], check=True)
+    rows = {r["row"]: r for r in report["rows"]}
+    back = json.loads(path.read_text())
+    assert back["rows"] == report["rows"] and back["date"] == report["date"]
+    md = path.with_suffix(".md").read_text()
+    for peer in ("fitnet", "cwd", "logits_kd"):
+        diffs = [a - b for a, b in zip(rows["maskd"]["test"], rows[peer]["test"], strict=True)]
+        assert back["maskd_vs_peers"][peer]["diffs"] == diffs
+        assert f"| {rows[peer]['label']} | " + ", ".join(f"{d:+.1f}" for d in diffs) in md
+    assert path.with_suffix(".png").stat().st_size > 1000
+    path.write_text(json.dumps({"benchmark": "loss_kernel"}))
+    bad = subprocess.run([sys.executable, str(QUALITY), "--rerender", str(path)],
+                         capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode != 0 and "not a quality table report" in bad.stderr
+
+
 def test_without_head_keeps_the_masks_and_drops_the_weights(tmp_path):
     sys.path.insert(0, str(QUALITY.parent))
     from maskd.token_io import load_tokens, save_tokens
