@@ -86,6 +86,7 @@ TASKS["detection_ranges"] = {
     },
 }
 QUICK = {"data": (16, 8, 8, 64), "teacher_steps": 4, "student_steps": 2, "tokens_steps": 2}
+SEEDS = 3  # the protocol's seeds per student row
 TUNE_FACTORS = (0.3, 1.0, 3.0)
 TUNE_STEP = 3.0
 MAX_EXTENSIONS = 2
@@ -222,6 +223,12 @@ class Plan:
     def cell(self, row: Row, weight: float | None, seed: int) -> str:
         """The name of a row's cell in this plan (:func:`cell_name` with :meth:`suffix`)."""
         return cell_name(row, weight, seed, self.suffix(row.method is not None))
+
+    def report_stem(self, seeds: int) -> str:
+        """The table report's file name: a diagnostic's suffix, and more seeds than the
+        protocol's three give reports of their own beside the table's (the cells shared)."""
+        more = f"_seeds{seeds}" if seeds > SEEDS else ""
+        return f"quality_{self.task}{self.suffix()}{more}_{self.args.accelerator}"
 
     def read(self, name: str) -> dict[str, Any]:
         """A cell's result, from the work folder or from the kept copy."""
@@ -646,7 +653,7 @@ def _report(plan: Plan, args: argparse.Namespace, rows: list[Row], seeds: list[i
         "rows": out_rows,
         "maskd_vs_peers": _versus_peers(out_rows),
     }
-    stem = f"quality_{plan.task}{plan.suffix()}_{args.accelerator}"
+    stem = plan.report_stem(len(seeds))
     _write(args.out, stem, report, _table_md(report))
     _plot(report, args.out / f"{stem}.png")
     return report
@@ -925,7 +932,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", choices=sorted(TASKS), default="detection")
     parser.add_argument("--tune", action="store_true", help="run the validation sweep")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=SEEDS,
+                        help="seeds per student row (more than 3: report "
+                        "quality_<task>_seeds<N>_<device>, the cells shared)")  # fmt: skip
     parser.add_argument("--ablations", type=int, default=1, help="0: main rows only")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--accelerator", default="cpu")

@@ -190,6 +190,22 @@ def test_quality_quick_segmentation_has_its_own_peers_and_no_ablations(tmp_path)
     assert "--trainer.max_steps=5" in log and "custom_mask_warmup" not in log  # off here
 
 
+def test_quality_report_names_say_what_differs_from_the_table(tmp_path):
+    import argparse
+
+    sys.path.insert(0, str(QUALITY.parent))
+    from quality import Plan
+
+    args = argparse.Namespace(quick=False, work=tmp_path, out=tmp_path, accelerator="cpu")
+    plan = Plan("detection_ranges", args)
+    assert plan.report_stem(3) == "quality_detection_ranges_cpu"
+    assert plan.report_stem(5) == "quality_detection_ranges_seeds5_cpu"
+    args.levels = ["0", "1"]
+    assert (
+        Plan("detection_ranges", args).report_stem(5) == "quality_detection_ranges_lv0-1_seeds5_cpu"
+    )
+
+
 def test_quality_diagnostic_schedule_scales_the_custom_mask_warmup(tmp_path):
     """--student-steps: MasKD's custom mask starts at the recipe's fraction (200 of 500)."""
     import argparse
