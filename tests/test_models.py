@@ -564,3 +564,51 @@ def test_fcos_box_regression_bias_option():
     assert active(model) > 0.99 and active(default) < 0.9
     with pytest.raises(ValueError, match="FCOS only"):
         build("retinanet_resnet18_fpn", num_classes=2, box_regression_bias=0.5)
+
+
+def test_anchor_sizes_option():
+    """Base anchor sizes per level: torchvision's own give its anchors exactly; a quarter
+    of them (a 64 px image) gives anchors a quarter the size, and a box of 10 px then has
+    positive anchors on P3 that torchvision's sizes never give it."""
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.retinanet import _default_anchorgen
+
+    ours, _ = M.build("retinanet_resnet18_fpn", K, anchor_sizes=[32, 64, 128, 256, 512])
+    default = _default_anchorgen()
+    for a, b in zip(ours.anchor_generator.cell_anchors, default.cell_anchors, strict=True):
+        assert torch.equal(a, b)
+    small, _ = M.build("retinanet_resnet18_fpn", K, min_size=64, max_size=64,
+                       anchor_sizes=[8, 16, 32, 64, 128])  # fmt: skip
+    p3 = small.anchor_generator.cell_anchors[0]  # [9, 4]: 3 ratios x 3 scales, centred at 0
+    assert torch.equal(p3, AnchorGenerator.generate_anchors(
+        AnchorGenerator(), [8, 10, 12], [0.5, 1.0, 2.0]).round())  # fmt: skip
+
+    def positives(net):
+        net.train()
+        image = torch.rand(3, 64, 64)
+        target = {"boxes": torch.tensor([[20.0, 20.0, 30.0, 30.0]]), "labels": torch.tensor([1])}
+        images, targets = net.transform([image], [target])
+        features = list(net.backbone(images.tensors).values())
+        anchors = net.anchor_generator(images, features)[0]
+        iou = torchvision.ops.box_iou(targets[0]["boxes"], anchors)
+        return int((iou >= net.proposal_matcher.high_threshold).sum())
+
+    torchvision_sizes, _ = M.build("retinanet_resnet18_fpn", K, min_size=64, max_size=64)
+    assert positives(small) > 0 and positives(torchvision_sizes) == 0
+    rcnn, _ = M.build("fasterrcnn_resnet18_fpn", K, anchor_sizes=[4, 8, 16, 32, 64])
+    assert [tuple(s) for s in rcnn.rpn.anchor_generator.sizes] == [(4,), (8,), (16,), (32,), (64,)]
+
+
+@pytest.mark.parametrize(
+    ("name", "sizes", "match"),
+    [
+        ("fcos_resnet18_fpn", [8, 16, 32, 64, 128], "FCOS is anchor-free"),
+        ("retinanet_resnet18_fpn", [8, 16, 32], "5 positive numbers"),
+        ("retinanet_resnet18_fpn", [8, 16, 0, 64, 128], "5 positive numbers"),
+        ("retinanet_resnet18_fpn", "8", "5 positive numbers"),
+        ("fasterrcnn_mobilenet_v3_large_fpn", [8, 16, 32, 64, 128], "rpn_anchor_generator"),
+    ],
+)
+def test_bad_anchor_sizes_are_named(name, sizes, match):
+    with pytest.raises(ValueError, match=match):
+        M.build(name, K, anchor_sizes=sizes)

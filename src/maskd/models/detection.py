@@ -66,8 +66,10 @@ _OWN_OPTIONS = {
     "relu_before_p7",
     "centerness_on",
     "regress_ranges",
+    "anchor_sizes",
 }
 _FCOS_LEVELS = 5  # P3–P7
+_ANCHOR_LEVELS = 5  # RetinaNet P3–P7; Faster R-CNN on a ResNet FPN: P2–P5 and the pool
 # Last block at stride 8 / 16 / 32 in mobilenet_v3_large().features.
 _MOBILENET_C3_C5 = (6, 12, 16)
 
@@ -88,6 +90,7 @@ def build_detector(
     relu_before_p7: bool = True,
     centerness_on: str | None = None,
     regress_ranges: Sequence[Sequence[float | str]] | None = None,
+    anchor_sizes: Sequence[float] | None = None,
     **kwargs: Any,
 ) -> tuple[nn.Module, list[str]]:
     """Build ``arch`` (fasterrcnn | retinanet | fcos) on ``backbone`` with FPN.
@@ -115,6 +118,11 @@ def build_detector(
     positive location's largest box distance (mmdet's option; torchvision's are
     ``[0, 64], [64, 128], [128, 256], [256, 512], [512, inf]``, made for ~800 px images:
     smaller images put every object on P3). See :mod:`maskd.models.fcos_ranges`.
+    ``anchor_sizes`` (RetinaNet, Faster R-CNN on a ResNet): one base anchor size in pixels
+    per FPN level, smallest level first (torchvision's ``[32, 64, 128, 256, 512]`` suit
+    ~800 px images; a 64 px image wants about a quarter). RetinaNet keeps torchvision's
+    three scales per octave (``x``, ``x·2^(1/3)``, ``x·2^(2/3)``) and every detector its
+    aspect ratios 0.5, 1, 2, so the heads' shapes do not change.
     Other ``kwargs`` go to the torchvision detector class (e.g. ``score_thresh``).
     Returns the detector and ``["backbone.fpn"]``, whose output dict holds every FPN level.
     """
@@ -144,6 +152,8 @@ def build_detector(
     if len(sizes) > 1:
         min_size = sizes  # torchvision picks one at random per training image
     _check_centerness(arch, centerness_on, kwargs)
+    if anchor_sizes is not None:
+        kwargs[_anchor_kwarg(arch, backbone, kwargs)] = _anchor_generator(arch, anchor_sizes)
 
     is_trained = pretrained or backbone_weights is not None
     if frozen_bn is None:
@@ -164,10 +174,10 @@ def build_detector(
         net = build_mobilenet(backbone, backbone_weights, norm_layer=norm_layer)
         if arch == "fasterrcnn":
             fpn_backbone = _mobilenet_extractor(net, True, trainable)
-            anchor_sizes = ((32, 64, 128, 256, 512),) * 3
+            mobile_sizes = ((32, 64, 128, 256, 512),) * 3
             kwargs.setdefault(
                 "rpn_anchor_generator",
-                AnchorGenerator(anchor_sizes, ((0.5, 1.0, 2.0),) * len(anchor_sizes)),
+                AnchorGenerator(mobile_sizes, ((0.5, 1.0, 2.0),) * len(mobile_sizes)),
             )
         else:
             c5 = net.features[_MOBILENET_C3_C5[-1]].out_channels
@@ -192,6 +202,43 @@ def build_detector(
             )
         nn.init.constant_(model.head.regression_head.bbox_reg.bias, float(box_regression_bias))
     return model, [FPN_LAYER]
+
+
+def _anchor_kwarg(arch: str, backbone: str, kwargs: dict[str, Any]) -> str:
+    """The detector's keyword for its anchor generator (``anchor_sizes`` checked to apply)."""
+    if arch == "fcos":
+        raise UserValueError(
+            "anchor_sizes applies to RetinaNet and Faster R-CNN; FCOS is anchor-free (its "
+            "levels' object sizes are set by regress_ranges)"
+        )
+    if arch == "fasterrcnn" and backbone not in RESNETS:
+        raise UserValueError(
+            f"anchor_sizes: Faster R-CNN on {backbone!r} has three levels of five sizes each; "
+            "give rpn_anchor_generator= instead"
+        )
+    key = "rpn_anchor_generator" if arch == "fasterrcnn" else "anchor_generator"
+    if key in kwargs:
+        raise UserValueError(f"give either {key}= or anchor_sizes, not both")
+    return key
+
+
+def _anchor_generator(arch: str, sizes: object) -> AnchorGenerator:
+    """torchvision's anchor layout for ``arch``, with ``sizes`` as each level's base size."""
+    if (
+        isinstance(sizes, str)
+        or not isinstance(sizes, Sequence)
+        or len(sizes) != _ANCHOR_LEVELS
+        or any(isinstance(v, bool) or not isinstance(v, int | float) or not v > 0 for v in sizes)
+    ):
+        raise UserValueError(
+            f"anchor_sizes must be {_ANCHOR_LEVELS} positive numbers, one per FPN level "
+            f"(torchvision's: [32, 64, 128, 256, 512]), got {sizes!r}"
+        )
+    if arch == "retinanet":  # three scales per octave, as torchvision's _default_anchorgen
+        per_level = tuple((x, int(x * 2 ** (1 / 3)), int(x * 2 ** (2 / 3))) for x in sizes)
+    else:
+        per_level = tuple((x,) for x in sizes)
+    return AnchorGenerator(per_level, ((0.5, 1.0, 2.0),) * len(per_level))
 
 
 def _check_centerness(arch: str, centerness_on: object, kwargs: dict[str, Any]) -> None:
