@@ -85,6 +85,22 @@ TASKS["detection_ranges"] = {
         for role, options in TASKS["detection"]["options"].items()
     },
 }
+# The second detector family: RetinaNet with anchors a quarter of torchvision's for the same
+# 64 px images, and the authors' RetinaNet recipe for MasKD, which adds an L1 KD term on the
+# box-regression head (configs/quality/detection_retina/distill.yaml).
+ANCHORS = [8, 16, 32, 64, 128]
+TASKS["detection_retina"] = {
+    **TASKS["detection"],
+    "student": "retinanet_resnet18_fpn",
+    "teacher": "retinanet_resnet50_fpn",
+    "options": {
+        "student": {"min_size": 64, "max_size": 64, "anchor_sizes": ANCHORS},
+        "teacher": {"min_size": 64, "max_size": 64, "anchor_sizes": ANCHORS},
+    },
+    # MasKD: the authors' RetinaNet weight 7; the others as for FCOS
+    "defaults": {"fitnet": 1.0, "cwd": 10.0, "fgd": 1.0, "maskd": 7.0},
+    "head_kd": True,  # the MasKD rows keep distill.yaml's head term; the peers drop it
+}
 QUICK = {"data": (16, 8, 8, 64), "teacher_steps": 4, "student_steps": 2, "tokens_steps": 2}
 SEEDS = 3  # the protocol's seeds per student row
 TUNE_FACTORS = (0.3, 1.0, 3.0)
@@ -135,6 +151,13 @@ ROWS = [
         ablation=True,
     ),
     Row(
+        "maskd_nohkd",
+        "MasKD without the head KD term (tasks whose MasKD recipe has one)",
+        "maskd",
+        overrides=["--distill.head_kd=null"],
+        ablation=True,
+    ),
+    Row(
         "maskd_long",
         "MasKD, stage 1 at the authors' 2,000 steps",
         "maskd",
@@ -154,7 +177,13 @@ TOKEN_VARIANTS = {
 def task_rows(spec: dict[str, Any]) -> list[Row]:
     """The rows a task's table has: its peers, MasKD and (where it has them) the ablations."""
     methods = {None, "maskd", "ones", *spec["peers"]}
-    return [r for r in ROWS if r.method in methods and (spec["ablations"] or not r.ablation)]
+    return [
+        r
+        for r in ROWS
+        if r.method in methods
+        and (spec["ablations"] or not r.ablation)
+        and (r.name != "maskd_nohkd" or spec.get("head_kd"))
+    ]
 
 
 @dataclass
@@ -368,6 +397,8 @@ class Plan:
             if self.levels:
                 terms = [{**t, "levels": self.levels} for t in terms]
             cmd += ["--distill.tokens=null", f"--distill.terms={json.dumps(terms)}"]
+            if self.spec.get("head_kd") and row.method != "ones":  # a peer's own recipe
+                cmd += ["--distill.head_kd=null"]
         return self._model_cell(name, deps, cmd, "student", splits)
 
 

@@ -234,6 +234,39 @@ def test_quality_diagnostic_schedule_scales_the_custom_mask_warmup(tmp_path):
     assert cell_name(rows["student"], None, 2) == "student_s2"  # the table's own names stay
 
 
+def test_quality_retina_task_gives_head_kd_to_the_maskd_recipe_only(tmp_path):
+    """detection_retina: the MasKD rows keep distill.yaml's head term (the authors' RetinaNet
+    recipe), the peers run without it, and one ablation row drops it from MasKD."""
+    import argparse
+
+    sys.path.insert(0, str(QUALITY.parent))
+    from maskd.config_files import load_config
+    from maskd.models import build
+    from quality import CONFIGS, ROWS, TASKS, Plan, task_rows
+
+    recipe = load_config(CONFIGS / "detection_retina" / "distill.yaml")
+    assert recipe["distill"]["head_kd"] == "retinanet_l1"
+    for role in ("student", "teacher"):  # the configs build the models the task names
+        spec = TASKS["detection_retina"]
+        assert recipe[role]["name"] == spec[role]
+        options = {k: v for k, v in recipe[role]["options"].items() if v is not None}
+        assert options == spec["options"][role]
+        model, _ = build(spec[role], num_classes=3, **options)
+        assert model.anchor_generator.sizes[0] == (8, 10, 12)
+    args = argparse.Namespace(quick=False, work=tmp_path, out=tmp_path, accelerator="cpu")
+    plan = Plan("detection_retina", args)
+    rows = {r.name: r for r in ROWS}
+    without = "--distill.head_kd=null"
+    for name, dropped in [("maskd", False), ("maskd_ones", False), ("maskd_nohkd", True),
+                          ("fitnet", True), ("cwd", True), ("fgd", True)]:  # fmt: skip
+        cmd = plan.student_cell(rows[name], 0, 7.0, "x", ("val",)).commands[0][0]
+        assert (without in cmd) == dropped, name
+    assert "maskd_nohkd" in [r.name for r in task_rows(TASKS["detection_retina"])]
+    assert "maskd_nohkd" not in [r.name for r in task_rows(TASKS["detection_ranges"])]
+    fcos = Plan("detection_ranges", args).student_cell(rows["cwd"], 0, 7.0, "x", ("val",))
+    assert without not in fcos.commands[0][0]
+
+
 def test_quality_level_set_reaches_every_distilled_term(tmp_path):
     """--levels: each distilled cell's command distils those FPN levels; the student's stay."""
     import argparse
