@@ -27,3 +27,42 @@ def test_readme_examples_run():
 def test_readme_names_the_two_commands():
     text = README.read_text()
     assert "make demo" in text and "make test" in text
+
+
+def _quality_tables() -> list[tuple[list[list[str]], Path]]:
+    """Each README quality table (``| row | weight | ...``) with the report its plot names."""
+    lines = README.read_text().splitlines()
+    out = []
+    for i, line in enumerate(lines):
+        if not line.startswith("| row | weight | test "):
+            continue
+        rows, j = [], i + 2
+        while j < len(lines) and lines[j].startswith("|"):
+            rows.append([c.strip() for c in lines[j].strip("|").split("|")])
+            j += 1
+        plot = next(ln for ln in lines[j:] if ln.startswith("!["))
+        png = re.search(r"\((benchmarks/results/[^)]+\.png)\)", plot).group(1)
+        out.append((rows, README.parent / png.removesuffix(".png")))
+    return out
+
+
+def test_readme_quality_tables_show_the_reports_numbers():
+    """Every seed's score and every mean in the README's tables is the report's, row for row
+    (matched by the per-seed values, which no two rows share)."""
+    import json
+
+    tables = _quality_tables()
+    assert len(tables) >= 3
+    for rows, stem in tables:
+        report = json.loads(stem.with_suffix(".json").read_text())
+        by_seeds = {", ".join(f"{v:.1f}" for v in r["test"]): r for r in report["rows"]}
+        shown = [r for r in rows if r[3]]  # the teacher has no per-seed column
+        main = [r for r in report["rows"] if not r["ablation"]]  # ablations: their own table
+        assert len(shown) == len(main), stem.name
+        for cells in shown:
+            row = by_seeds[cells[3]]  # KeyError: a README row the report does not have
+            assert cells[2] == f"{row['mean']:.1f} ± {row['std']:.1f}", (stem.name, cells)
+            weight = "" if row["weight"] is None else f"{row['weight']:g}"
+            assert cells[1] == weight, (stem.name, cells)
+        teacher = next(r for r in rows if r[0].startswith("teacher"))
+        assert teacher[2] == f"{report['teacher']['test']:.1f}", stem.name
