@@ -606,6 +606,8 @@ def test_anchor_sizes_option():
         ("retinanet_resnet18_fpn", [8, 16, 32], "5 positive numbers"),
         ("retinanet_resnet18_fpn", [8, 16, 0, 64, 128], "5 positive numbers"),
         ("retinanet_resnet18_fpn", "8", "5 positive numbers"),
+        ("retinanet_resnet18_fpn", [8, 16, 32, 64, float("inf")], "5 positive numbers"),
+        ("retinanet_resnet18_fpn", [8, 16, 32, 64, float("nan")], "5 positive numbers"),
         ("fasterrcnn_mobilenet_v3_large_fpn", [8, 16, 32, 64, 128], "rpn_anchor_generator"),
     ],
 )

@@ -21,6 +21,7 @@ checkpoint) gets ``FrozenBatchNorm2d`` and 3 trainable stages; a random one gets
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -228,7 +229,10 @@ def _anchor_generator(arch: str, sizes: object) -> AnchorGenerator:
         isinstance(sizes, str)
         or not isinstance(sizes, Sequence)
         or len(sizes) != _ANCHOR_LEVELS
-        or any(isinstance(v, bool) or not isinstance(v, int | float) or not v > 0 for v in sizes)
+        or any(
+            isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v < math.inf
+            for v in sizes
+        )
     ):
         raise UserValueError(
             f"anchor_sizes must be {_ANCHOR_LEVELS} positive numbers, one per FPN level "
