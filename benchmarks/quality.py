@@ -683,6 +683,7 @@ def _report(plan: Plan, args: argparse.Namespace, rows: list[Row], seeds: list[i
         "seeds": seeds,
         "rows": out_rows,
         "maskd_vs_peers": _versus_peers(out_rows),
+        "maskd_vs_ablations": _versus_peers(out_rows, ablations=True),
     }
     stem = plan.report_stem(len(seeds))
     _write(args.out, stem, report, _table_md(report))
@@ -690,15 +691,16 @@ def _report(plan: Plan, args: argparse.Namespace, rows: list[Row], seeds: list[i
     return report
 
 
-def _versus_peers(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """MasKD's paired (same seed) test difference to each peer row: the user's question."""
+def _versus_peers(rows: list[dict[str, Any]], ablations: bool = False) -> dict[str, Any]:
+    """MasKD's paired (same seed) test difference to each peer row (the user's question), or
+    with ``ablations`` to each ablation row (what each part of the method adds)."""
     by_name = {row["row"]: row for row in rows}
     if "maskd" not in by_name:
         return {}
     ours = by_name["maskd"]["test"]
     out = {}
     for row in rows:
-        if row["ablation"] or row["row"] in ("student", "maskd"):
+        if row["ablation"] != ablations or row["row"] in ("student", "maskd"):
             continue
         diffs = [a - b for a, b in zip(ours, row["test"], strict=True)]
         mean, std = _stats(diffs)
@@ -790,16 +792,17 @@ def _table_md(r: dict[str, Any]) -> str:
         + "\n".join(lines)
         + "\n"
         + _versus_md(r.get("maskd_vs_peers"))
+        + _versus_md(r.get("maskd_vs_ablations"), "ablation")
         + _inputs_md(r.get("inputs"))
     )
 
 
-def _versus_md(versus: dict[str, dict[str, Any]] | None) -> str:
+def _versus_md(versus: dict[str, dict[str, Any]] | None, other: str = "peer") -> str:
     if not versus:
         return ""
     lines = [
-        "\nMasKD against each peer, test, paired by seed (MasKD − peer):\n",
-        "| peer | per seed | mean ± std | MasKD ahead in | verdict |",
+        f"\nMasKD against each {other}, test, paired by seed (MasKD − {other}):\n",
+        f"| {other} | per seed | mean ± std | MasKD ahead in | verdict |",
         "|---|---|---:|---:|---|",
     ]
     for v in versus.values():
@@ -937,6 +940,7 @@ def rerender(path: Path) -> None:
     if report.get("benchmark") != "quality" or "rows" not in report:
         raise SystemExit(f"{path}: not a quality table report (no 'rows')")
     report["maskd_vs_peers"] = _versus_peers(report["rows"])
+    report["maskd_vs_ablations"] = _versus_peers(report["rows"], ablations=True)
     path.write_text(json.dumps(report, indent=1) + "\n")
     path.with_suffix(".md").write_text(_table_md(report))
     _plot(report, path.with_suffix(".png"))

@@ -117,6 +117,9 @@ def test_versus_peers_pairs_maskd_with_each_peer_by_seed():
     rows[1]["test"][0] = float("nan")  # a diverged CWD seed: the report still writes
     assert "a seed diverged" in _versus_md(_versus_peers(rows))
     assert _versus_peers(rows[:3]) == {}  # no MasKD row, nothing to compare
+    ablations = _versus_peers(rows, ablations=True)
+    assert list(ablations) == ["maskd_t1"] and ablations["maskd_t1"]["diffs"] == [28.0, 30.0, 27.0]
+    assert "| ablation | per seed |" in _versus_md(ablations, "ablation")
 
 
 def test_rerender_adds_the_pairing_to_a_committed_report(tmp_path):
