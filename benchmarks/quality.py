@@ -118,6 +118,7 @@ class Row:
     tokens: str = "tokens"  # which stage-1 variant (MasKD rows)
     overrides: list[str] = field(default_factory=list)
     ablation: bool = False
+    only_if: str | None = None  # a task key this row needs (e.g. a recipe with head KD)
 
 
 ROWS = [
@@ -156,6 +157,7 @@ ROWS = [
         "maskd",
         overrides=["--distill.head_kd=null"],
         ablation=True,
+        only_if="head_kd",
     ),
     Row(
         "maskd_long",
@@ -182,7 +184,7 @@ def task_rows(spec: dict[str, Any]) -> list[Row]:
         for r in ROWS
         if r.method in methods
         and (spec["ablations"] or not r.ablation)
-        and (r.name != "maskd_nohkd" or spec.get("head_kd"))
+        and (r.only_if is None or spec.get(r.only_if))
     ]
 
 
@@ -682,13 +684,20 @@ def _report(plan: Plan, args: argparse.Namespace, rows: list[Row], seeds: list[i
         "metric": f"test {key}",
         "seeds": seeds,
         "rows": out_rows,
-        "maskd_vs_peers": _versus_peers(out_rows),
-        "maskd_vs_ablations": _versus_peers(out_rows, ablations=True),
+        **_pairings(out_rows),
     }
     stem = plan.report_stem(len(seeds))
     _write(args.out, stem, report, _table_md(report))
     _plot(report, args.out / f"{stem}.png")
     return report
+
+
+def _pairings(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """What a report derives from its rows' per-seed scores (also on --rerender)."""
+    return {
+        "maskd_vs_peers": _versus_peers(rows),
+        "maskd_vs_ablations": _versus_peers(rows, ablations=True),
+    }
 
 
 def _versus_peers(rows: list[dict[str, Any]], ablations: bool = False) -> dict[str, Any]:
@@ -939,8 +948,7 @@ def rerender(path: Path) -> None:
     report = json.loads(path.read_text())
     if report.get("benchmark") != "quality" or "rows" not in report:
         raise SystemExit(f"{path}: not a quality table report (no 'rows')")
-    report["maskd_vs_peers"] = _versus_peers(report["rows"])
-    report["maskd_vs_ablations"] = _versus_peers(report["rows"], ablations=True)
+    report.update(_pairings(report["rows"]))
     path.write_text(json.dumps(report, indent=1) + "\n")
     path.with_suffix(".md").write_text(_table_md(report))
     _plot(report, path.with_suffix(".png"))
