@@ -85,6 +85,18 @@ TASKS["detection_ranges"] = {
         for role, options in TASKS["detection"]["options"].items()
     },
 }
+# The same regime at 128 px: the scenes rendered at twice the size and the ranges divided by
+# 2, so every object trains the FPN level it trains at 64 px and only the maps grow (P3 is
+# 16 x 16); the test of whether MasKD's masks need more positions to select from.
+RANGES_128 = [[0, 32], [32, 64], [64, 128], [128, 256], [256, float("inf")]]
+TASKS["detection_ranges128"] = {
+    **TASKS["detection"],
+    "data": (1500, 200, 300, 128),
+    "options": {
+        role: {**options, "min_size": 128, "max_size": 128, "regress_ranges": RANGES_128}
+        for role, options in TASKS["detection"]["options"].items()
+    },
+}
 # The second detector family: RetinaNet with anchors a quarter of torchvision's for the same
 # 64 px images, and the authors' RetinaNet recipe for MasKD, which adds an L1 KD term on the
 # box-regression head (configs/quality/detection_retina/distill.yaml).

@@ -315,22 +315,34 @@ def test_quality_report_refuses_cells_of_different_teachers():
         _check_inputs({"a": a, "b": b})
 
 
-def test_quality_detection_ranges_is_the_detection_regime_with_scale_ranges():
-    """Every config of the ranges regime is the detection one plus the ranges on each FCOS,
-    and the evaluation builds the models the configs train."""
+@pytest.mark.parametrize(
+    ("task", "ranges", "size"),
+    [("detection_ranges", "RANGES", 64), ("detection_ranges128", "RANGES_128", 128)],
+)
+def test_quality_detection_ranges_is_the_detection_regime_with_scale_ranges(task, ranges, size):
+    """Every config of a ranges regime is the detection one plus the ranges (and the image
+    size) on each FCOS, and the evaluation builds the models the configs train."""
     sys.path.insert(0, str(QUALITY.parent))
+    import quality
     from maskd.config_files import load_config
-    from quality import CONFIGS, RANGES, TASKS
+    from quality import CONFIGS, TASKS
 
-    regime, base = CONFIGS / "detection_ranges", CONFIGS / "detection"
+    want_ranges = getattr(quality, ranges)
+    regime, base = CONFIGS / task, CONFIGS / "detection"
     assert sorted(p.name for p in regime.iterdir()) == sorted(p.name for p in base.iterdir())
     for path in regime.iterdir():
         got, want = load_config(path), load_config(base / path.name)
         for role in ("model", "student", "teacher"):
             if role in want:
-                assert got[role]["options"].pop("regress_ranges") == RANGES, (path.name, role)
+                options = got[role]["options"]
+                assert options.pop("regress_ranges") == want_ranges, (path.name, role)
+                assert want[role]["options"]["min_size"] == 64
+                want[role]["options"].update(min_size=size, max_size=size)
         assert got == want, path.name
-    options = TASKS["detection_ranges"]["options"]
+    # every length doubles at 128 px: the ranges too, so each object keeps its level
+    assert [[a * size / 64 for a in r] for r in quality.RANGES] == want_ranges
+    assert TASKS[task]["data"] == (1500, 200, 300, size)
+    options = TASKS[task]["options"]
     assert options["teacher"] == load_config(regime / "teacher.yaml")["model"]["options"]
     student = load_config(regime / "student.yaml")["model"]["options"]
     student.pop("box_regression_bias")  # an initial value: evaluation loads the weights
