@@ -13,6 +13,7 @@ import csv
 import itertools
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -556,6 +557,34 @@ def terms_of(pairs=None, task="detection", student="retinanet_resnet50_fpn", **o
 
     args = DistillArgs(**options)
     return distill_terms(args, task, student, {FPN: FPN} if pairs is None else pairs)
+
+
+def test_token_files_checked_are_the_ones_the_terms_read(tmp_path: Path) -> None:
+    """check_token_files reads distill.tokens exactly where distill_terms does: for the
+    shorthand (no maskd entry), and for maskd entries that name no file."""
+    from maskd.engine.jobs import DistillArgs, check_token_files
+
+    have, gone = tmp_path / "t.pt", str(tmp_path / "gone.pt")
+    have.write_bytes(b"")
+    maskd_own = {"kind": "maskd", "tokens": str(have)}
+    cases = [  # (options, the option named in the error, or None: passes)
+        ({"tokens": gone}, "distill.tokens"),
+        ({"tokens": gone, "terms": [{"kind": "cwd"}]}, "distill.tokens"),  # shorthand + CWD
+        ({"tokens": gone, "terms": [maskd_own]}, None),  # the entry's own file only
+        ({"tokens": gone, "terms": [maskd_own, {"kind": "maskd"}]}, "distill.tokens"),
+        (
+            {"tokens": None, "terms": [{"kind": "cwd"}, {"kind": "maskd", "tokens": gone}]},
+            "distill.terms[1].tokens",
+        ),
+        ({"tokens": str(have)}, None),
+    ]
+    for options, key in cases:
+        args = DistillArgs(**options)
+        if key is None:
+            check_token_files(args, "detection", "fcos_resnet18_fpn")
+            continue
+        with pytest.raises(FileNotFoundError, match=rf"^{re.escape(key)}: no such token file"):
+            check_token_files(args, "detection", "fcos_resnet18_fpn")
 
 
 def test_each_shorthand_option_becomes_its_term_option() -> None:

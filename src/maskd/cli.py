@@ -204,6 +204,7 @@ def _print_metrics(metrics: dict[str, float]) -> None:
 def _preflight(c: Namespace) -> None:
     """Cheap checks before anything is written: model names, weight files, data folder."""
     from maskd import models
+    from maskd.engine.jobs import check_token_files
 
     for group in ("model", "teacher", "student"):
         args = getattr(c, group, None)
@@ -216,29 +217,10 @@ def _preflight(c: Namespace) -> None:
                 raise FileNotFoundError(f"{group}.{key}: no such file {value!r}")
     distill = getattr(c, "distill", None)
     if distill is not None:
-        _preflight_tokens(distill)
+        check_token_files(distill, models.task_of(c.student.name), c.student.name)
     data = getattr(c, "data", None)
     if data is not None and not Path(data.root).is_dir():
         raise FileNotFoundError(f"data.root: no such folder {data.root!r}")
-
-
-def _preflight_tokens(distill: Namespace) -> None:
-    """The token files a distill run will read exist (``distill.tokens`` is used by the
-    shorthand MasKD terms and by ``maskd`` entries of ``distill.terms`` without a file)."""
-    entries = {i: t for i, t in enumerate(distill.terms or [])
-               if isinstance(t, dict) and t.get("kind") == "maskd"}  # fmt: skip
-    files = [(f"distill.terms[{i}].tokens", t["tokens"]) for i, t in entries.items()
-             if isinstance(t.get("tokens"), str)]  # fmt: skip
-    if distill.tokens is not None and (
-        not entries or any("tokens" not in t for t in entries.values())
-    ):
-        files.insert(0, ("distill.tokens", distill.tokens))
-    for key, value in files:
-        if not Path(value).is_file():
-            raise FileNotFoundError(
-                f"{key}: no such token file {value!r} (`maskd learn-masks` writes tokens.pt); "
-                "to distil with other terms only, set distill.tokens: null"
-            )
 
 
 def _save_config(parser: ArgumentParser, cfg: Namespace, out: str | Path) -> None:

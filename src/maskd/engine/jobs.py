@@ -182,7 +182,8 @@ def distill_terms(
         task: ``detection`` or ``segmentation``.
         student: the student's registry name (``head_kd: auto`` reads its architecture).
         pairs: the distilled pairs; ``None`` (before the models are built): check only,
-            layers are not filled in.
+            layers are not filled in and the shorthand gives one ``maskd`` spec that names
+            only its token file.
 
     Raises:
         ConfigError: an unknown kind or option (the valid ones named), a term the task cannot
@@ -218,8 +219,10 @@ def distill_terms(
         )
     first = next(iter(pairs.items())) if pairs else None
     specs: list[dict[str, Any]] = []
-    if distill.tokens is not None and not has_maskd and pairs is not None:
-        specs += _shorthand_maskd(distill, pairs)
+    if distill.tokens is not None and not has_maskd:
+        # before the models are built: the shorthand's token file, without its layers
+        shorthand = [{"kind": "maskd", "tokens": distill.tokens}]
+        specs += _shorthand_maskd(distill, pairs) if pairs is not None else shorthand
     for i, spec in enumerate(explicit):
         cls = check_spec(spec, complete=False)
         if issubclass(cls, FeatureTerm) and first is not None:
@@ -243,6 +246,29 @@ def distill_terms(
             "nothing to distil"
         )
     return specs
+
+
+def check_token_files(distill: DistillArgs, task: str, student: str) -> None:
+    """Every token file a distill run reads exists (the files :func:`distill_terms` names).
+
+    Raises:
+        ConfigError: as :func:`distill_terms`.
+        FileNotFoundError: a missing file, named by the option that gives it
+            (``distill.tokens`` or ``distill.terms[i].tokens``).
+    """
+    named = {
+        spec["tokens"]: f"distill.terms[{i}].tokens"
+        for i, spec in reversed(list(enumerate(distill.terms or [])))
+        if isinstance(spec, dict) and isinstance(spec.get("tokens"), str)
+    }
+    named[distill.tokens] = "distill.tokens"
+    specs = distill_terms(distill, task, student, None)
+    for path in dict.fromkeys(s["tokens"] for s in specs if s["kind"] == "maskd"):
+        if not Path(path).is_file():
+            raise FileNotFoundError(
+                f"{named[path]}: no such token file {path!r} (`maskd learn-masks` writes "
+                "tokens.pt); to distil with other terms only, set distill.tokens: null"
+            )
 
 
 def _shorthand_maskd(distill: DistillArgs, pairs: Mapping[str, str]) -> list[dict[str, Any]]:
@@ -766,16 +792,7 @@ def run_distill(
     if teacher.weights is None:
         raise ConfigError("teacher.weights is required: distil from a trained teacher")
     _check_files(student, teacher)
-    # kinds, options and token files, before any data is read
-    early = distill_terms(distill, task, student.name, None)
-    files = [spec["tokens"] for spec in early if spec["kind"] == "maskd"]
-    if distill.tokens is not None and not any(
-        t.get("kind") == "maskd" for t in distill.terms or []
-    ):
-        files.append(distill.tokens)  # the shorthand MasKD terms'
-    for path in dict.fromkeys(files):
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"distill.tokens: no such file {path!r}")
+    check_token_files(distill, task, student.name)  # kinds and options too, before any data
     _seed(run)
     dm, num_classes = build_data(data, task, run.seed)
     _seed(run)
