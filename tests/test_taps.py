@@ -15,6 +15,7 @@ from maskd.taps import (
     FeatureTaps,
     eval_mode,
     flatten_output,
+    level_key,
     probe_levels,
     rebuild_output,
     resize_records,
@@ -155,6 +156,22 @@ def test_flatten_and_rebuild_keep_structure() -> None:
         flatten_output("p", 3)
     with pytest.raises(TypeError, match="level 'p:1' of layer 'p' is str"):
         flatten_output("p", [a, "no"])
+
+
+def test_level_key_inverts_the_level_naming() -> None:
+    a = torch.ones(1)
+    # a layer path may itself hold ":" or share a prefix with another layer
+    for path in ("backbone.fpn", "a:b", "backbone.fp"):
+        for output in ({"0": a, "pool": a, "x:y": a}, [a, a, a]):
+            names = [n for n, _ in flatten_output(path, output)]
+            keys = list(output) if isinstance(output, dict) else ["0", "1", "2"]
+            assert [level_key(path, n) for n in names] == keys
+    with pytest.raises(
+        ValueError, match="'backbone.fpn:0' is not a level name of layer 'backbone.fp'"
+    ):
+        level_key("backbone.fp", "backbone.fpn:0")
+    with pytest.raises(ValueError, match="not a level name"):
+        level_key("p", "p")  # a lone tensor's level has no key
 
 
 def test_eval_mode_restores_each_flag(model: Tiny) -> None:

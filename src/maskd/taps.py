@@ -33,6 +33,7 @@ __all__ = [
     "eval_mode",
     "example_images",
     "flatten_output",
+    "level_key",
     "level_names",
     "model_device",
     "probe_levels",
@@ -71,6 +72,19 @@ def flatten_output(path: str, output: Any) -> list[tuple[str, Tensor]]:
                 f"level {name!r} of layer {path!r} is {type(value).__name__}, not a tensor"
             )
     return items
+
+
+def level_key(path: str, name: str) -> str:
+    """The key part of a level name of layer ``path``: ``"0"`` for ``"path:0"``, the inverse
+    of :func:`flatten_output`'s naming (a lone tensor's level, ``path`` itself, has none).
+
+    Raises:
+        ValueError: ``name`` is not a level name of layer ``path``.
+    """
+    prefix = f"{path}:"
+    if not name.startswith(prefix):
+        raise ValueError(f"{name!r} is not a level name of layer {path!r}")
+    return name[len(prefix) :]
 
 
 def level_names(path: str, output: Any) -> list[str]:

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from maskd._checks import check_number
 from maskd.errors import UserRuntimeError, UserTypeError, UserValueError
 from maskd.recorder import Record, Recorder
-from maskd.taps import flatten_output
+from maskd.taps import flatten_output, level_key
 from maskd.terms.connectors import AlignMode, build_connector
 
 __all__ = [
@@ -247,7 +247,7 @@ class FeatureTerm(Term):
                 f"{self.name} term: levels {self.only} given, but teacher layer "
                 f"{self.teacher!r} returns one tensor, not several levels; leave levels unset"
             )
-        keys = [name[len(self.teacher) + 1 :] for name in names]
+        keys = [level_key(self.teacher, name) for name in names]
         unknown = [k for k in self.only if k not in keys]
         if unknown:
             raise UserValueError(
