@@ -85,9 +85,10 @@ TASKS["detection_ranges"] = {
         for role, options in TASKS["detection"]["options"].items()
     },
 }
-# The same regime at 128 px: the scenes rendered at twice the size and the ranges divided by
-# 2, so every object trains the FPN level it trains at 64 px and only the maps grow (P3 is
-# 16 x 16); the test of whether MasKD's masks need more positions to select from.
+# The same regime at 128 px: objects twice the size (a fraction of the image side) and the
+# ranges divided by 2, so every object trains the FPN level it trains at 64 px and only the
+# maps grow (P3 is 16 x 16); the test of whether MasKD's masks need more positions to select
+# from (configs/quality/detection_ranges128/teacher.yaml).
 RANGES_128 = [[0, 32], [32, 64], [64, 128], [128, 256], [256, float("inf")]]
 TASKS["detection_ranges128"] = {
     **TASKS["detection"],
