@@ -13,7 +13,8 @@ synthetic dataset with three splits (train / val / test), and writes
 
 Every trained model is a *cell* with its own folder and ``result.json``; a re-run skips
 finished cells, so a run stopped midway (or split over several sittings) ends with the same
-table. ``--workers 2`` runs two cells at once, each on one torch thread.
+table. ``--workers 2`` runs two cells at once, each on one torch thread. The reports
+(statistics, pairings, markdown, plot) are ``quality_report.py``'s.
 
     python benchmarks/quality.py --tune          # the validation sweep (writes *_tuning_*)
     python benchmarks/quality.py                 # the table, with the tuned weights
@@ -26,7 +27,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -34,11 +34,12 @@ import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from maskd.config_files import load_config
+from quality_report import header, pairings, plot, rerender, stats, table_md, tuning_md, write
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -542,7 +543,8 @@ def tune(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
             "default": plan.spec["defaults"][method],
         }
     report = {
-        **_header("quality_tuning", plan.task, args),
+        **header("quality_tuning", plan.task, args),
+        "metric": f"val {metric}",
         "protocol": (
             "seed 0, validation split; each method's default weight x0.3, x1, x3, and one more "
             f"x{TUNE_STEP:g} step beyond the best while it is at an edge (at most "
@@ -550,7 +552,7 @@ def tune(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
         ),
         "methods": results,
     }
-    _write(args.out, f"quality_{plan.task}_tuning_{args.accelerator}", report, _tuning_md(report))
+    write(args.out, f"quality_{plan.task}_tuning_{args.accelerator}", report, tuning_md(report))
     return report
 
 
@@ -631,13 +633,6 @@ def _check_inputs(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "cells_without_fingerprints": unrecorded}  # fmt: skip
 
 
-def _stats(values: list[float]) -> tuple[float, float]:
-    """Mean and sample std; both NaN where a value is (a diverged cell's score)."""
-    if any(v != v for v in values):  # statistics.stdev raises on NaN instead of returning it
-        return float("nan"), float("nan")
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def _report(plan: Plan, args: argparse.Namespace, rows: list[Row], seeds: list[int],
             weights: dict[str, float]) -> dict[str, Any]:  # fmt: skip
     key, second = METRIC[plan.kind], SECOND[plan.kind]
@@ -658,8 +653,8 @@ def _report(plan: Plan, args: argparse.Namespace, rows: list[Row], seeds: list[i
         results = [plan.read(plan.cell(row, w, s)) for s in seeds]
         values = [100 * _score(r, "test", key) for r in results]
         diffs = [v - b for v, b in zip(values, base, strict=True)]
-        mean, std = _stats(values)
-        d_mean, d_std = _stats(diffs)
+        mean, std = stats(values)
+        d_mean, d_std = stats(diffs)
         out_rows.append(
             {
                 "row": row.name,
@@ -680,7 +675,7 @@ def _report(plan: Plan, args: argparse.Namespace, rows: list[Row], seeds: list[i
             }
         )
     report = {
-        **_header("quality", plan.task, args),
+        **header("quality", plan.task, args),
         "data": {
             **dict(zip(("train", "val", "test", "size"), sizes, strict=True)),
             "difficulty": "easy",
@@ -697,236 +692,12 @@ def _report(plan: Plan, args: argparse.Namespace, rows: list[Row], seeds: list[i
         "metric": f"test {key}",
         "seeds": seeds,
         "rows": out_rows,
-        **_pairings(out_rows),
+        **pairings(out_rows),
     }
     stem = plan.report_stem(len(seeds))
-    _write(args.out, stem, report, _table_md(report))
-    _plot(report, args.out / f"{stem}.png")
+    write(args.out, stem, report, table_md(report))
+    plot(report, args.out / f"{stem}.png")
     return report
-
-
-def _pairings(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """What a report derives from its rows' per-seed scores (also on --rerender)."""
-    return {
-        "maskd_vs_peers": _versus_peers(rows),
-        "maskd_vs_ablations": _versus_peers(rows, ablations=True),
-    }
-
-
-def _versus_peers(rows: list[dict[str, Any]], ablations: bool = False) -> dict[str, Any]:
-    """MasKD's paired (same seed) test difference to each peer row (the user's question), or
-    with ``ablations`` to each ablation row (what each part of the method adds)."""
-    by_name = {row["row"]: row for row in rows}
-    if "maskd" not in by_name:
-        return {}
-    ours = by_name["maskd"]["test"]
-    out = {}
-    for row in rows:
-        if row["ablation"] != ablations or row["row"] in ("student", "maskd"):
-            continue
-        diffs = [a - b for a, b in zip(ours, row["test"], strict=True)]
-        mean, std = _stats(diffs)
-        out[row["row"]] = {
-            "label": row["label"],
-            "diffs": diffs,
-            "mean": mean,
-            "std": std,
-            "within_noise": _within_noise(diffs),
-            "ahead_in": sum(d > 0 for d in diffs),
-            "diverged": any(d != d for d in diffs),  # NaN: a seed of either row diverged
-        }
-    return out
-
-
-T_975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571}  # Student's t, 0.975, n - 1 dof
-
-
-def _within_noise(diffs: list[float]) -> bool:
-    """Whether the 95 % t-interval of the mean paired difference contains 0."""
-    n = len(diffs)
-    if n < 2:
-        return True
-    mean, std = _stats(diffs)
-    return abs(mean) <= T_975.get(n, 2.0) * std / n**0.5
-
-
-def _score_name(task: str) -> str:
-    return "AP" if TASKS[task]["kind"] == "detection" else "mIoU"
-
-
-def _tuning_md(r: dict[str, Any]) -> str:
-    lines = ["| method | default weight | validation score per weight tried | chosen |"]
-    lines.append("|---|---:|---|---:|")
-    for m, v in r["methods"].items():
-        tried = ", ".join(
-            f"{k}: " + ("diverged" if score != score else f"{100 * score:.1f}")
-            for k, score in sorted(v["val"].items(), key=lambda kv: float(kv[0]))
-        )
-        chosen = "none" if v["chosen"] is None else f"{v['chosen']:g}"
-        lines.append(f"| {m} | {v['default']:g} | {tried} | {chosen} |")
-    return (
-        f"Machine: {r['machine']}\n\nCommand: `{r['command']}`\n\nDate: {r['date']}\n\n"
-        f"Validation {_score_name(r['task'])} (percent) per loss weight, "
-        f"{r['protocol']}:\n\n" + "\n".join(lines) + "\n"
-    )
-
-
-def _table_md(r: dict[str, Any]) -> str:
-    name = _score_name(r["task"])
-    lines = [
-        f"| row | weight | test {name}, mean ± std | per seed | Δ to student alone (paired) "
-        f"| gap closed | validation {name}, mean |",
-        "|---|---:|---:|---|---:|---:|---:|",
-        f"| teacher ({r['teacher']['model']}) | | {r['teacher']['test']:.1f} | | | "
-        f"| {r['teacher']['val']:.1f} |",
-    ]
-    for row in r["rows"]:
-        seeds = ", ".join(f"{v:.1f}" for v in row["test"])
-        weight = "" if row["weight"] is None else f"{row['weight']:g}"
-        if row["row"] == "student":
-            delta, closed = "", ""
-        elif row["errors"]:
-            delta, closed = f"diverged in {len(row['errors'])} of {len(row['test'])} seeds", ""
-        else:
-            noise = " (within noise)" if _within_noise(row["diff_to_student"]) else ""
-            delta = f"{row['diff_mean']:+.1f} ± {row['diff_std']:.1f}{noise}"
-            closed = f"{100 * row['gap_closed']:.0f} %" if row["gap_closed"] is not None else ""
-        lines.append(
-            f"| {row['label']} | {weight} | {row['mean']:.1f} ± {row['std']:.1f} | {seeds} "
-            f"| {delta} | {closed} | {statistics.fmean(row['val']):.1f} |"
-        )
-    d = r["data"]
-    return (
-        f"Machine: {r['machine']}\n\nCommand: `{r['command']}`\n\nDate: {r['date']}\n\n"
-        f"Data: synthetic, easy setting, {d['size']} px; {d['train']} train / {d['val']} val / "
-        f"{d['test']} test images. Student {r['student_model']}, "
-        + (f"{r['student_steps']} steps, " if r.get("student_steps") else "")
-        + f"seeds {r['seeds']}. "
-        + (
-            f"Every distilled row distils FPN levels {r['levels']} only. "
-            if r.get("levels")
-            else ""
-        )
-        + f"Metric: {r['metric']} (percent). Δ is the mean ± std over seeds of the paired "
-        'difference (same seed) to the student alone; "within noise": its two-sided 95 % '
-        "t-interval contains 0 (always, with one seed). "
-        "Gap closed = (row mean − student mean) / (teacher − student mean).\n\n"
-        + "\n".join(lines)
-        + "\n"
-        + _versus_md(r.get("maskd_vs_peers"))
-        + _versus_md(r.get("maskd_vs_ablations"), "ablation")
-        + _inputs_md(r.get("inputs"))
-    )
-
-
-def _versus_md(versus: dict[str, dict[str, Any]] | None, other: str = "peer") -> str:
-    if not versus:
-        return ""
-    lines = [
-        f"\nMasKD against each {other}, test, paired by seed (MasKD − {other}):\n",
-        f"| {other} | per seed | mean ± std | MasKD ahead in | verdict |",
-        "|---|---|---:|---:|---|",
-    ]
-    for v in versus.values():
-        n = len(v["diffs"])
-        verdict = (
-            "a seed diverged"
-            if v["diverged"]
-            else "within noise"
-            if v["within_noise"]
-            else "ahead"
-            if v["mean"] > 0
-            else "behind"
-        )
-        seeds = ", ".join(f"{d:+.1f}" for d in v["diffs"])
-        lines.append(
-            f"| {v['label']} | {seeds} | {v['mean']:+.1f} ± {v['std']:.1f} "
-            f"| {v['ahead_in']} of {n} seeds | {verdict} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def _inputs_md(inputs: dict[str, Any] | None) -> str:
-    if not inputs:
-        return ""
-    prints = ", ".join(f"{k} {v}" for k, v in sorted(inputs["fingerprints"].items()))
-    line = f"\nInputs every fingerprinted cell shares (SHA-256, first 16 hex): {prints or 'none'}."
-    if inputs["cells_without_fingerprints"]:
-        line += (f" {len(inputs['cells_without_fingerprints'])} cells were kept from before "
-                 "fingerprints were recorded.")  # fmt: skip
-    return line + "\n"
-
-
-def _plot(r: dict[str, Any], path: Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    rows = r["rows"]
-    fig = Figure(figsize=(1.0 + 0.8 * len(rows), 3.6), dpi=110)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    xs = range(len(rows))
-    ax.bar(xs, [row["mean"] for row in rows], color=["#999" if row["ablation"] else "#4a7ebb"
-                                                      for row in rows])  # fmt: skip
-    for x, row in zip(xs, rows, strict=True):
-        ax.plot([x] * len(row["test"]), row["test"], "k.", ms=5)
-    ax.axhline(r["teacher"]["test"], color="#c44", lw=1, ls="--", label="teacher")
-    base = next(row["mean"] for row in rows if row["row"] == "student")
-    ax.axhline(base, color="#444", lw=1, ls=":", label="student alone")
-    lo = min(min(row["test"]) for row in rows)
-    hi = max(r["teacher"]["test"], *(max(row["test"]) for row in rows))  # students may pass it
-    ax.set_ylim(max(0.0, lo - 5), hi + 3)
-    ax.set_xticks(list(xs), [row["row"] for row in rows], rotation=35, ha="right", fontsize=8)
-    ax.set_ylabel(f"test {_score_name(r['task'])} (%)")
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path)
-
-
-# ---- helpers --------------------------------------------------------------------------------
-def _header(benchmark: str, task: str, args: argparse.Namespace) -> dict[str, Any]:
-    """What every result file starts with: which benchmark, the command, when, where."""
-    return {
-        "benchmark": benchmark,
-        "task": task,
-        "command": _command(),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": _machine(args.accelerator),
-    }
-
-
-def _command() -> str:
-    return " ".join(["python", *sys.argv])
-
-
-def _machine(accelerator: str) -> dict[str, Any]:
-    import torch
-
-    info = {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "torch_threads_per_cell": 1}  # fmt: skip
-    info["cpu"] = _cpu_model()  # CPU kernels (and so the floats) depend on the instruction set
-    if accelerator == "gpu" and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
-def _cpu_model() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor() or "unknown"
-    name = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "")
-    flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
-    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
-    return f"{name or platform.processor() or 'unknown'} ({isa})"
-
-
-def _write(out: Path, stem: str, report: dict[str, Any], md: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / f"{stem}.md").write_text(md)
-    print(md, flush=True)
 
 
 def random_tokens(path: Path, task: str) -> None:
@@ -953,18 +724,6 @@ def random_tokens(path: Path, task: str) -> None:
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     save_tokens(path, tokens)
-
-
-def rerender(path: Path) -> None:
-    """Write ``path``'s .md and .png again from the JSON report, with what is derived from
-    the per-seed values (the MasKD-versus-peer pairing) computed by this version."""
-    report = json.loads(path.read_text())
-    if report.get("benchmark") != "quality" or "rows" not in report:
-        raise SystemExit(f"{path}: not a quality table report (no 'rows')")
-    report.update(_pairings(report["rows"]))
-    path.write_text(json.dumps(report, indent=1) + "\n")
-    path.with_suffix(".md").write_text(_table_md(report))
-    _plot(report, path.with_suffix(".png"))
 
 
 def without_head(src: Path, dst: Path) -> None:

@@ -34,7 +34,8 @@ from maskd.losses import dice_diversity
 from maskd.models import build
 from maskd.taps import FeatureTaps
 from maskd.token_io import load_tokens
-from quality import CONFIGS, RESULTS, TASKS, TOKEN_VARIANTS, _machine, _write
+from quality import CONFIGS, RESULTS, TASKS, TOKEN_VARIANTS
+from quality_report import machine, write
 
 
 def _batch(root: Path, split: str, n: int) -> tuple[list[torch.Tensor], list[dict]]:
@@ -272,7 +273,7 @@ def main() -> None:
             "benchmark": "quality_levels",
             "task": args.task,
             "command": " ".join(["python", *sys.argv]),
-            "machine": _machine("cpu"),
+            "machine": machine("cpu"),
             "levels": level_shares(work, spec, train_images, train_targets),
             "stage1": stage1_shares(
                 work,
@@ -283,7 +284,7 @@ def main() -> None:
             ),
             "coverage": _trained_coverage(work, spec, *_batch(work / "data", "val", args.images)),
         }
-        _write(args.out, f"quality_{args.task}_levels_cpu", report, _levels_md(report))
+        write(args.out, f"quality_{args.task}_levels_cpu", report, _levels_md(report))
         return
     images, targets = _batch(work / "data", "val", args.images)
     teacher = _teacher(work, spec)[0].eval()
@@ -306,13 +307,13 @@ def main() -> None:
         "benchmark": "quality_diagnosis",
         "task": args.task,
         "command": " ".join(["python", *sys.argv]),
-        "machine": _machine("cpu"),
+        "machine": machine("cpu"),
         "configs": str(CONFIGS / args.task),
         "masks": masks,
         "loss_scales": scales,
         "training": curves,
     }
-    _write(args.out, f"quality_{args.task}_diagnosis_cpu", report, _md(report))
+    write(args.out, f"quality_{args.task}_diagnosis_cpu", report, _md(report))
 
 
 def _md(r: dict[str, Any]) -> str:

@@ -84,16 +84,16 @@ def test_quality_quick_runs_every_kind_of_cell_and_resumes(tmp_path):
 
 def test_within_noise_uses_the_t_interval():
     sys.path.insert(0, str(QUALITY.parent))
-    from quality import _within_noise
+    from quality_report import within_noise
 
-    assert _within_noise([1.0])  # one seed tells nothing
-    assert not _within_noise([1.0, 1.1, 0.9])  # mean 1.0, std 0.1: far from 0
-    assert _within_noise([1.0, -0.2, 0.5])  # mean 0.43, std 0.6: 4.30 * 0.6 / sqrt(3) = 1.49
+    assert within_noise([1.0])  # one seed tells nothing
+    assert not within_noise([1.0, 1.1, 0.9])  # mean 1.0, std 0.1: far from 0
+    assert within_noise([1.0, -0.2, 0.5])  # mean 0.43, std 0.6: 4.30 * 0.6 / sqrt(3) = 1.49
 
 
 def test_versus_peers_pairs_maskd_with_each_peer_by_seed():
     sys.path.insert(0, str(QUALITY.parent))
-    from quality import _versus_md, _versus_peers
+    from quality_report import versus_md, versus_peers
 
     def row(name, test, ablation=False):
         return {"row": name, "label": name.upper(), "ablation": ablation, "test": test}
@@ -105,21 +105,21 @@ def test_versus_peers_pairs_maskd_with_each_peer_by_seed():
         row("maskd", [29.0, 32.0, 30.0]),
         row("maskd_t1", [1.0, 2.0, 3.0], ablation=True),
     ]
-    versus = _versus_peers(rows)
+    versus = versus_peers(rows)
     assert list(versus) == ["cwd", "fitnet"]  # peers only: no student, MasKD or ablation
     assert versus["cwd"]["diffs"] == [-1.0, 1.0, 1.0]
     assert versus["cwd"]["ahead_in"] == 2 and versus["cwd"]["within_noise"]
     assert abs(versus["cwd"]["mean"] - 1 / 3) < 1e-12
     assert versus["fitnet"]["diffs"] == [9.0, 11.5, 9.0] and not versus["fitnet"]["within_noise"]
-    md = _versus_md(versus)
+    md = versus_md(versus)
     assert "| CWD | -1.0, +1.0, +1.0 | +0.3 ± 1.2 | 2 of 3 seeds | within noise |" in md
     assert "| FITNET | +9.0, +11.5, +9.0 | +9.8 ± 1.4 | 3 of 3 seeds | ahead |" in md
     rows[1]["test"][0] = float("nan")  # a diverged CWD seed: the report still writes
-    assert "a seed diverged" in _versus_md(_versus_peers(rows))
-    assert _versus_peers(rows[:3]) == {}  # no MasKD row, nothing to compare
-    ablations = _versus_peers(rows, ablations=True)
+    assert "a seed diverged" in versus_md(versus_peers(rows))
+    assert versus_peers(rows[:3]) == {}  # no MasKD row, nothing to compare
+    ablations = versus_peers(rows, ablations=True)
     assert list(ablations) == ["maskd_t1"] and ablations["maskd_t1"]["diffs"] == [28.0, 30.0, 27.0]
-    assert "| ablation | per seed |" in _versus_md(ablations, "ablation")
+    assert "| ablation | per seed |" in versus_md(ablations, "ablation")
 
 
 def test_rerender_adds_the_pairing_to_a_committed_report(tmp_path):
