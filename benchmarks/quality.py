@@ -98,6 +98,11 @@ TASKS["detection_ranges128"] = {
         role: {**options, "min_size": 128, "max_size": 128, "regress_ranges": RANGES_128}
         for role, options in TASKS["detection"]["options"].items()
     },
+    # the sweep's centres: each method's weight chosen on validation at 64 px
+    # (quality_detection_ranges_tuning_cpu.md), so no method needs the grid's extensions
+    # to get back to it; the same ×0.3 / ×1 / ×3 rule for every method
+    "defaults": {"fitnet": 3.0, "cwd": 90.0, "fgd": 3.0, "maskd": 10.0},
+    "defaults_are": "weight chosen in the detection_ranges sweep (64 px)",
 }
 # The second detector family: RetinaNet with anchors a quarter of torchvision's for the same
 # 64 px images, and the authors' RetinaNet recipe for MasKD, which adds an L1 KD term on the
@@ -546,7 +551,8 @@ def tune(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
         **header("quality_tuning", plan.task, args),
         "metric": f"val {metric}",
         "protocol": (
-            "seed 0, validation split; each method's default weight x0.3, x1, x3, and one more "
+            f"seed 0, validation split; each method's "
+            f"{plan.spec.get('defaults_are', 'default weight')} x0.3, x1, x3, and one more "
             f"x{TUNE_STEP:g} step beyond the best while it is at an edge (at most "
             f"{MAX_EXTENSIONS})"
         ),

@@ -77,7 +77,7 @@ def _score_name(report: dict[str, Any]) -> str:
 
 
 def tuning_md(r: dict[str, Any]) -> str:
-    lines = ["| method | default weight | validation score per weight tried | chosen |"]
+    lines = ["| method | grid centre (×1) | validation score per weight tried | chosen |"]
     lines.append("|---|---:|---|---:|")
     for m, v in r["methods"].items():
         tried = ", ".join(

@@ -315,6 +315,18 @@ def test_quality_report_refuses_cells_of_different_teachers():
         _check_inputs({"a": a, "b": b})
 
 
+def test_quality_128px_sweep_is_centred_on_the_64px_choices():
+    """detection_ranges128's grid centres are the weights the 64 px sweep chose (as its
+    comment says), and its tuning report says what the centres are."""
+    sys.path.insert(0, str(QUALITY.parent))
+    from quality import RESULTS, TASKS
+
+    chosen = json.loads((RESULTS / "quality_detection_ranges_tuning_cpu.json").read_text())
+    want = {m: float(v["chosen"]) for m, v in chosen["methods"].items()}
+    assert TASKS["detection_ranges128"]["defaults"] == want
+    assert "detection_ranges sweep" in TASKS["detection_ranges128"]["defaults_are"]
+
+
 @pytest.mark.parametrize(
     ("task", "ranges", "size"),
     [("detection_ranges", "RANGES", 64), ("detection_ranges128", "RANGES_128", 128)],
