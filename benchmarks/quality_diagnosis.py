@@ -77,6 +77,57 @@ def mask_statistics(teacher: torch.nn.Module, tokens: dict, images: list, target
     return out
 
 
+def class_agnostic(work: Path, spec: dict, cells: list[str], split: str = "val") -> dict:
+    """Each trained cell's AP on ``split`` with and without the class labels: whether a gap
+    between models is in naming the shapes or in placing and ranking the boxes."""
+    ds = build_dataset("coco", work / "data", split)
+    out = {}
+    for cell in cells:
+        role = "teacher" if cell == "teacher" else "student"
+        model, _ = build(spec[role], num_classes=3, weights=str(work / cell / "model.pt"),
+                         **spec["options"][role])  # fmt: skip
+        model.eval()
+
+        def batches(model: torch.nn.Module = model) -> Any:
+            for start in range(0, len(ds), 50):
+                images, targets = detection_collate(
+                    [ds[i] for i in range(start, min(start + 50, len(ds)))]
+                )
+                with torch.no_grad():
+                    yield model(images), targets
+
+        out[cell] = aware_and_agnostic(batches())
+    return out
+
+
+def aware_and_agnostic(batches: Any) -> dict[str, float]:
+    """COCO AP of ``(predictions, targets)`` batches as they are and with every box and
+    prediction relabelled 1 (class-agnostic), and the recall at 100 detections (percent)."""
+    from maskd.metrics import DetectionMetrics
+
+    aware, agnostic = DetectionMetrics(), DetectionMetrics()
+    for preds, targets in batches:
+        aware.update(preds, targets)
+        agnostic.update(*(
+            [{**d, "labels": torch.ones_like(d["labels"])} for d in part]
+            for part in (preds, targets)
+        ))  # fmt: skip
+    a, b = aware.compute(), agnostic.compute()
+    return {"ap": 100 * float(a["map"]), "ap_agnostic": 100 * float(b["map"]),
+            "recall_100": 100 * float(a["mar_100"])}  # fmt: skip
+
+
+def _agnostic_md(r: dict[str, Any]) -> str:
+    lines = ["| cell | AP | class-agnostic AP | recall at 100 |", "|---|---:|---:|---:|"]
+    lines += [f"| {c} | {v['ap']:.1f} | {v['ap_agnostic']:.1f} | {v['recall_100']:.1f} |"
+              for c, v in r["cells"].items()]  # fmt: skip
+    return (
+        f"Machine: {r['machine']}\n\nCommand: `{r['command']}`\n\n"
+        f"COCO AP on the {r['split']} split, with the class labels and with every box and "
+        "prediction relabelled as one class (percent):\n\n" + "\n".join(lines) + "\n"
+    )
+
+
 def _teacher(plan_work: Path, spec: dict) -> tuple[torch.nn.Module, list[str]]:
     """The benchmark's trained teacher (a fresh copy) and its default layers."""
     return build(spec["teacher"], num_classes=3, weights=str(plan_work / "teacher" / "model.pt"),
@@ -263,10 +314,24 @@ def main() -> None:
     parser.add_argument("--levels", action="store_true",
                         help="only the per-level values and gradient shares "
                         "(quality_<task>_levels_cpu.{json,md})")  # fmt: skip
+    parser.add_argument("--agnostic", nargs="+", metavar="CELL",
+                        help="only each named cell's validation AP with and without class "
+                        "labels, e.g. teacher student_s0 (quality_<task>_agnostic_cpu)")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(1)
     spec = TASKS[args.task]
     work = args.work / args.task
+    if args.agnostic:
+        report = {
+            "benchmark": "quality_agnostic",
+            "task": args.task,
+            "command": " ".join(["python", *sys.argv]),
+            "machine": machine("cpu"),
+            "split": "val",
+            "cells": class_agnostic(work, spec, args.agnostic),
+        }
+        write(args.out, f"quality_{args.task}_agnostic_cpu", report, _agnostic_md(report))
+        return
     if args.levels:
         train_images, train_targets = _batch(work / "data", "train", 16)
         report = {

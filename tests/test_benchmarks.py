@@ -1,4 +1,5 @@
-"""Smoke test of the teacher-gap benchmark: it drives the real command line end to end."""
+"""The benchmarks: teacher gap and quality end to end through the command line, and the
+quality reports' and diagnostics' parts on values computed here."""
 
 from __future__ import annotations
 
@@ -359,3 +360,25 @@ def test_quality_detection_ranges_is_the_detection_regime_with_scale_ranges(task
     student = load_config(regime / "student.yaml")["model"]["options"]
     student.pop("box_regression_bias")  # an initial value: evaluation loads the weights
     assert options["student"] == student
+
+
+def test_class_agnostic_ap_ignores_only_the_labels():
+    """quality_diagnosis.aware_and_agnostic: boxes in the right places with the wrong names
+    score 0 AP as they are and 100 AP class-agnostic; right names score 100 both ways."""
+    sys.path.insert(0, str(QUALITY.parent))
+    from quality_diagnosis import aware_and_agnostic
+
+    boxes = [torch.tensor([[0.0, 0, 10, 10]]), torch.tensor([[20.0, 20, 40, 40]])]
+    targets = [
+        {"boxes": b, "labels": torch.tensor([k])} for b, k in zip(boxes, (1, 2), strict=True)
+    ]
+
+    def preds(labels):
+        return [{"boxes": b, "scores": torch.tensor([0.9]), "labels": torch.tensor([k])}
+                for b, k in zip(boxes, labels, strict=True)]  # fmt: skip
+
+    swapped = aware_and_agnostic([(preds((2, 1)), targets)])
+    assert swapped["ap"] == pytest.approx(0.0) and swapped["recall_100"] == pytest.approx(0.0)
+    assert swapped["ap_agnostic"] == pytest.approx(100.0)
+    right = aware_and_agnostic([(preds((1, 2)), targets)])
+    assert right["ap"] == pytest.approx(100.0) and right["ap_agnostic"] == pytest.approx(100.0)
