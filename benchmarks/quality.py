@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import shutil
 import statistics
@@ -498,6 +499,17 @@ def cell_name(row: Row, weight: float | None, seed: int, suffix: str = "") -> st
     return f"{row.name}_w{weight:g}{suffix}_s{seed}"
 
 
+def centre_first(
+    grid: dict[str, list[float]], centres: dict[str, float]
+) -> list[tuple[str, float]]:
+    """The sweep's ``(method, weight)`` cells in the order they run: every method's centre
+    first, then the weights ×3 away, and so on (methods in ``grid`` order at each distance),
+    so a sweep stopped midway has already compared the methods at their centres."""
+    cells = [(m, w) for m, weights in grid.items() for w in weights]
+    # steps of ×3 from the centre (the grid's ×0.3 counts as one)
+    return sorted(cells, key=lambda mw: round(abs(math.log(mw[1] / centres[mw[0]], TUNE_STEP))))
+
+
 def tune(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
     """Seed 0 of every method at its default weight ×0.3, ×1, ×3; the best on validation.
 
@@ -518,10 +530,9 @@ def tune(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
 
     for extension in range(MAX_EXTENSIONS + 1):
         cells = list(base)
-        for method, weights in grid.items():
-            for w in weights:
-                name = cell_name(rows[method], w, 0)
-                cells.append(plan.student_cell(rows[method], 0, w, name, ("val", "test")))
+        for method, w in centre_first(grid, plan.spec["defaults"]):
+            name = cell_name(rows[method], w, 0)
+            cells.append(plan.student_cell(rows[method], 0, w, name, ("val", "test")))
         run_cells(cells, plan.work, args.workers, plan.kept)
         grown = False
         for method, weights in grid.items():

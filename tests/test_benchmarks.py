@@ -382,3 +382,17 @@ def test_class_agnostic_ap_ignores_only_the_labels():
     assert swapped["ap_agnostic"] == pytest.approx(100.0)
     right = aware_and_agnostic([(preds((1, 2)), targets)])
     assert right["ap"] == pytest.approx(100.0) and right["ap_agnostic"] == pytest.approx(100.0)
+
+
+def test_quality_sweep_runs_the_centres_first():
+    sys.path.insert(0, str(QUALITY.parent))
+    from quality import centre_first
+
+    grid = {"fitnet": [0.9, 3.0, 9.0, 27.0], "cwd": [27.0, 90.0, 270.0], "maskd": [3.0, 10.0, 30.0]}
+    centres = {"fitnet": 3.0, "cwd": 90.0, "maskd": 10.0}
+    assert centre_first(grid, centres) == [
+        ("fitnet", 3.0), ("cwd", 90.0), ("maskd", 10.0),  # ×1
+        ("fitnet", 0.9), ("fitnet", 9.0), ("cwd", 27.0), ("cwd", 270.0),  # ×3 away (0.3 ≈ 1/3)
+        ("maskd", 3.0), ("maskd", 30.0),
+        ("fitnet", 27.0),  # ×9 away
+    ]  # fmt: skip
