@@ -351,7 +351,7 @@ def test_visualize_writes_png(pipeline, seg_data, tmp_path, capsys):
 
     images = sorted((seg_data / "val" / "images").glob("*.png"))[:2]
     out = tmp_path / "masks.png"
-    code, _, err = run_cli(
+    code, stdout, err = run_cli(
         [
             "visualize",
             "--teacher.name=deeplabv3_resnet18",
@@ -367,6 +367,10 @@ def test_visualize_writes_png(pipeline, seg_data, tmp_path, capsys):
     )
     assert code == 0, err
     assert Image.open(out).size[0] > 100
+    # one line per distilled level: each token's coverage (the pipeline's tokens: no head)
+    (line,) = [ln for ln in stdout.splitlines() if " coverage " in ln]
+    values = [float(v) for v in line.split("coverage")[1].split()]
+    assert len(values) >= 1 and all(0.0 < v < 1.0 for v in values) and "weight" not in line
 
 
 def test_resume_last_continues_and_refuses_silent_restart(pipeline, capsys):

@@ -443,6 +443,57 @@ def test_token_masks_and_grid_match_a_direct_computation():
     torch.testing.assert_close(red, want[0, 0].detach(), atol=1 / 255, rtol=0)
 
 
+def test_token_summary_gives_coverage_and_head_weights():
+    """Coverage is each token's mean mask, the weights the head's softmax: set to values
+    known here (a head whose 1x1 conv is all bias gives softmax(bias) on every image)."""
+    from maskd.tokens import ReceptiveTokens
+    from maskd.visualize import summary_lines, token_summary
+
+    torch.manual_seed(0)
+    model = TinySeg()
+    plain = ReceptiveTokens(8, num_tokens=3)
+    head = ReceptiveTokens(8, num_tokens=3, weighted=True)
+    with torch.no_grad():
+        plain.mask_token.normal_(0, 1.0)
+        head.mask_token.zero_()  # sigmoid(0): every mask is 0.5 everywhere
+        head.prob[2].weight.zero_()
+        head.prob[2].bias.copy_(torch.tensor([0.0, math.log(3.0), 0.0]))
+    images = [torch.rand(3, 16, 16) for _ in range(2)]
+    feats = model.body(torch.stack(images))
+    want = torch.sigmoid(torch.einsum("tc,nchw->nthw", plain.mask_token, feats)).mean((0, 2, 3))
+    got = token_summary(model, {"body": [plain]}, images)["body"]
+    torch.testing.assert_close(torch.tensor(got["coverage"]), want)
+    assert got["weight"] is None
+    got = token_summary(model, {"body": [head]}, images)["body"]
+    torch.testing.assert_close(torch.tensor(got["coverage"]), torch.full((3,), 0.5))
+    torch.testing.assert_close(torch.tensor(got["weight"]), torch.tensor([0.2, 0.6, 0.2]))
+    (line,) = summary_lines({"body": got})
+    assert line == "body  coverage 0.50 0.50 0.50  weight 0.20 0.60 0.20"
+
+
+def test_token_summary_of_a_detector_counts_only_positions_over_the_image():
+    """A detector pads 64x80 images to 64x96: P3 is 8x12, of which 8x10 lie over the image."""
+    from maskd.tokens import ReceptiveTokens
+    from maskd.visualize import token_summary
+    from tiny_detectors import detection_batch, detector
+
+    model = detector("fcos").eval()
+    images, _ = detection_batch()
+    torch.manual_seed(1)
+    toks = [ReceptiveTokens(256, num_tokens=2) for _ in range(5)]
+    for tok in toks:
+        with torch.no_grad():
+            tok.mask_token.normal_(0, 0.2)
+    got = token_summary(model, {"backbone.fpn": toks}, images)
+    with torch.no_grad():
+        batch, _ = model.transform(images)
+        p3 = model.backbone(batch.tensors)["0"]
+    assert p3.shape[-2:] == (8, 12)
+    want = toks[0](p3)[..., :8, :10].mean((0, 2, 3))
+    torch.testing.assert_close(torch.tensor(got["backbone.fpn:0"]["coverage"]), want)
+    assert list(got) == [f"backbone.fpn:{k}" for k in ("0", "1", "2", "p6", "p7")]
+
+
 def _params_after(tmp_path, batch_size, accumulate, precision="32-true", model=None):
     torch.manual_seed(0)
     model = model or TinySeg()

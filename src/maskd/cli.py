@@ -285,7 +285,13 @@ def _cmd_evaluate(parser: ArgumentParser, raw: Namespace, c: Namespace) -> int:
 def _cmd_visualize(parser: ArgumentParser, raw: Namespace, c: Namespace) -> int:
     from maskd.engine.jobs import build_model
     from maskd.token_io import load_tokens
-    from maskd.visualize import load_images, save_mask_png, token_masks
+    from maskd.visualize import (
+        load_images,
+        save_mask_png,
+        summary_lines,
+        token_masks,
+        token_summary,
+    )
 
     tokens = load_tokens(c.tokens)
     if c.teacher.num_classes is None:
@@ -299,7 +305,11 @@ def _cmd_visualize(parser: ArgumentParser, raw: Namespace, c: Namespace) -> int:
         mean, std = IMAGENET_MEAN, IMAGENET_STD
         images = [_normalise(img, mean, std) for img in images]
     masks = token_masks(model, tokens, images)
-    path = save_mask_png(images, masks, c.out, mean, std)
+    summary = token_summary(model, tokens, images)
+    path = save_mask_png(images, masks, c.out, mean, std, summary)
+    print("each token's mean mask (coverage) and head weight over the images, per level:")
+    for line in summary_lines(summary):
+        print(f"  {line}")
     print(f"wrote {path}")
     return 0
 

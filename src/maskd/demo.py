@@ -268,7 +268,7 @@ def _token_png(out: Path, task: str, n: int) -> Path:
     from maskd.engine.config import ModelArgs
     from maskd.engine.jobs import build_model
     from maskd.token_io import load_tokens
-    from maskd.visualize import save_mask_png, token_masks
+    from maskd.visualize import save_mask_png, token_masks, token_summary
 
     cfg = yaml.safe_load((out / "masks" / "config.yaml").read_text())
     t = cfg["teacher"]
@@ -289,9 +289,11 @@ def _token_png(out: Path, task: str, n: int) -> Path:
         val.num_classes,
     )
     images = [val[i][0] for i in range(min(n, len(val)))]
-    masks = token_masks(teacher, load_tokens(out / "masks" / "tokens.pt"), images)
+    tokens = load_tokens(out / "masks" / "tokens.pt")
+    masks = token_masks(teacher, tokens, images)
     norm = (IMAGENET_MEAN, IMAGENET_STD) if task == "segmentation" else (None, None)
-    return save_mask_png(images, masks, out / "token_masks.png", *norm)
+    summary = token_summary(teacher, tokens, images)
+    return save_mask_png(images, masks, out / "token_masks.png", *norm, summary)
 
 
 def _write_report(

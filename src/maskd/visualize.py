@@ -1,7 +1,8 @@
 """Token masks over images, and loss curves, as PNG files.
 
 :func:`token_masks` runs a model up to its tapped layers and applies the receptive tokens
-of every level; :func:`mask_grid` lays the masks over the images (rows: images, columns:
+of every level; :func:`token_summary` says what each token covers and how much the weighting
+head uses it; :func:`mask_grid` lays the masks over the images (rows: images, columns:
 tokens) into one RGB array per level; :func:`save_mask_png` writes all levels into one PNG.
 """
 
@@ -30,7 +31,9 @@ __all__ = [
     "read_csv_logs",
     "save_loss_png",
     "save_mask_png",
+    "summary_lines",
     "token_masks",
+    "token_summary",
 ]
 
 
@@ -47,6 +50,43 @@ def _save_figure(fig: Any, path: str | Path) -> Path:
 
 
 @torch.no_grad()
+def _token_features(
+    model: nn.Module, tokens: Mapping[str, Sequence[ReceptiveTokens]], images: Sequence[Tensor]
+) -> tuple[list[tuple[str, ReceptiveTokens, Tensor]], Any, tuple[int, int]]:
+    """One eval forward up to the tapped layers: ``[(level, tokens, feature [N, C, h, w])]``,
+    the detector's resized batch (or ``None``) and the images' ``(H, W)``."""
+    layers = list(tokens)
+    records = {path: Record(path) for path in layers}
+    rec = Recorder(model, {**records, **resize_records(model)}, stop=True)
+    device = next(model.parameters()).device
+    batch = torch.stack([img.to(device) for img in images])
+    with eval_mode(model):
+        rec.run(batch)
+    feats = recorded_levels(rec, layers)
+    resized = resized_batch(rec)
+    out = []
+    for path in layers:
+        names = level_names(path, rec[path])
+        group = list(tokens[path])
+        if len(group) != len(names):
+            raise UserValueError(
+                f"layer {path!r} has {len(names)} levels {names} but {len(group)} token sets"
+            )
+        out += [(name, tok.to(device), feats[name]) for name, tok in zip(names, group, strict=True)]
+    rec.clear()
+    return out, resized, (batch.shape[-2], batch.shape[-1])
+
+
+def _over_image(m: Tensor, resized: Any, i: int) -> Tensor:
+    """Image ``i``'s masks ``[1, T, h, w]`` cut to the part over the image: a detector
+    resizes and pads its batch, and the padding is not the image's."""
+    if resized is None:
+        return m
+    (ih, iw), (ph, pw) = resized.image_sizes[i], resized.padded
+    return m[..., : max(1, round(m.shape[-2] * ih / ph)), : max(1, round(m.shape[-1] * iw / pw))]
+
+
+@torch.no_grad()
 def token_masks(
     model: nn.Module, tokens: Mapping[str, Sequence[ReceptiveTokens]], images: Sequence[Tensor]
 ) -> dict[str, list[Tensor]]:
@@ -60,41 +100,56 @@ def token_masks(
     Returns:
         ``{level name: [masks [T, H, W] per image]}`` with values in (0, 1).
     """
-    layers = list(tokens)
-    records = {path: Record(path) for path in layers}
-    rec = Recorder(model, {**records, **resize_records(model)}, stop=True)
-    device = next(model.parameters()).device
-    batch = torch.stack([img.to(device) for img in images])
-    with eval_mode(model):
-        rec.run(batch)
-    feats = recorded_levels(rec, layers)
-    resized = resized_batch(rec)
-    by_level: list[tuple[str, ReceptiveTokens]] = []
-    for path in layers:
-        names = level_names(path, rec[path])
-        group = list(tokens[path])
-        if len(group) != len(names):
-            raise UserValueError(
-                f"layer {path!r} has {len(names)} levels {names} but {len(group)} token sets"
-            )
-        by_level += list(zip(names, group, strict=True))
+    levels, resized, size = _token_features(model, tokens, images)
     out: dict[str, list[Tensor]] = {}
-    h, w = batch.shape[-2:]
-    for name, tok in by_level:
-        masks = tok.to(device)(feats[name]).float().cpu()  # [N, T, h', w']
-        per_image = []
-        for i in range(len(images)):
-            m = masks[i : i + 1]
-            if resized is not None:
-                # The detector resized and padded the image: keep the part over the image.
-                (ih, iw), (ph, pw) = resized.image_sizes[i], resized.padded
-                mh = max(1, round(m.shape[-2] * ih / ph))
-                mw = max(1, round(m.shape[-1] * iw / pw))
-                m = m[..., :mh, :mw]
-            per_image.append(F.interpolate(m, size=(h, w), mode="bilinear")[0])
-        out[name] = per_image
-    rec.clear()
+    for name, tok, feat in levels:
+        masks = tok(feat).float().cpu()  # [N, T, h', w']
+        out[name] = [
+            F.interpolate(_over_image(masks[i : i + 1], resized, i), size=size, mode="bilinear")[0]
+            for i in range(len(images))
+        ]
     return out
+
+
+@torch.no_grad()
+def token_summary(
+    model: nn.Module, tokens: Mapping[str, Sequence[ReceptiveTokens]], images: Sequence[Tensor]
+) -> dict[str, dict[str, list[float] | None]]:
+    """What each token covers and how much the weighting head uses it, over ``images``.
+
+    A head that gives one token all the weight, or a token that covers every position, is
+    what a user looks for first: then the level distils one region, or all of it.
+
+    Returns:
+        ``{level name: {"coverage": [T], "weight": [T] or None}}``: a token's mean mask
+        value over the positions of the feature map that lie over the images, and its mean
+        head weight over the images (``None`` for tokens without a head).
+    """
+    levels, resized, _ = _token_features(model, tokens, images)
+    out: dict[str, dict[str, list[float] | None]] = {}
+    for name, tok, feat in levels:
+        masks = tok(feat).float()
+        cover = torch.stack([_over_image(masks[i : i + 1], resized, i)[0].mean(dim=(1, 2))
+                             for i in range(len(images))]).mean(0)  # fmt: skip
+        weights = tok.token_weights(feat)
+        out[name] = {
+            "coverage": cover.cpu().tolist(),
+            "weight": None if weights is None else weights.float().mean(0).cpu().tolist(),
+        }
+    return out
+
+
+def summary_lines(summary: Mapping[str, Mapping[str, list[float] | None]]) -> list[str]:
+    """:func:`token_summary` as one line per level, e.g.
+    ``backbone.fpn:0  coverage 0.00 0.16 1.00  weight 0.00 0.00 1.00``."""
+    width = max(len(name) for name in summary)
+    lines = []
+    for name, s in summary.items():
+        line = f"{name:{width}s}  coverage " + " ".join(f"{v:.2f}" for v in s["coverage"] or [])
+        if s["weight"] is not None:
+            line += "  weight " + " ".join(f"{v:.2f}" for v in s["weight"])
+        lines.append(line)
+    return lines
 
 
 def _to_rgb(image: Tensor, mean: Sequence[float] | None, std: Sequence[float] | None) -> np.ndarray:
@@ -139,8 +194,10 @@ def save_mask_png(
     path: str | Path,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    summary: Mapping[str, Mapping[str, list[float] | None]] | None = None,
 ) -> Path:
-    """All levels' grids stacked into one titled PNG (one panel per level)."""
+    """All levels' grids stacked into one titled PNG (one panel per level); with a
+    :func:`token_summary`, each title also gives the head's weight of every token."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -153,7 +210,11 @@ def save_mask_png(
     fig, axes = plt.subplots(len(grids), 1, figsize=(width, sum(heights)), squeeze=False)
     for ax, (name, grid) in zip(axes[:, 0], grids.items(), strict=True):
         ax.imshow(grid)
-        ax.set_title(f"{name}: image, then token 1..{next(iter(masks[name])).shape[0]}", fontsize=8)
+        title = f"{name}: image, then token 1..{next(iter(masks[name])).shape[0]}"
+        weights = (summary or {}).get(name, {}).get("weight")
+        if weights is not None:
+            title += "; head weights " + " ".join(f"{w:.2f}" for w in weights)
+        ax.set_title(title, fontsize=8)
         ax.axis("off")
     return _save_figure(fig, path)
 
