@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+RESULTS = README.parent / "benchmarks" / "results"
 
 
 def _python_blocks() -> list[str]:
@@ -66,3 +67,26 @@ def test_readme_quality_tables_show_the_reports_numbers():
             assert cells[1] == weight, (stem.name, cells)
         teacher = next(r for r in rows if r[0].startswith("teacher"))
         assert teacher[2] == f"{report['teacher']['test']:.1f}", stem.name
+
+
+def test_readme_128px_seed0_table_shows_the_kept_cells():
+    """The 128 px regime's seed-0 rows are the kept cells' scores (the teacher's result is
+    not kept: it lives with its model in the work folder)."""
+    import json
+
+    text = README.read_text()
+    block = text[text.index("| seed 0, centre weight |") :].split("\n\n", 1)[0]
+    rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in block.splitlines()[2:]]
+    cells = RESULTS / "quality_cells" / "detection_ranges128"
+    names = {"student alone": "student_s0"}
+    checked = 0
+    for label, test, val in rows:
+        if label.startswith("teacher"):
+            continue
+        method, _, weight = label.partition(", ")
+        name = names.get(label) or f"{method.lower()}_w{weight}_s0"
+        result = json.loads((cells / f"{name}.json").read_text())
+        assert (test, val) == (f"{100 * result['test']['map']:.1f}",
+                               f"{100 * result['val']['map']:.1f}"), label  # fmt: skip
+        checked += 1
+    assert checked == 5
