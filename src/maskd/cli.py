@@ -289,8 +289,7 @@ def _cmd_visualize(parser: ArgumentParser, raw: Namespace, c: Namespace) -> int:
         load_images,
         save_mask_png,
         summary_lines,
-        token_masks,
-        token_summary,
+        token_masks_and_summary,
     )
 
     tokens = load_tokens(c.tokens)
@@ -304,8 +303,7 @@ def _cmd_visualize(parser: ArgumentParser, raw: Namespace, c: Namespace) -> int:
 
         mean, std = IMAGENET_MEAN, IMAGENET_STD
         images = [_normalise(img, mean, std) for img in images]
-    masks = token_masks(model, tokens, images)
-    summary = token_summary(model, tokens, images)
+    masks, summary = token_masks_and_summary(model, tokens, images)
     path = save_mask_png(images, masks, c.out, mean, std, summary)
     print("each token's mean mask (coverage) and head weight over the images, per level:")
     for line in summary_lines(summary):

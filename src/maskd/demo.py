@@ -268,7 +268,7 @@ def _token_png(out: Path, task: str, n: int) -> Path:
     from maskd.engine.config import ModelArgs
     from maskd.engine.jobs import build_model
     from maskd.token_io import load_tokens
-    from maskd.visualize import save_mask_png, token_masks, token_summary
+    from maskd.visualize import save_mask_png, token_masks_and_summary
 
     cfg = yaml.safe_load((out / "masks" / "config.yaml").read_text())
     t = cfg["teacher"]
@@ -289,10 +289,10 @@ def _token_png(out: Path, task: str, n: int) -> Path:
         val.num_classes,
     )
     images = [val[i][0] for i in range(min(n, len(val)))]
-    tokens = load_tokens(out / "masks" / "tokens.pt")
-    masks = token_masks(teacher, tokens, images)
+    masks, summary = token_masks_and_summary(
+        teacher, load_tokens(out / "masks" / "tokens.pt"), images
+    )
     norm = (IMAGENET_MEAN, IMAGENET_STD) if task == "segmentation" else (None, None)
-    summary = token_summary(teacher, tokens, images)
     return save_mask_png(images, masks, out / "token_masks.png", *norm, summary)
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "save_mask_png",
     "summary_lines",
     "token_masks",
+    "token_masks_and_summary",
     "token_summary",
 ]
 
@@ -100,15 +101,7 @@ def token_masks(
     Returns:
         ``{level name: [masks [T, H, W] per image]}`` with values in (0, 1).
     """
-    levels, resized, size = _token_features(model, tokens, images)
-    out: dict[str, list[Tensor]] = {}
-    for name, tok, feat in levels:
-        masks = tok(feat).float().cpu()  # [N, T, h', w']
-        out[name] = [
-            F.interpolate(_over_image(masks[i : i + 1], resized, i), size=size, mode="bilinear")[0]
-            for i in range(len(images))
-        ]
-    return out
+    return token_masks_and_summary(model, tokens, images, summary=False)[0]
 
 
 @torch.no_grad()
@@ -125,18 +118,35 @@ def token_summary(
         value over the positions of the feature map that lie over the images, and its mean
         head weight over the images (``None`` for tokens without a head).
     """
-    levels, resized, _ = _token_features(model, tokens, images)
-    out: dict[str, dict[str, list[float] | None]] = {}
+    return token_masks_and_summary(model, tokens, images, masks=False)[1]
+
+
+@torch.no_grad()
+def token_masks_and_summary(
+    model: nn.Module,
+    tokens: Mapping[str, Sequence[ReceptiveTokens]],
+    images: Sequence[Tensor],
+    masks: bool = True,
+    summary: bool = True,
+) -> tuple[dict[str, list[Tensor]], dict[str, dict[str, list[float] | None]]]:
+    """:func:`token_masks` and :func:`token_summary` from one forward of ``model`` (either
+    left empty when not asked for)."""
+    levels, resized, size = _token_features(model, tokens, images)
+    out_masks: dict[str, list[Tensor]] = {}
+    out_summary: dict[str, dict[str, list[float] | None]] = {}
     for name, tok, feat in levels:
-        masks = tok(feat).float()
-        cover = torch.stack([_over_image(masks[i : i + 1], resized, i)[0].mean(dim=(1, 2))
-                             for i in range(len(images))]).mean(0)  # fmt: skip
-        weights = tok.token_weights(feat)
-        out[name] = {
-            "coverage": cover.cpu().tolist(),
-            "weight": None if weights is None else weights.float().mean(0).cpu().tolist(),
-        }
-    return out
+        m = tok(feat).float()  # [N, T, h', w']
+        over = [_over_image(m[i : i + 1], resized, i) for i in range(len(images))]
+        if masks:
+            out_masks[name] = [F.interpolate(o.cpu(), size=size, mode="bilinear")[0] for o in over]
+        if summary:
+            weights = tok.token_weights(feat)
+            cover = torch.stack([o[0].mean(dim=(1, 2)) for o in over]).mean(0)
+            out_summary[name] = {
+                "coverage": cover.cpu().tolist(),
+                "weight": None if weights is None else weights.float().mean(0).cpu().tolist(),
+            }
+    return out_masks, out_summary
 
 
 def summary_lines(summary: Mapping[str, Mapping[str, list[float] | None]]) -> list[str]:
