@@ -559,7 +559,7 @@ def tune(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
             "default": plan.spec["defaults"][method],
         }
     report = {
-        **header("quality_tuning", plan.task, args),
+        **header("quality_tuning", plan.task, args.accelerator),
         "metric": f"val {metric}",
         "protocol": (
             f"seed 0, validation split; each method's "
@@ -692,7 +692,7 @@ def _report(plan: Plan, args: argparse.Namespace, rows: list[Row], seeds: list[i
             }
         )
     report = {
-        **header("quality", plan.task, args),
+        **header("quality", plan.task, args.accelerator),
         "data": {
             **dict(zip(("train", "val", "test", "size"), sizes, strict=True)),
             "difficulty": "easy",

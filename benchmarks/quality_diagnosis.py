@@ -35,7 +35,7 @@ from maskd.models import build
 from maskd.taps import FeatureTaps
 from maskd.token_io import load_tokens
 from quality import CONFIGS, RESULTS, TASKS, TOKEN_VARIANTS
-from quality_report import machine, write
+from quality_report import header, write
 
 
 def _batch(root: Path, split: str, n: int) -> tuple[list[torch.Tensor], list[dict]]:
@@ -323,10 +323,7 @@ def main() -> None:
     work = args.work / args.task
     if args.agnostic:
         report = {
-            "benchmark": "quality_agnostic",
-            "task": args.task,
-            "command": " ".join(["python", *sys.argv]),
-            "machine": machine("cpu"),
+            **header("quality_agnostic", args.task, "cpu"),
             "split": "val",
             "cells": class_agnostic(work, spec, args.agnostic),
         }
@@ -335,10 +332,7 @@ def main() -> None:
     if args.levels:
         train_images, train_targets = _batch(work / "data", "train", 16)
         report = {
-            "benchmark": "quality_levels",
-            "task": args.task,
-            "command": " ".join(["python", *sys.argv]),
-            "machine": machine("cpu"),
+            **header("quality_levels", args.task, "cpu"),
             "levels": level_shares(work, spec, train_images, train_targets),
             "stage1": stage1_shares(
                 work,
@@ -369,10 +363,7 @@ def main() -> None:
                 curves[method] = {"weight": entry["chosen"], **_curve(cell, f"loss_{method}")}
     curves["student"] = _curve(work / "student_s0", None)
     report = {
-        "benchmark": "quality_diagnosis",
-        "task": args.task,
-        "command": " ".join(["python", *sys.argv]),
-        "machine": machine("cpu"),
+        **header("quality_diagnosis", args.task, "cpu"),
         "configs": str(CONFIGS / args.task),
         "masks": masks,
         "loss_scales": scales,

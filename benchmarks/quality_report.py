@@ -5,7 +5,6 @@ and writes what they measured, so ``--rerender`` needs nothing but a report's JS
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -206,14 +205,14 @@ def plot(r: dict[str, Any], path: Path) -> None:
 
 
 # ---- helpers --------------------------------------------------------------------------------
-def header(benchmark: str, task: str, args: argparse.Namespace) -> dict[str, Any]:
+def header(benchmark: str, task: str, accelerator: str) -> dict[str, Any]:
     """What every result file starts with: which benchmark, the command, when, where."""
     return {
         "benchmark": benchmark,
         "task": task,
         "command": _command(),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": machine(args.accelerator),
+        "machine": machine(accelerator),
     }
 
 
