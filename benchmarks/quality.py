@@ -33,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -425,27 +426,48 @@ class Plan:
 
 
 # ---- scheduling -----------------------------------------------------------------------------
-def run_cells(cells: list[Cell], work: Path, workers: int, kept: Path) -> None:
+def run_cells(
+    cells: list[Cell],
+    work: Path,
+    workers: int,
+    kept: Path,
+    more: Callable[[set[str]], list[Cell]] | None = None,
+) -> None:
     """Run the unfinished cells, each once its dependencies are done, ``workers`` at a time.
 
     A student cell whose result was kept under ``kept`` (committed with the results) is
     done, even in a fresh work folder. A cell whose command fails records the error as its
-    result (a diverged run is a result too) and the others go on.
+    result (a diverged run is a result too) and the others go on. ``more(done)`` is asked
+    for further cells whenever one finishes (and at the start): a sweep grows as soon as
+    the cells it depends on are done, while the others keep the workers busy.
     """
-    by_name = {c.name: c for c in cells}
-    done = {
-        c.name
-        for c in cells
-        if (work / c.name / c.done_file).is_file()
-        or (c.keep and (kept / f"{c.name}.json").is_file())
-    }
-    pending = [c for c in cells if c.name not in done]
+    by_name: dict[str, Cell] = {}
+    done: set[str] = set()
+    pending: list[Cell] = []
     running: dict[Future, Cell] = {}
-    for cell in cells:  # finished before results were kept
-        result = work / cell.name / "result.json"
-        if cell.keep and result.is_file() and not (kept / f"{cell.name}.json").is_file():
-            kept.mkdir(parents=True, exist_ok=True)
-            (kept / f"{cell.name}.json").write_text(result.read_text())
+
+    def add(new: list[Cell]) -> None:
+        for cell in new:
+            if cell.name in by_name:
+                continue
+            by_name[cell.name] = cell
+            result = work / cell.name / "result.json"
+            kept_file = kept / f"{cell.name}.json"
+            if cell.keep and result.is_file() and not kept_file.is_file():
+                # finished before results were kept
+                kept.mkdir(parents=True, exist_ok=True)
+                kept_file.write_text(result.read_text())
+            if (work / cell.name / cell.done_file).is_file() or (cell.keep and kept_file.is_file()):
+                done.add(cell.name)
+            else:
+                pending.append(cell)
+
+    def grow() -> None:
+        while more is not None:
+            new = [c for c in more(done) if c.name not in by_name]
+            if not new:
+                return
+            add(new)  # asked again: a new cell may be done already (a resumed sweep)
 
     def execute(cell: Cell) -> None:
         folder = work / cell.name
@@ -471,6 +493,8 @@ def run_cells(cells: list[Cell], work: Path, workers: int, kept: Path) -> None:
         print(f"[{datetime.now():%H:%M:%S}] {cell.name} done in "
               f"{time.perf_counter() - started:.0f} s", flush=True)  # fmt: skip
 
+    add(cells)
+    grow()
     with ThreadPoolExecutor(max_workers=workers) as pool:
         while pending or running:
             ready = [c for c in pending if all(d in done or d not in by_name for d in c.deps)]
@@ -484,6 +508,7 @@ def run_cells(cells: list[Cell], work: Path, workers: int, kept: Path) -> None:
                 cell = running.pop(future)
                 future.result()  # a failed cell stops the run; its log says why
                 done.add(cell.name)
+            grow()
 
 
 # ---- tuning and the table -------------------------------------------------------------------
@@ -528,26 +553,37 @@ def tune(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
         return {w: _score(plan.read(cell_name(rows[method], w, 0)), "val", metric)
                 for w in grid[method]}  # fmt: skip
 
-    for extension in range(MAX_EXTENSIONS + 1):
-        cells = list(base)
-        for method, w in centre_first(grid, plan.spec["defaults"]):
-            name = cell_name(rows[method], w, 0)
-            cells.append(plan.student_cell(rows[method], 0, w, name, ("val", "test")))
-        run_cells(cells, plan.work, args.workers, plan.kept)
-        grown = False
+    def cell(method: str, w: float) -> Cell:
+        name = cell_name(rows[method], w, 0)
+        return plan.student_cell(rows[method], 0, w, name, ("val", "test"))
+
+    grown = dict.fromkeys(grid, 0)
+
+    def extend(done: set[str]) -> list[Cell]:
+        """One more weight for each method whose sweep is done with its best at an edge."""
+        new = []
         for method, weights in grid.items():
+            if plan.quick or grown[method] == MAX_EXTENSIONS:
+                continue
+            if any(cell_name(rows[method], w, 0) not in done for w in weights):
+                continue
             finite = {w: v for w, v in scores(method).items() if v == v}
-            if plan.quick or extension == MAX_EXTENSIONS or not finite:
+            if not finite:
                 continue
             best = max(finite, key=lambda w: finite[w])
             if best == max(weights):
-                weights.append(round(best * TUNE_STEP, 6))
-                grown = True
+                w = round(best * TUNE_STEP, 6)
             elif best == min(weights):
-                weights.insert(0, round(best / TUNE_STEP, 6))
-                grown = True
-        if not grown:
-            break
+                w = round(best / TUNE_STEP, 6)
+            else:
+                continue
+            weights[:] = sorted([*weights, w])
+            grown[method] += 1
+            new.append(cell(method, w))
+        return new
+
+    cells = [*base, *(cell(m, w) for m, w in centre_first(grid, plan.spec["defaults"]))]
+    run_cells(cells, plan.work, args.workers, plan.kept, more=extend)
     results: dict[str, Any] = {}
     for method in grid:
         by_weight = scores(method)

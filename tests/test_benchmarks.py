@@ -396,3 +396,50 @@ def test_quality_sweep_runs_the_centres_first():
         ("maskd", 3.0), ("maskd", 30.0),
         ("fitnet", 27.0),  # ×9 away
     ]  # fmt: skip
+
+
+def test_run_cells_grows_while_other_cells_still_run(tmp_path):
+    """``run_cells(more=...)``: a cell that ``more`` adds once ``a`` is done starts while
+    ``b`` still runs (``b`` finishes only after it), and a cell found done on disk lets
+    ``more`` go on growing without running it again."""
+    import threading
+
+    sys.path.insert(0, str(QUALITY.parent))
+    from quality import Cell, run_cells
+
+    ran: list[str] = []
+    c_done = threading.Event()
+
+    def finish(name: str, wait_for: threading.Event | None = None, sets=None):
+        def write(folder: Path) -> None:
+            if wait_for is not None:
+                assert wait_for.wait(timeout=30), f"{name} was not run alongside the rest"
+            ran.append(name)
+            (folder / "result.json").write_text("{}")
+            if sets is not None:
+                sets.set()
+
+        return write
+
+    cells = [
+        Cell("a", [], [], finish=finish("a")),
+        Cell("b", [], [], finish=finish("b", wait_for=c_done)),
+    ]
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "result.json").write_text("{}")  # a resumed run: d is already done
+    asked: list[set[str]] = []
+
+    def more(done: set[str]) -> list[Cell]:
+        asked.append(set(done))
+        new = []
+        if "a" in done:
+            new.append(Cell("c", [], [], finish=finish("c", sets=c_done)))
+            new.append(Cell("d", [], [], finish=finish("d")))
+        if "d" in done:
+            new.append(Cell("e", ["c"], [], finish=finish("e")))
+        return new
+
+    run_cells(cells, tmp_path, workers=2, kept=tmp_path / "kept", more=more)
+    assert ran.index("c") < ran.index("b") and ran[-1] == "e" and "d" not in ran
+    assert sorted(ran) == ["a", "b", "c", "e"]
+    assert all((tmp_path / n / "result.json").is_file() for n in "abcde")
