@@ -535,6 +535,21 @@ def centre_first(
     return sorted(cells, key=lambda mw: round(abs(math.log(mw[1] / centres[mw[0]], TUNE_STEP))))
 
 
+def next_weight(scores: dict[float, float]) -> float | None:
+    """The sweep's next weight for one method (validation score per weight tried): one
+    ×``TUNE_STEP`` step beyond the best where the best is the largest or smallest weight
+    tried, else ``None``. Weights whose run diverged (NaN) count as tried, never as best."""
+    finite = {w: v for w, v in scores.items() if v == v}
+    if not finite:
+        return None
+    best = max(finite, key=lambda w: finite[w])
+    if best == max(scores):
+        return round(best * TUNE_STEP, 6)
+    if best == min(scores):
+        return round(best / TUNE_STEP, 6)
+    return None
+
+
 def tune(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
     """Seed 0 of every method at its default weight ×0.3, ×1, ×3; the best on validation.
 
@@ -567,15 +582,8 @@ def tune(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
                 continue
             if any(cell_name(rows[method], w, 0) not in done for w in weights):
                 continue
-            finite = {w: v for w, v in scores(method).items() if v == v}
-            if not finite:
-                continue
-            best = max(finite, key=lambda w: finite[w])
-            if best == max(weights):
-                w = round(best * TUNE_STEP, 6)
-            elif best == min(weights):
-                w = round(best / TUNE_STEP, 6)
-            else:
+            w = next_weight(scores(method))
+            if w is None:
                 continue
             weights[:] = sorted([*weights, w])
             grown[method] += 1

@@ -443,3 +443,16 @@ def test_run_cells_grows_while_other_cells_still_run(tmp_path):
     assert ran.index("c") < ran.index("b") and ran[-1] == "e" and "d" not in ran
     assert sorted(ran) == ["a", "b", "c", "e"]
     assert all((tmp_path / n / "result.json").is_file() for n in "abcde")
+
+
+def test_sweep_steps_beyond_a_best_weight_at_an_edge_only():
+    sys.path.insert(0, str(QUALITY.parent))
+    from quality import TUNE_STEP, next_weight
+
+    nan = float("nan")
+    assert next_weight({0.9: 51.2, 3.0: 58.7, 9.0: 76.8}) == pytest.approx(9.0 * TUNE_STEP)
+    assert next_weight({0.9: 76.6, 3.0: 74.5, 9.0: 67.3}) == pytest.approx(0.9 / TUNE_STEP)
+    assert next_weight({27.0: 67.2, 90.0: 75.2, 270.0: 64.6}) is None
+    # a diverged run is a weight tried: the best finite one inside the grid stops it
+    assert next_weight({1.0: 5.0, 3.0: 7.0, 9.0: nan}) is None
+    assert next_weight({1.0: nan, 3.0: nan}) is None
