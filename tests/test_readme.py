@@ -70,12 +70,14 @@ def test_readme_quality_tables_show_the_reports_numbers():
 
 
 def test_readme_128px_seed0_table_shows_the_kept_cells():
-    """The 128 px regime's seed-0 rows are the kept cells' scores (the teacher's result is
-    not kept: it lives with its model in the work folder)."""
+    """The 128 px regime's seed-0 rows are the kept cells' scores at the weights its sweep
+    chose (the teacher's result is not kept: it lives with its model in the work folder)."""
     import json
 
     text = README.read_text()
-    block = text[text.index("| seed 0, centre weight |") :].split("\n\n", 1)[0]
+    block = text[text.index("| seed 0, chosen weight |") :].split("\n\n", 1)[0]
+    tuning = json.loads((RESULTS / "quality_detection_ranges128_tuning_cpu.json").read_text())
+    chosen = {m: f"{v['chosen']:g}" for m, v in tuning["methods"].items()}
     rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in block.splitlines()[2:]]
     cells = RESULTS / "quality_cells" / "detection_ranges128"
     names = {"student alone": "student_s0"}
@@ -84,6 +86,8 @@ def test_readme_128px_seed0_table_shows_the_kept_cells():
         if label.startswith("teacher"):
             continue
         method, _, weight = label.partition(", ")
+        if label not in names:
+            assert weight == chosen[method.lower()], label
         name = names.get(label) or f"{method.lower()}_w{weight}_s0"
         result = json.loads((cells / f"{name}.json").read_text())
         assert (test, val) == (f"{100 * result['test']['map']:.1f}",
