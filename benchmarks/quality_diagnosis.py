@@ -403,9 +403,9 @@ def _md(r: dict[str, Any]) -> str:
             continue
         dist = "" if c["distill_first"] is None else (
             f"{fmt(c['distill_first'])} → {fmt(c['distill_last'])}")  # fmt: skip
+        weight = "" if c.get("weight") is None else f"{c['weight']:g}"
         lines.append(
-            f"| {row} | {c.get('weight', '')} | {fmt(c['task_first'])} → {fmt(c['task_last'])} "
-            f"| {dist} |"
+            f"| {row} | {weight} | {fmt(c['task_first'])} → {fmt(c['task_last'])} | {dist} |"
         )
     return f"Machine: {r['machine']}\n\nCommand: `{r['command']}`\n\n" + "\n".join(lines) + "\n"
 
