@@ -440,7 +440,8 @@ def test_run_cells_grows_while_other_cells_still_run(tmp_path):
         return new
 
     run_cells(cells, tmp_path, workers=2, kept=tmp_path / "kept", more=more)
-    assert ran.index("c") < ran.index("b") and ran[-1] == "e" and "d" not in ran
+    # b waits for c; e (after c) may finish before or after b
+    assert ran.index("c") < ran.index("b") and ran.index("c") < ran.index("e")
     assert sorted(ran) == ["a", "b", "c", "e"]
     assert all((tmp_path / n / "result.json").is_file() for n in "abcde")
 
