@@ -427,10 +427,8 @@ def test_run_cells_grows_while_other_cells_still_run(tmp_path):
     ]
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "result.json").write_text("{}")  # a resumed run: d is already done
-    asked: list[set[str]] = []
 
     def more(done: set[str]) -> list[Cell]:
-        asked.append(set(done))
         new = []
         if "a" in done:
             new.append(Cell("c", [], [], finish=finish("c", sets=c_done)))
