@@ -455,3 +455,84 @@ def test_sweep_steps_beyond_a_best_weight_at_an_edge_only():
     # a diverged run is a weight tried: the best finite one inside the grid stops it
     assert next_weight({1.0: 5.0, 3.0: 7.0, 9.0: nan}) is None
     assert next_weight({1.0: nan, 3.0: nan}) is None
+
+
+def test_refinement_tries_the_best_weights_neighbours_root_three_each_way():
+    sys.path.insert(0, str(QUALITY.parent))
+    from quality import REFINE_STEP, refine_weights
+
+    assert pytest.approx(3**0.5) == REFINE_STEP
+    assert refine_weights({3.0: 70.5, 10.0: 75.4, 30.0: 72.3}) == [5.77, 17.3]
+    assert refine_weights({27.0: 67.2, 90.0: 75.2, 270.0: 64.6}) == [52.0, 156.0]
+    # a neighbour already tried is not tried again; NaN (diverged) is never the best
+    assert refine_weights({5.77: 1.0, 10.0: 2.0, float("nan"): 0.0}) == [17.3]
+    assert refine_weights({1.0: float("nan")}) == []
+
+
+@pytest.mark.parametrize("refine", [True, False])
+def test_tune_extends_at_edges_then_refines_around_the_best(tmp_path, refine):
+    """``tune`` on a stand-in plan whose validation score peaks at a known weight per
+    method: the ×3 grid grows at an edge, then (``refine``) the best's ×√3 neighbours run,
+    once, and the best weight of all those tried is chosen."""
+    import argparse
+    import math
+
+    sys.path.insert(0, str(QUALITY.parent))
+    import quality
+    from quality import Cell
+
+    peaks = {"fitnet": 40.0, "maskd": 14.0}
+
+    def score(method: str, w: float) -> float:
+        return -(math.log(w / peaks[method]) ** 2)
+
+    trained: list[str] = []
+
+    class StandIn:
+        task, kind, quick = "standin", "detection", False
+        work, kept = tmp_path / "work", tmp_path / "kept"
+
+        def __init__(self) -> None:
+            self.spec = {"peers": ("fitnet",), "defaults": {"fitnet": 3.0, "maskd": 10.0},
+                         "ablations": False, "refine": refine}  # fmt: skip
+
+        def data_cell(self) -> Cell:
+            return Cell("data", [], [], finish=lambda d: (d / "result.json").write_text("{}"))
+
+        def teacher_cell(self) -> Cell:
+            return Cell(
+                "teacher", ["data"], [], finish=lambda d: (d / "result.json").write_text("{}")
+            )
+
+        def token_cells(self, variants: set[str]) -> list[Cell]:
+            return []
+
+        def read(self, name: str) -> dict:
+            return json.loads((self.work / name / "result.json").read_text())
+
+        def student_cell(self, row, seed, w, name, splits) -> Cell:
+            def finish(d: Path) -> None:
+                trained.append(name)
+                v = score(row.method, w)
+                (d / "result.json").write_text(json.dumps({"val": {"map": v}, "test": {"map": v}}))
+
+            return Cell(name, ["teacher"], [], finish=finish)
+
+    args = argparse.Namespace(workers=1, out=tmp_path / "out", accelerator="cpu")
+    report = quality.tune(StandIn(), args)
+    tried = {m: sorted(float(w) for w in v["val"]) for m, v in report["methods"].items()}
+    # fitnet: 0.9 / 3 / 9, best at the top edge twice (27, 81), then 27 is inside
+    # maskd: 3 / 10 / 30, best 10 inside at once
+    grid = {"fitnet": [0.9, 3.0, 9.0, 27.0, 81.0], "maskd": [3.0, 10.0, 30.0]}
+    if refine:
+        grid = {"fitnet": sorted([*grid["fitnet"], 15.6, 46.8]),
+                "maskd": sorted([*grid["maskd"], 5.77, 17.3])}  # fmt: skip
+    assert tried == grid  # the report keys weights as "%g"
+    for m, weights in grid.items():
+        best = max(weights, key=lambda w: score(m, w))
+        assert report["methods"][m]["chosen"] == pytest.approx(best)
+    assert [report["methods"][m]["chosen"] for m in grid] == (
+        [46.8, 17.3] if refine else [27.0, 10.0]
+    )
+    assert ("x1.73 each way" in report["protocol"]) is refine
+    assert len(trained) == len(set(trained)) == sum(map(len, grid.values()))
