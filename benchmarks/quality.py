@@ -41,7 +41,17 @@ from pathlib import Path
 from typing import Any
 
 from maskd.config_files import load_config
-from quality_report import header, pairings, plot, rerender, stats, table_md, tuning_md, write
+from quality_report import (
+    header,
+    pairings,
+    plot,
+    rerender,
+    stats,
+    summary_md,
+    table_md,
+    tuning_md,
+    write,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -863,7 +873,13 @@ def main() -> None:
                         help="rewrite a table report's .md and .png from its .json (the "
                         "measured values, machine, command and date stay; what is derived "
                         "from them is computed again)")  # fmt: skip
+    parser.add_argument("--summary", type=Path, nargs="+", metavar="JSON",
+                        help="print one markdown line per table report: every main row's "
+                        "mean and MasKD against the best peer (the README's overview)")  # fmt: skip
     args = parser.parse_args()
+    if args.summary:
+        print(summary_md(args.summary, ROOT), end="")
+        return
     if args.rerender:
         rerender(args.rerender)
         return

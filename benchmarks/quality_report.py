@@ -150,19 +150,54 @@ def versus_md(versus: dict[str, dict[str, Any]] | None, other: str = "peer") -> 
     ]
     for v in versus.values():
         n = len(v["diffs"])
-        verdict = (
-            "a seed diverged"
-            if v["diverged"]
-            else "within noise"
-            if v["within_noise"]
-            else "ahead"
-            if v["mean"] > 0
-            else "behind"
-        )
         seeds = ", ".join(f"{d:+.1f}" for d in v["diffs"])
         lines.append(
             f"| {v['label']} | {seeds} | {v['mean']:+.1f} ± {v['std']:.1f} "
-            f"| {v['ahead_in']} of {n} seeds | {verdict} |"
+            f"| {v['ahead_in']} of {n} seeds | {_verdict(v)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _verdict(v: dict[str, Any]) -> str:
+    """One paired comparison in words: ahead / behind outside noise, or within it."""
+    if v["diverged"]:
+        return "a seed diverged"
+    if v["within_noise"]:
+        return "within noise"
+    return "ahead" if v["mean"] > 0 else "behind"
+
+
+def summary_md(paths: list[Path], root: Path) -> str:
+    """One line per table report (``paths``, JSON): every main row's test mean ± std, and
+    MasKD against the peer with the best mean, paired by seed. Links are relative to
+    ``root``."""
+    reports = [json.loads(p.read_text()) for p in paths]
+    columns: dict[str, str] = {}  # row name -> label, in the order the reports give them
+    for r in reports:
+        for row in r["rows"]:
+            if not row["ablation"] and row["row"] not in ("student", "maskd"):
+                columns.setdefault(row["row"], row["label"])
+    columns = {"student": "student alone", **columns, "maskd": "MasKD"}
+    lines = [
+        "| regime: test score | teacher → student | seeds | teacher | "
+        + " | ".join(columns.values())
+        + " | MasKD − best peer (paired) |",
+        "|---|---|---:|---:|" + "---:|" * len(columns) + "---|",
+    ]
+    for path, r in zip(paths, reports, strict=True):
+        rows = {row["row"]: row for row in r["rows"] if not row["ablation"]}
+        cells = [f"{rows[c]['mean']:.1f} ± {rows[c]['std']:.1f}" if c in rows else "–"
+                 for c in columns]  # fmt: skip
+        peers = [c for c in rows if c not in ("student", "maskd")]
+        best = max(peers, key=lambda c: rows[c]["mean"])
+        v = r["maskd_vs_peers"][best]
+        versus = (f"{v['mean']:+.1f} ± {v['std']:.1f} vs {v['label']}, ahead in "
+                  f"{v['ahead_in']} of {len(v['diffs'])}: {_verdict(v)}")  # fmt: skip
+        link = path.with_suffix(".md").resolve().relative_to(root.resolve())
+        lines.append(
+            f"| [{r['task']}, {r['data']['size']} px]({link.as_posix()}): {_score_name(r)} "
+            f"| {r['teacher']['model']} → {r['student_model']} | {len(r['seeds'])} "
+            f"| {r['teacher']['test']:.1f} | " + " | ".join(cells) + f" | {versus} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -536,3 +536,32 @@ def test_tune_extends_at_edges_then_refines_around_the_best(tmp_path, refine):
     )
     assert ("x1.73 each way" in report["protocol"]) is refine
     assert len(trained) == len(set(trained)) == sum(map(len, grid.values()))
+
+
+def test_summary_line_pairs_maskd_with_the_peer_of_best_mean(tmp_path):
+    sys.path.insert(0, str(QUALITY.parent))
+    from quality_report import pairings, summary_md
+
+    def row(name: str, test: list[float], ablation: bool = False) -> dict:
+        mean = sum(test) / len(test)
+        std = (sum((v - mean) ** 2 for v in test) / (len(test) - 1)) ** 0.5
+        return {"row": name, "label": {"cwd": "CWD", "fitnet": "FitNet"}.get(name, name),
+                "ablation": ablation, "test": test, "mean": mean, "std": std}  # fmt: skip
+
+    rows = [row("student", [10.0, 12.0, 14.0]), row("fitnet", [20.0, 21.0, 22.0]),
+            row("cwd", [30.0, 33.0, 36.0]), row("maskd", [31.0, 32.0, 39.0]),
+            row("maskd_random", [90.0, 90.0, 90.0], ablation=True)]  # fmt: skip
+    report = {"task": "det", "data": {"size": 64}, "metric": "test map", "seeds": [0, 1, 2],
+              "teacher": {"model": "big", "test": 40.04}, "student_model": "small",
+              "rows": rows, **pairings(rows)}  # fmt: skip
+    path = tmp_path / "results" / "quality_det_cpu.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(report))
+    header, _, line = summary_md([path], tmp_path).splitlines()
+    assert header.split(" | ")[4:8] == ["student alone", "FitNet", "CWD", "MasKD"]
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[0] == "[det, 64 px](results/quality_det_cpu.md): AP"
+    assert cells[1:4] == ["big → small", "3", "40.0"]
+    assert cells[4:8] == ["12.0 ± 2.0", "21.0 ± 1.0", "33.0 ± 3.0", "34.0 ± 4.4"]
+    # against CWD (best peer mean 33): diffs +1, -1, +3 -> mean +1.0, std 2.0, ahead in 2
+    assert cells[8] == "+1.0 ± 2.0 vs CWD, ahead in 2 of 3: within noise"

@@ -94,3 +94,21 @@ def test_readme_128px_seed0_table_shows_the_kept_cells():
                                f"{100 * result['val']['map']:.1f}"), label  # fmt: skip
         checked += 1
     assert checked == 5
+
+
+def test_readme_overview_is_the_reports_summary():
+    """The overview table under Results is ``quality.py --summary`` of the reports it links,
+    character for character: a report that changes fails this until the README follows."""
+    import sys
+
+    sys.path.insert(0, str(README.parent / "benchmarks"))
+    from quality_report import summary_md
+
+    lines = README.read_text().splitlines()
+    start = lines.index(next(ln for ln in lines if ln.startswith("| regime: test score |")))
+    end = next(i for i in range(start, len(lines)) if not lines[i].startswith("|"))
+    block = "\n".join(lines[start:end]) + "\n"
+    links = re.findall(r"\]\((benchmarks/results/[^)]+)\.md\)", block)
+    assert len(links) == 4
+    paths = [README.parent / f"{link}.json" for link in links]
+    assert block == summary_md(paths, README.parent)
