@@ -688,7 +688,9 @@ def table(plan: Plan, args: argparse.Namespace) -> dict[str, Any] | None:
             name = plan.cell(row, w, seed)
             cells.append(plan.student_cell(row, seed, w, name, ("val", "test")))
     run_cells(cells, plan.work, args.workers, plan.kept)
-    if args.rows and not (plan.diagnostic and any(r.method for r in rows)):
+    main_rows = {r.name for r in task_rows(plan.spec) if not r.ablation}
+    partial = args.rows and not main_rows <= set(args.rows)
+    if partial and not (plan.diagnostic and any(r.method for r in rows)):
         return None  # part of the table: its cells are trained, the report waits for the rest
     return _report(plan, args, rows, seeds, weights)
 
@@ -855,7 +857,8 @@ def main() -> None:
     parser.add_argument("--tuning-device", default=None, help="read *_tuning_<this>.json")
     parser.add_argument("--quick", action="store_true", help="tiny data, a few steps, 1 seed")
     parser.add_argument("--rows", nargs="+", choices=[r.name for r in ROWS],
-                        help="train only these rows' cells (no report)")  # fmt: skip
+                        help="train only these rows' cells (no report, unless they include "
+                        "every main row: the table with just these ablations)")  # fmt: skip
     parser.add_argument("--student-steps", type=int, default=None,
                         help="diagnostic: every student cell trains this many steps (own cells "
                         "and report quality_<task>_steps<N>_<device>; with --rows, a report "

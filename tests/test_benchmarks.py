@@ -81,6 +81,17 @@ def test_quality_quick_runs_every_kind_of_cell_and_resumes(tmp_path):
     shutil.rmtree(work / "detection" / "fitnet_w1_s0")
     again = subprocess.run(base, check=True, capture_output=True, text=True, timeout=120)
     assert " done in " not in again.stdout
+    # --rows: some rows' cells only; every main row plus some ablations: the report with those
+    report_file = out / "quality_detection_cpu.json"
+    some = [*base, "--rows", "student", "maskd"]
+    subprocess.run(some, check=True, capture_output=True, text=True, timeout=120)
+    assert "--rows" not in json.loads(report_file.read_text())["command"]  # not rewritten
+    without_random = [*base, "--rows", "student", "fitnet", "cwd", "fgd", "maskd"]
+    subprocess.run(without_random, check=True, capture_output=True, text=True, timeout=120)
+    rewritten = json.loads(report_file.read_text())
+    assert "--rows student fitnet cwd fgd maskd" in rewritten["command"]
+    assert [r["row"] for r in rewritten["rows"]] == ["student", "fitnet", "cwd", "fgd", "maskd"]
+    assert rewritten["rows"] == [rows[r["row"]] for r in rewritten["rows"]]
 
 
 def test_within_noise_uses_the_t_interval():
