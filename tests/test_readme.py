@@ -112,3 +112,30 @@ def test_readme_overview_is_the_reports_summary():
     assert len(links) == 4
     paths = [README.parent / f"{link}.json" for link in links]
     assert block == summary_md(paths, README.parent)
+
+
+def test_readme_128px_ablation_rows_are_the_reports():
+    """The 128 px ablation table: each row's scores, its validation mean and MasKD's paired
+    difference to it are the report's (rows matched by their per-seed scores)."""
+    import json
+    import statistics
+
+    lines = README.read_text().splitlines()
+    start = lines.index(next(ln for ln in lines if ln.startswith("| ablation row | weight |")))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    report = json.loads((RESULTS / "quality_detection_ranges128_cpu.json").read_text())
+    by_seeds = {", ".join(f"{v:.1f}" for v in r["test"]): r for r in report["rows"]}
+    assert len(rows) == 3
+    for _, weight, mean, seeds, versus, val in rows:
+        row = by_seeds[seeds]
+        assert (weight, mean) == (f"{row['weight']:g}", f"{row['mean']:.1f} ± {row['std']:.1f}")
+        assert val == f"{statistics.fmean(row['val']):.1f}"
+        if row["row"] == "maskd":
+            assert versus == ""
+        else:
+            v = report["maskd_vs_ablations"][row["row"]]
+            assert versus == f"{v['mean']:.1f} ± {v['std']:.1f}"
