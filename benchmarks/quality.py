@@ -831,15 +831,10 @@ def without_head(src: Path, dst: Path) -> None:
     """The tokens of ``src`` with their weighting heads dropped: the same masks, each token
     weighted equally in stage 2 (``1 / T``), to test what the head's choice does."""
     from maskd.token_io import load_tokens, save_tokens
-    from maskd.tokens import ReceptiveTokens
 
-    out = {}
-    for layer, levels in load_tokens(src).items():
-        out[layer] = []
-        for tok in levels:
-            bare = ReceptiveTokens(tok.channels, tok.num_tokens, weighted=False)
-            bare.mask_token.data.copy_(tok.mask_token.data)
-            out[layer].append(bare)
+    out = {
+        layer: [tok.without_head() for tok in levels] for layer, levels in load_tokens(src).items()
+    }
     dst.parent.mkdir(parents=True, exist_ok=True)
     save_tokens(dst, out)
 

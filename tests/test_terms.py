@@ -265,6 +265,37 @@ def test_maskd_term_matches_the_papers_loss_with_gradients(custom: bool) -> None
     assert all(p.grad is None for tok in term.loss.tokens for p in tok.parameters())
 
 
+def test_maskd_term_equal_token_weights_ignores_the_head() -> None:
+    """``token_weights="equal"``: weighted tokens count 1/T each, as tokens without a head
+    built here by hand; the caller's tokens keep their head."""
+    torch.manual_seed(1)
+    student = [torch.randn(2, 3, 4, 5, dtype=torch.float64)]
+    teacher = [torch.randn(2, 3, 4, 5, dtype=torch.float64)]
+    weighted = ReceptiveTokens(3, 4, weighted=True).double()
+    nn.init.normal_(weighted.mask_token, std=0.7)
+    bare = ReceptiveTokens(3, 4).double()
+    with torch.no_grad():
+        bare.mask_token.copy_(weighted.mask_token)
+    same = nn.Conv2d(3, 3, 1).double()  # align=False: the literal loss's identity connector
+    with torch.no_grad():
+        same.weight.copy_(torch.eye(3, dtype=torch.float64)[:, :, None, None])
+        same.bias.zero_()
+    outs = {}
+    for mode in ("equal", "head"):
+        term = MaskdTerm(FPN, FPN, [weighted], weight=2.0, token_weights=mode, align=False)
+        term.build(student, teacher, ["p3"])
+        outs[mode] = term.compare(student, teacher, TermContext())["loss_maskd"]
+        ref, _ = maskd_literal(student, teacher, [bare if mode == "equal" else weighted],
+                               [same], 2.0, [1.0], 0.0, False)  # fmt: skip
+        torch.testing.assert_close(outs[mode], ref, rtol=1e-10, atol=0)
+    assert not torch.isclose(outs["equal"], outs["head"])  # the head's weights mattered
+    assert weighted.prob is not None and "token_weights=equal" in repr(
+        MaskdTerm(FPN, FPN, [weighted], token_weights="equal")
+    )
+    with pytest.raises(ValueError, match="token_weights must be 'head' or 'equal', got 'mean'"):
+        MaskdTerm(FPN, FPN, [weighted], token_weights="mean")
+
+
 # ---- specs and the Distiller ----------------------------------------------------------------
 def test_build_term_errors_name_the_valid_choices() -> None:
     with pytest.raises(ValueError, match=r"unknown distillation term kind 'kd'; valid kinds: \["):
@@ -509,9 +540,10 @@ def test_distill_command_runs_every_term_kind(kind, synthetic, tmp_path) -> None
 
     model, options, levels = KINDS[kind]
     spec = {"kind": kind, **options}
-    if kind == "maskd":
-        save_tokens(tmp_path / "tokens.pt", {FPN: [ReceptiveTokens(256, 2) for _ in range(5)]})
-        spec["tokens"] = str(tmp_path / "tokens.pt")
+    if kind == "maskd":  # weighted tokens, the head unused: the option reaches the term
+        tokens = [ReceptiveTokens(256, 2, weighted=True) for _ in range(5)]
+        save_tokens(tmp_path / "tokens.pt", {FPN: tokens})
+        spec.update(tokens=str(tmp_path / "tokens.pt"), token_weights="equal")
     out = tmp_path / "run"
     args = distill_args(synthetic, model, tmp_path)
     assert main([*args, f"--distill.terms={json.dumps([spec])}", f"--run.out={out}"]) == 0
@@ -532,8 +564,11 @@ def test_distill_command_runs_every_term_kind(kind, synthetic, tmp_path) -> None
 
 def test_distill_command_names_the_valid_kinds_options_and_layers(synthetic, tmp_path, capsys):
     from maskd.cli import main
+    from maskd.token_io import save_tokens
 
     args = distill_args(synthetic, "fcos_resnet18_fpn", tmp_path)
+    tokens = str(tmp_path / "tokens.pt")
+    save_tokens(tokens, {FPN: [ReceptiveTokens(256, 2, weighted=True) for _ in range(5)]})
     for spec, needle in [
         ({"kind": "bogus"}, "distill.terms[0]: unknown distillation term kind 'bogus'; valid "
                             "kinds: ['cwd', 'fgd', 'fitnet', 'logits_kd', 'maskd'"),
@@ -543,6 +578,8 @@ def test_distill_command_names_the_valid_kinds_options_and_layers(synthetic, tmp
                                                         "closest valid names: ['backbone.fpn'"),
         ({"kind": "retinanet_l1"}, "retinanet_l1 term needs a torchvision RetinaNet student, got "
                                    "FCOS"),
+        ({"kind": "maskd", "tokens": tokens, "token_weights": "mean"},
+         "maskd term: token_weights must be 'head' or 'equal', got 'mean'"),
     ]:  # fmt: skip
         out = tmp_path / "bad"
         code = main([*args, f"--distill.terms={json.dumps([spec])}", f"--run.out={out}"])
@@ -598,6 +635,7 @@ def test_each_shorthand_option_becomes_its_term_option() -> None:
         ("eps", 1e-5, "eps", 1e-5),
         ("resize", True, "resize", True),
         ("levels", {FPN: ["0", "1"]}, "levels", ["0", "1"]),
+        ("token_weights", "equal", "token_weights", "equal"),
     ]:
         assert terms_of(tokens="t.pt", **{option: value}) == [{**base, term_option: term_value}]
     head = {"kind": "retinanet_l1", "weight": 1.0}

@@ -199,6 +199,15 @@ class ReceptiveTokens(nn.Module):
             masks = _TokenMasks.apply(x.flatten(2), self.mask_token)
         return masks.view(n, self.num_tokens, h, w)
 
+    def without_head(self) -> ReceptiveTokens:
+        """A copy with the same tokens and no weighting head: the same masks, each token
+        weighted equally (stage 2: ``1 / T``; stage 1: ``w_t ≡ 1``)."""
+        bare = ReceptiveTokens(self.channels, self.num_tokens, weighted=False)
+        bare.to(self.mask_token)  # device and dtype
+        bare.mask_token.data.copy_(self.mask_token.detach())
+        bare.mask_token.requires_grad_(self.mask_token.requires_grad)
+        return bare
+
     def token_weights(self, x: Tensor) -> Tensor | None:
         """Per-sample token weights ``[N, T]`` (softmax over T), or ``None`` when unweighted."""
         if self.prob is None:

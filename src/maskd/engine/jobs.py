@@ -110,6 +110,8 @@ class DistillArgs:
         resize: resize student features to the teacher's size when they differ (every
             layer term).
         eps: shorthand MasKD: added to each mask's area (authors: 1e-5 for segmentation).
+        token_weights: shorthand MasKD: ``head`` (weighted tokens use their head's weights,
+            as the authors) or ``equal`` (every token ``1 / T``, the head unused).
         head_kd: shorthand for the authors' head term: ``retinanet_l1`` (L1 on RetinaNet's
             box-regression outputs), ``rcnn_smoothl1`` (SmoothL1 on Faster R-CNN's RoI box
             regression, the teacher's RoI head fed the student's proposals), ``auto`` (the
@@ -137,6 +139,7 @@ class DistillArgs:
     align: bool = True
     resize: bool = False
     eps: float = 0.0
+    token_weights: Literal["head", "equal"] = "head"
     head_kd: Literal["auto", "retinanet_l1", "rcnn_smoothl1"] | None = None
     head_kd_weight: float = 1.0
     reuse_tokens: dict[str, str] | None = None
@@ -151,6 +154,7 @@ _MASKD_SHORTHAND: dict[str, Any] = {
     "custom_mask_warmup": None,
     "align": True,
     "eps": 0.0,
+    "token_weights": "head",
     "reuse_tokens": None,
     "layer_weights": None,
     "levels": None,
@@ -168,7 +172,8 @@ def distill_terms(
 
     1. ``tokens`` set and no ``maskd`` entry in ``terms``: one ``maskd`` term per pair
        (named ``maskd``, then ``maskd_2``, ...) with ``weight: loss_weight``, ``align``,
-       ``eps``, ``custom_mask_warmup``, ``tokens_from: reuse_tokens[teacher]`` and
+       ``eps``, ``custom_mask_warmup``, ``token_weights`` (when ``equal``),
+       ``tokens_from: reuse_tokens[teacher]`` and
        ``level_weights: layer_weights[teacher]``, ``levels: levels[teacher]``;
     2. ``terms`` in order, a missing ``student`` / ``teacher`` taken from the first pair, a
        ``maskd`` term's missing ``tokens`` from ``distill.tokens``;
@@ -215,7 +220,7 @@ def distill_terms(
         raise ConfigError(
             f"distill.{changed[0]} is shorthand for the MasKD terms of distill.pairs, but "
             "distill.terms has a maskd entry: set its options there (weight, align, eps, "
-            "custom_mask_warmup, tokens_from, level_weights, levels)"
+            "custom_mask_warmup, token_weights, tokens_from, level_weights, levels)"
         )
     first = next(iter(pairs.items())) if pairs else None
     specs: list[dict[str, Any]] = []
@@ -297,6 +302,8 @@ def _shorthand_maskd(distill: DistillArgs, pairs: Mapping[str, str]) -> list[dic
         )
         if distill.resize:
             spec["resize"] = True
+        if distill.token_weights != "head":
+            spec["token_weights"] = distill.token_weights
         if t_layer in reuse:
             spec["tokens_from"] = reuse[t_layer]
         if t_layer in weights:

@@ -6,7 +6,7 @@ an argument of its class (see each module). :class:`maskd.Distiller` takes a lis
 
 | kind | paper | compares | options |
 |---|---|---|---|
-| ``maskd`` | Huang et al. 2023 | aligned features inside the teacher's token masks | ``tokens``, ``tokens_from``, ``level_weights``, ``custom_mask_warmup``, ``eps``, ``align`` |
+| ``maskd`` | Huang et al. 2023 | aligned features inside the teacher's token masks | ``tokens``, ``tokens_from``, ``level_weights``, ``custom_mask_warmup``, ``eps``, ``token_weights``, ``align`` |
 | ``fitnet`` | Romero et al. 2015 | aligned features, MSE | ``align`` |
 | ``cwd`` | Shu et al. 2021 | per-channel spatial softmax, KL | ``tau``, ``align`` |
 | ``fgd`` | Yang et al. 2022 | box-split, attention-weighted features; global relation | ``detector``, ``temperature``, ``alpha``, ``beta``, ``gamma``, ``lambda_`` |

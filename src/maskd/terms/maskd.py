@@ -51,6 +51,10 @@ class MaskdTerm(FeatureTerm):
         custom_mask_warmup: optimizer steps before the student-side mask is multiplied in
             (``None``: never).
         eps: added to each mask's area (authors: 1e-5 for segmentation, 0 for detection).
+        token_weights: ``"head"`` (the default, as the authors): weighted tokens use their
+            head's per-sample weights; ``"equal"``: every token weighs ``1 / T``, the head
+            unused (where stage 1's head puts all its weight on one token, e.g. one that
+            covers every position, and the other masks would count for nothing).
         weight: the MasKD loss weight (authors: 1 Faster R-CNN, 7 RetinaNet, 10 FCOS,
             0.5 segmentation).
         align: 1x1 conv connectors (the default, as the authors even for equal channels),
@@ -72,6 +76,7 @@ class MaskdTerm(FeatureTerm):
         level_weights: float | Sequence[float] | None = None,
         custom_mask_warmup: int | None = None,
         eps: float = 0.0,
+        token_weights: str = "head",
         **kwargs: object,
     ) -> None:
         super().__init__(student, teacher, **kwargs)  # type: ignore[arg-type]
@@ -90,6 +95,11 @@ class MaskdTerm(FeatureTerm):
         if custom_mask_warmup is not None:
             check_number(custom_mask_warmup, "maskd term: custom_mask_warmup", low=0, integer=True)
         check_number(eps, "maskd term: eps", low=0)
+        if token_weights not in ("head", "equal"):
+            raise UserValueError(
+                f"maskd term: token_weights must be 'head' or 'equal', got {token_weights!r}"
+            )
+        self.token_weights = token_weights
         self.level_weights = level_weights
         self.custom_mask_warmup = custom_mask_warmup
         self.eps = float(eps)
@@ -97,7 +107,8 @@ class MaskdTerm(FeatureTerm):
 
     def extra_repr(self) -> str:
         source = "" if self.source == self.teacher else f", tokens_from={self.source}"
-        return f"{super().extra_repr()}{source}"
+        equal = ", token_weights=equal" if self.token_weights == "equal" else ""
+        return f"{super().extra_repr()}{source}{equal}"
 
     def build(
         self, student: Sequence[Tensor], teacher: Sequence[Tensor], levels: list[str]
@@ -122,6 +133,8 @@ class MaskdTerm(FeatureTerm):
         weights = self.level_weights
         if weights is not None and not isinstance(weights, Sequence):
             weights = [weights] * len(levels)
+        if self.token_weights == "equal":
+            group = [tok.without_head() for tok in group]
         self.loss = MasKDLoss(
             [copy.deepcopy(tok).to(t.device) for tok, t in zip(group, teacher, strict=True)],
             loss_weight=self.weight,
