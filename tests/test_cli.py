@@ -230,6 +230,11 @@ def test_learn_masks_trains_only_tokens_and_logs_mask_images(pipeline):
     acc = EventAccumulator(str(pipeline / "masks" / "tensorboard"), size_guidance={"images": 0})
     acc.Reload()
     assert "masks/model.classifier.4" in acc.Tags()["images"]
+    # the end-of-training summary over the same images: three unweighted tokens
+    summary = json.loads((pipeline / "masks" / "token_summary.json").read_text())
+    (level,) = summary.values()
+    assert level["weight"] is None and len(level["coverage"]) == 3
+    assert all(0 < c < 1 for c in level["coverage"])
 
 
 def test_learn_masks_with_a_training_teacher_keeps_its_statistics_and_resumes(

@@ -577,3 +577,51 @@ def test_custom_mask_warmup_counts_optimizer_steps(tmp_path):
     # forward of micro-batches 5 and 6 (whose start sees global_step 2)
     assert trainer.global_step == 3 and len(seen) == 6
     assert distiller.terms[0].loss.step == 3  # 2 at the last batch's start, + its own forward
+
+
+def test_head_notes_flag_a_head_settled_on_a_token_covering_everything():
+    from maskd.visualize import head_notes
+
+    summary = {
+        "p3": {"coverage": [0.16, 0.98, 0.3], "weight": [0.0, 0.99, 0.01]},  # settled, broad
+        "p4": {"coverage": [0.5, 0.2, 0.3], "weight": [0.95, 0.03, 0.02]},  # settled, half
+        "p5": {"coverage": [1.0, 0.2, 0.3], "weight": [0.4, 0.3, 0.3]},  # spread
+        "logits": {"coverage": [1.0, 1.0, 1.0], "weight": None},  # no head
+    }
+    (note,) = head_notes(summary)
+    assert note.startswith("p3: the head gives token 1 0.99 of the weight and its mask covers 0.98")
+    assert "distill.token_weights=equal" in note
+    assert [n.split(":")[0] for n in head_notes(summary, weight=0.9, coverage=0.5)] == ["p3", "p4"]
+
+
+def test_mask_image_logger_prints_and_writes_the_token_summary(tmp_path, capsys):
+    """At the end of stage 1: the summary of the learner's tokens over the logger's images,
+    as :func:`token_summary` computes it, in token_summary.json and printed, with a note for
+    a head that gives all its weight to a token covering every position."""
+    import json
+    from types import SimpleNamespace
+
+    from maskd.engine.callbacks import MaskImageLogger
+    from maskd.tokens import ReceptiveTokens
+    from maskd.visualize import token_summary
+
+    torch.manual_seed(0)
+    model = TinySeg()
+    tok = ReceptiveTokens(8, num_tokens=3, weighted=True)
+    with torch.no_grad():
+        model.body[2].weight.zero_()  # the feature is 1 at every position and channel
+        model.body[2].bias.fill_(1.0)
+        tok.mask_token.zero_()  # masks 0.5 everywhere ...
+        tok.mask_token[1] = 5.0  # ... but token 1's: sigmoid(40), 1 everywhere
+        tok.prob[2].weight.zero_()
+        tok.prob[2].bias.copy_(torch.tensor([0.0, 20.0, 0.0]))  # softmax: token 1 gets ~1
+    images = [torch.rand(3, 16, 16) for _ in range(2)]
+    learner = SimpleNamespace(teacher=model, tokens=lambda: {"body": [tok]})
+    logger = MaskImageLogger(images, summary_path=tmp_path / "token_summary.json")
+    logger.on_train_end(SimpleNamespace(is_global_zero=True), SimpleNamespace(learner=learner))
+    want = token_summary(model, {"body": [tok]}, images)
+    assert json.loads((tmp_path / "token_summary.json").read_text()) == want
+    out = capsys.readouterr().out
+    assert "tokens over 2 validation images" in out
+    assert "  body  coverage 0.50 1.00 0.50  weight 0.00 1.00 0.00\n" in out
+    assert "note: body: the head gives token 1 1.00 of the weight and its mask covers 1.00" in out

@@ -286,6 +286,7 @@ def _cmd_visualize(parser: ArgumentParser, raw: Namespace, c: Namespace) -> int:
     from maskd.engine.jobs import build_model
     from maskd.token_io import load_tokens
     from maskd.visualize import (
+        head_notes,
         load_images,
         save_mask_png,
         summary_lines,
@@ -308,6 +309,8 @@ def _cmd_visualize(parser: ArgumentParser, raw: Namespace, c: Namespace) -> int:
     print("each token's mean mask (coverage) and head weight over the images, per level:")
     for line in summary_lines(summary):
         print(f"  {line}")
+    for note in head_notes(summary):
+        print(f"note: {note}")
     print(f"wrote {path}")
     return 0
 

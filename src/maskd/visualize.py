@@ -162,6 +162,30 @@ def summary_lines(summary: Mapping[str, Mapping[str, list[float] | None]]) -> li
     return lines
 
 
+def head_notes(
+    summary: Mapping[str, Mapping[str, list[float] | None]],
+    weight: float = 0.9,
+    coverage: float = 0.9,
+) -> list[str]:
+    """One line per level whose head gives a token at least ``weight`` of its mean weight
+    while that token's mask covers at least ``coverage`` of the positions: stage 2 on that
+    level is then close to plain feature imitation (FitNet), the other masks unused."""
+    notes = []
+    for name, s in summary.items():
+        w, cover = s["weight"], s["coverage"]
+        if w is None or cover is None:
+            continue
+        top = max(range(len(w)), key=w.__getitem__)
+        if w[top] >= weight and cover[top] >= coverage:
+            notes.append(
+                f"{name}: the head gives token {top} {w[top]:.2f} of the weight and its mask "
+                f"covers {cover[top]:.2f} of the positions, so MasKD on this level is close to "
+                "FitNet; distill.token_weights=equal uses every mask (compare the two on "
+                "your validation split)"
+            )
+    return notes
+
+
 def _to_rgb(image: Tensor, mean: Sequence[float] | None, std: Sequence[float] | None) -> np.ndarray:
     img = image.detach().float().cpu()
     if mean is not None and std is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
 from maskd.token_io import save_tokens
-from maskd.visualize import mask_grid, token_masks
+from maskd.visualize import head_notes, mask_grid, summary_lines, token_masks, token_summary
 
 __all__ = ["MaskImageLogger", "TokenSaver"]
 
@@ -22,11 +23,15 @@ class MaskImageLogger(Callback):
     """After every validation of stage 1, log each level's token masks over fixed images.
 
     One TensorBoard image per level (``masks/<level>``): rows are the images, columns the
-    image followed by one overlay per token.
+    image followed by one overlay per token. At the end of training it prints each token's
+    coverage and head weight over the images (:func:`~maskd.visualize.head_notes` flags a
+    head settled on one token that covers everything).
 
     Args:
         images: a few fixed validation images ``[3, H, W]`` (same size).
         mean / std: normalisation to undo for display (segmentation inputs), or ``None``.
+        summary_path: where the end-of-training summary is also written (JSON:
+            ``{level: {"coverage": [T], "weight": [T] or null}}``), or ``None``.
     """
 
     def __init__(
@@ -34,9 +39,11 @@ class MaskImageLogger(Callback):
         images: Sequence[Tensor],
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
+        summary_path: str | Path | None = None,
     ) -> None:
         self.images = [img.detach().cpu() for img in images]
         self.mean, self.std = mean, std
+        self.summary_path = None if summary_path is None else Path(summary_path)
 
     def log_masks(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, np.ndarray]:
         learner = pl_module.learner
@@ -53,6 +60,22 @@ class MaskImageLogger(Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero and not trainer.sanity_checking:
             self.log_masks(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Print what each token covers and what the head gives it over the images, and a
+        note for each level where the head has settled on one token covering everything."""
+        if not trainer.is_global_zero:
+            return
+        learner = pl_module.learner
+        summary = token_summary(learner.teacher, learner.tokens(), self.images)
+        if self.summary_path is not None:
+            self.summary_path.write_text(json.dumps(summary, indent=1) + "\n")
+        print(f"tokens over {len(self.images)} validation images (mean mask = coverage, "
+              "head weight), per level:", flush=True)  # fmt: skip
+        for line in summary_lines(summary):
+            print(f"  {line}", flush=True)
+        for note in head_notes(summary):
+            print(f"note: {note}", flush=True)
 
 
 class TokenSaver(Callback):

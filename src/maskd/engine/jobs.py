@@ -69,7 +69,9 @@ class MaskArgs:
         num_tokens: ``T`` tokens per level (authors: 6 detection, 8 segmentation).
         weighted: token-weighting head (authors: on for detection, off for segmentation).
         dice_weight: scale of the Dice diversity loss.
-        mask_images: fixed validation images whose masks are logged after each validation.
+        mask_images: fixed validation images whose masks are logged after each validation;
+            at the end, each token's coverage and head weight over them are printed and
+            written to ``token_summary.json``.
         teacher_mode: ``eval`` (the teacher's BatchNorm and Dropout in eval mode; authors'
             detection) or ``train`` (BatchNorm on batch statistics, Dropout active; authors'
             segmentation). The teacher's parameters never train either way; see
@@ -772,7 +774,8 @@ def run_learn_masks(
         images = [dm.val_set[i][0] for i in range(n)]
         norm = (IMAGENET_MEAN, IMAGENET_STD) if task == "segmentation" else (None, None)
         if len({tuple(i.shape) for i in images}) == 1:
-            callbacks.append(MaskImageLogger(images, *norm))
+            summary = Path(run.out) / "token_summary.json"
+            callbacks.append(MaskImageLogger(images, *norm, summary_path=summary))
     return _fit_and_finish(module, dm, trainer, run, callbacks, None, on_start)
 
 
