@@ -588,10 +588,15 @@ def test_head_notes_flag_a_head_settled_on_a_token_covering_everything():
         "p5": {"coverage": [1.0, 0.2, 0.3], "weight": [0.4, 0.3, 0.3]},  # spread
         "logits": {"coverage": [1.0, 1.0, 1.0], "weight": None},  # no head
     }
-    (note,) = head_notes(summary)
-    assert note.startswith("p3: the head gives token 1 0.99 of the weight and its mask covers 0.98")
-    assert "distill.token_weights=equal" in note
-    assert [n.split(":")[0] for n in head_notes(summary, weight=0.9, coverage=0.5)] == ["p3", "p4"]
+    summary["p6"] = {"coverage": [0.9, 0.04, 0.3], "weight": [0.01, 0.98, 0.01]}  # settled, empty
+    broad, empty = head_notes(summary)
+    assert broad.startswith("p3: the head gives token 1 0.99 of the weight and its mask covers "
+                            "0.98 of the positions, so MasKD on this level is close to FitNet")  # fmt: skip
+    assert empty.startswith("p6: the head gives token 1 0.98 of the weight and its mask covers "
+                            "0.04 of the positions, so this level is barely distilled")  # fmt: skip
+    assert all("distill.token_weights=equal" in n for n in (broad, empty))
+    assert [n.split(":")[0] for n in head_notes(summary, coverage=0.5)] == ["p3", "p4", "p6"]
+    assert head_notes(summary, weight=0.999) == []
 
 
 def test_mask_image_logger_prints_and_writes_the_token_summary(tmp_path, capsys):

@@ -167,22 +167,26 @@ def head_notes(
     weight: float = 0.9,
     coverage: float = 0.9,
 ) -> list[str]:
-    """One line per level whose head gives a token at least ``weight`` of its mean weight
-    while that token's mask covers at least ``coverage`` of the positions: stage 2 on that
-    level is then close to plain feature imitation (FitNet), the other masks unused."""
+    """One line per level whose head gives one token at least ``weight`` of its mean weight
+    while that token's mask covers at least ``coverage`` of the positions (stage 2 on the
+    level is then close to plain feature imitation, FitNet) or at most ``1 - coverage`` (the
+    level is then barely distilled); either way the other masks go unused."""
     notes = []
     for name, s in summary.items():
         w, cover = s["weight"], s["coverage"]
         if w is None or cover is None:
             continue
         top = max(range(len(w)), key=w.__getitem__)
-        if w[top] >= weight and cover[top] >= coverage:
-            notes.append(
-                f"{name}: the head gives token {top} {w[top]:.2f} of the weight and its mask "
-                f"covers {cover[top]:.2f} of the positions, so MasKD on this level is close to "
-                "FitNet; distill.token_weights=equal uses every mask (compare the two on "
-                "your validation split)"
-            )
+        if w[top] < weight or 1 - coverage < cover[top] < coverage:
+            continue
+        effect = "close to FitNet" if cover[top] >= coverage else "barely distilled"
+        what = "MasKD on this level is" if effect == "close to FitNet" else "this level is"
+        notes.append(
+            f"{name}: the head gives token {top} {w[top]:.2f} of the weight and its mask "
+            f"covers {cover[top]:.2f} of the positions, so {what} {effect}; "
+            "distill.token_weights=equal uses every mask (compare the two on your "
+            "validation split)"
+        )
     return notes
 
 
