@@ -25,7 +25,7 @@ class MaskImageLogger(Callback):
     One TensorBoard image per level (``masks/<level>``): rows are the images, columns the
     image followed by one overlay per token. At the end of training it prints each token's
     coverage and head weight over the images (:func:`~maskd.visualize.head_notes` flags a
-    head settled on one token that covers everything).
+    head settled on one token that covers nearly all or nearly none of the positions).
 
     Args:
         images: a few fixed validation images ``[3, H, W]`` (same size).
@@ -63,7 +63,7 @@ class MaskImageLogger(Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Print what each token covers and what the head gives it over the images, and a
-        note for each level where the head has settled on one token covering everything."""
+        note for each level where the head has settled on one token (see ``head_notes``)."""
         if not trainer.is_global_zero:
             return
         learner = pl_module.learner

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
+from typing import Literal
 
 from torch import Tensor
 
@@ -76,7 +77,7 @@ class MaskdTerm(FeatureTerm):
         level_weights: float | Sequence[float] | None = None,
         custom_mask_warmup: int | None = None,
         eps: float = 0.0,
-        token_weights: str = "head",
+        token_weights: Literal["head", "equal"] = "head",
         **kwargs: object,
     ) -> None:
         super().__init__(student, teacher, **kwargs)  # type: ignore[arg-type]
