@@ -624,7 +624,8 @@ def tune(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
             new.append(more)
         # one weight of every method before a second of any
         methods = list(grid)
-        return [cell(methods[i], ws[k]) for k in range(2) for i, ws in enumerate(new)
+        rounds = max(map(len, new), default=0)
+        return [cell(methods[i], ws[k]) for k in range(rounds) for i, ws in enumerate(new)
                 if k < len(ws)]  # fmt: skip
 
     cells = [*base, *(cell(m, w) for m, w in centre_first(grid, plan.spec["defaults"]))]

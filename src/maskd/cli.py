@@ -286,10 +286,9 @@ def _cmd_visualize(parser: ArgumentParser, raw: Namespace, c: Namespace) -> int:
     from maskd.engine.jobs import build_model
     from maskd.token_io import load_tokens
     from maskd.visualize import (
-        head_notes,
         load_images,
         save_mask_png,
-        summary_lines,
+        summary_report,
         token_masks_and_summary,
     )
 
@@ -307,10 +306,8 @@ def _cmd_visualize(parser: ArgumentParser, raw: Namespace, c: Namespace) -> int:
     masks, summary = token_masks_and_summary(model, tokens, images)
     path = save_mask_png(images, masks, c.out, mean, std, summary)
     print("each token's mean mask (coverage) and head weight over the images, per level:")
-    for line in summary_lines(summary):
-        print(f"  {line}")
-    for note in head_notes(summary):
-        print(f"note: {note}")
+    for line in summary_report(summary):
+        print(line)
     print(f"wrote {path}")
     return 0
 

@@ -162,6 +162,14 @@ def summary_lines(summary: Mapping[str, Mapping[str, list[float] | None]]) -> li
     return lines
 
 
+def summary_report(summary: Mapping[str, Mapping[str, list[float] | None]]) -> list[str]:
+    """What ``maskd visualize`` and the end of stage 1 print: :func:`summary_lines`
+    indented, then each of :func:`head_notes` as a ``note:`` line."""
+    return [f"  {line}" for line in summary_lines(summary)] + [
+        f"note: {note}" for note in head_notes(summary)
+    ]
+
+
 def head_notes(
     summary: Mapping[str, Mapping[str, list[float] | None]],
     weight: float = 0.9,
@@ -179,11 +187,14 @@ def head_notes(
         top = max(range(len(w)), key=w.__getitem__)
         if w[top] < weight or 1 - coverage < cover[top] < coverage:
             continue
-        effect = "close to FitNet" if cover[top] >= coverage else "barely distilled"
-        what = "MasKD on this level is" if effect == "close to FitNet" else "this level is"
+        effect = (
+            "MasKD on this level is close to FitNet"
+            if cover[top] >= coverage
+            else "this level is barely distilled"
+        )
         notes.append(
             f"{name}: the head gives token {top} {w[top]:.2f} of the weight and its mask "
-            f"covers {cover[top]:.2f} of the positions, so {what} {effect}; "
+            f"covers {cover[top]:.2f} of the positions, so {effect}; "
             "distill.token_weights=equal uses every mask (compare the two on your "
             "validation split)"
         )

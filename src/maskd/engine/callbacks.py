@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
 from maskd.token_io import save_tokens
-from maskd.visualize import head_notes, mask_grid, summary_lines, token_masks, token_summary
+from maskd.visualize import mask_grid, summary_report, token_masks, token_summary
 
 __all__ = ["MaskImageLogger", "TokenSaver"]
 
@@ -72,10 +72,8 @@ class MaskImageLogger(Callback):
             self.summary_path.write_text(json.dumps(summary, indent=1) + "\n")
         print(f"tokens over {len(self.images)} validation images (mean mask = coverage, "
               "head weight), per level:", flush=True)  # fmt: skip
-        for line in summary_lines(summary):
-            print(f"  {line}", flush=True)
-        for note in head_notes(summary):
-            print(f"note: {note}", flush=True)
+        for line in summary_report(summary):
+            print(line, flush=True)
 
 
 class TokenSaver(Callback):
