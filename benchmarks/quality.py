@@ -239,6 +239,17 @@ def _maskd(*args: str) -> list[str]:
     return [sys.executable, "-m", "maskd.cli", *args]
 
 
+# exit statuses that say nothing about the cell's training: its run folder was busy
+# (maskd's 75), or it was stopped by a signal (negative: killed; 128 + N: maskd stopped
+# cleanly on signal N). Such a cell stays unfinished, to resume, instead of being recorded.
+_FOLDER_BUSY = 75
+
+
+def _is_a_result(returncode: int) -> bool:
+    """Whether a failed cell's exit status is its outcome (e.g. a diverged run), to record."""
+    return returncode > 0 and returncode != _FOLDER_BUSY and not 128 < returncode < 160
+
+
 def _run(cmd: list[str], log: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     with log.open("a") as f:
@@ -451,7 +462,9 @@ def run_cells(
 
     A student cell whose result was kept under ``kept`` (committed with the results) is
     done, even in a fresh work folder. A cell whose command fails records the error as its
-    result (a diverged run is a result too) and the others go on. ``more(done)`` is asked
+    result (a diverged run is a result too) and the others go on; one whose run folder was
+    busy or that a signal stopped records nothing and stops the run (``_is_a_result``), so
+    it resumes next time. ``more(done)`` is asked
     for further cells whenever one finishes (and at the start): a sweep grows as soon as
     the cells it depends on are done, while the others keep the workers busy.
     """
@@ -492,8 +505,8 @@ def run_cells(
                 if marker is None or not (folder / marker).is_file():
                     _run(cmd, folder / "log.txt")
             cell.finish(folder)
-        except subprocess.CalledProcessError:
-            if not cell.keep:
+        except subprocess.CalledProcessError as err:
+            if not cell.keep or not _is_a_result(err.returncode):
                 raise
             lines = (folder / "log.txt").read_text().strip().splitlines()
             error = next((ln for ln in reversed(lines) if "error" in ln.lower()), lines[-1])

@@ -455,6 +455,29 @@ def test_run_cells_grows_while_other_cells_still_run(tmp_path):
     assert all((tmp_path / n / "result.json").is_file() for n in "abcde")
 
 
+@pytest.mark.parametrize(("status", "recorded"), [(1, True), (75, False), (143, False)])
+def test_run_cells_records_a_failure_only_when_it_is_the_cells_outcome(tmp_path, status, recorded):
+    """A cell that fails (status 1, e.g. a diverged run) keeps its error as its result; one
+    whose run folder was busy (maskd's 75) or that a signal stopped (128 + 15) keeps
+    nothing and stops the run, so the next run trains it."""
+    sys.path.insert(0, str(QUALITY.parent))
+    from quality import Cell, run_cells
+
+    code = f"import sys; print('maskd: error: status {status}'); sys.exit({status})"
+    cell = Cell("s", [], [([sys.executable, "-c", code], None)], keep=True)
+    kept = tmp_path / "kept"
+    if recorded:
+        run_cells([cell], tmp_path, workers=1, kept=kept)
+        want = {"error": f"maskd: error: status {status}"}
+        assert json.loads((tmp_path / "s" / "result.json").read_text()) == want
+        assert json.loads((kept / "s.json").read_text()) == want
+    else:
+        with pytest.raises(subprocess.CalledProcessError) as err:
+            run_cells([cell], tmp_path, workers=1, kept=kept)
+        assert err.value.returncode == status
+        assert not (tmp_path / "s" / "result.json").exists() and not (kept / "s.json").exists()
+
+
 def test_sweep_steps_beyond_a_best_weight_at_an_edge_only():
     sys.path.insert(0, str(QUALITY.parent))
     from quality import TUNE_STEP, next_weight

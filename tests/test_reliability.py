@@ -361,7 +361,8 @@ def test_library_warnings_are_one_line(capsys):
 
 def test_a_run_folder_in_use_by_another_process_is_refused(data, tmp_path, capsys, monkeypatch):
     """Two jobs in one run folder would overwrite each other's checkpoints: the second is
-    refused in one line and the folder is left as it was."""
+    refused in one line, with exit status 75 (busy, not failed), and the folder is left as
+    it was."""
     from maskd.engine.run_lock import RunLock
 
     out = tmp_path / "run"
@@ -372,7 +373,7 @@ def test_a_run_folder_in_use_by_another_process_is_refused(data, tmp_path, capsy
     with RunLock(out):  # another process's job (flock conflicts across open descriptions)
         code = main([*_train_args(data), f"--run.out={out}", "--run.resume=auto"])
         err = capsys.readouterr().err
-        assert code == 1 and err.count("\n") == 1, err
+        assert code == 75 and err.count("\n") == 1, err
         assert "is in use by another maskd process" in err and str(out) in err
         assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
         monkeypatch.setenv("LOCAL_RANK", "1")  # a DDP worker shares its launcher's job

@@ -468,7 +468,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("MASKD_DEBUG"):
             raise
         print(f"maskd: error: {_one_line(err)}", file=sys.stderr)
-        return 1
+        return getattr(err, "exit_code", 1)
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)

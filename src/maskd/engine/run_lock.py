@@ -25,7 +25,12 @@ __all__ = ["RunFolderInUse", "RunLock"]
 
 
 class RunFolderInUse(UserRuntimeError):
-    """Another process is running a job in this run folder."""
+    """Another process is running a job in this run folder.
+
+    The command exits with ``exit_code`` 75 (``EX_TEMPFAIL`` of sysexits.h: try again
+    later), not 1, so a scheduler or script can tell "busy" from a failed run."""
+
+    exit_code = 75
 
 
 def _launching_process() -> bool:
