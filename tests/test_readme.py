@@ -47,6 +47,18 @@ def _quality_tables() -> list[tuple[list[list[str]], Path]]:
     return out
 
 
+def _table_rows(header: str) -> list[list[str]]:
+    """The cells of each row of the README table whose header line starts with ``header``."""
+    lines = README.read_text().splitlines()
+    start = lines.index(next(ln for ln in lines if ln.startswith(header)))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    return rows
+
+
 def test_readme_quality_tables_show_the_reports_numbers():
     """Every seed's score and every mean in the README's tables is the report's, row for row
     (matched by the per-seed values, which no two rows share)."""
@@ -74,13 +86,7 @@ def test_readme_128px_sweep_table_is_the_tuning_report():
     are the tuning report's, method for method."""
     import json
 
-    lines = README.read_text().splitlines()
-    start = lines.index("| method | validation AP per weight tried | chosen |")
-    rows = []
-    for line in lines[start + 2 :]:
-        if not line.startswith("|"):
-            break
-        rows.append([c.strip() for c in line.strip("|").split("|")])
+    rows = _table_rows("| method | validation AP per weight tried | chosen |")
     tuning = json.loads((RESULTS / "quality_detection_ranges128_tuning_cpu.json").read_text())
     methods = tuning["methods"]
     assert [r[0].lower() for r in rows] == list(methods)
@@ -115,13 +121,7 @@ def test_readme_128px_ablation_rows_are_the_reports():
     import json
     import statistics
 
-    lines = README.read_text().splitlines()
-    start = lines.index(next(ln for ln in lines if ln.startswith("| ablation row | weight |")))
-    rows = []
-    for line in lines[start + 2 :]:
-        if not line.startswith("|"):
-            break
-        rows.append([c.strip() for c in line.strip("|").split("|")])
+    rows = _table_rows("| ablation row | weight |")
     report = json.loads((RESULTS / "quality_detection_ranges128_grid3_cpu.json").read_text())
     by_seeds = {", ".join(f"{v:.1f}" for v in r["test"]): r for r in report["rows"]}
     assert len(rows) == 3
