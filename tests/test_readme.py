@@ -115,22 +115,30 @@ def test_readme_overview_is_the_reports_summary():
     assert block == summary_md(paths, README.parent)
 
 
-def test_readme_128px_ablation_rows_are_the_reports():
-    """The 128 px ablation table: each row's scores, its validation mean and MasKD's paired
-    difference to it are the report's (rows matched by their per-seed scores)."""
+def test_readme_ablation_tables_are_the_reports():
+    """Each README ablation table (``| ablation row | weight | ...``): every row's scores, its
+    validation mean and MasKD's paired difference to it are those of the report named last
+    before the table (rows matched by their per-seed scores)."""
     import json
     import statistics
 
-    rows = _table_rows("| ablation row | weight |")
-    report = json.loads((RESULTS / "quality_detection_ranges128_grid3_cpu.json").read_text())
-    by_seeds = {", ".join(f"{v:.1f}" for v in r["test"]): r for r in report["rows"]}
-    assert len(rows) == 3
-    for _, weight, mean, seeds, versus, val in rows:
-        row = by_seeds[seeds]
-        assert (weight, mean) == (f"{row['weight']:g}", f"{row['mean']:.1f} ± {row['std']:.1f}")
-        assert val == f"{statistics.fmean(row['val']):.1f}"
-        if row["row"] == "maskd":
-            assert versus == ""
-        else:
-            v = report["maskd_vs_ablations"][row["row"]]
-            assert versus == f"{v['mean']:.1f} ± {v['std']:.1f}"
+    text = README.read_text()
+    starts = [m.start() for m in re.finditer(r"^\| ablation row \| weight \|", text, re.M)]
+    assert starts
+    for start in starts:
+        stem = re.findall(r"benchmarks/results/(quality_\w+_cpu)\.", text[:start])[-1]
+        report = json.loads((RESULTS / f"{stem}.json").read_text())
+        by_seeds = {", ".join(f"{v:.1f}" for v in r["test"]): r for r in report["rows"]}
+        rows = [[c.strip() for c in ln.strip("|").split("|")]
+                for ln in text[start:].split("\n\n", 1)[0].splitlines()[2:]]  # fmt: skip
+        assert len(rows) >= 2 and any(by_seeds[r[3]]["row"] == "maskd" for r in rows), stem
+        for _, weight, mean, seeds, versus, val in rows:
+            row = by_seeds[seeds]  # KeyError: a README row the report does not have
+            want = (f"{row['weight']:g}", f"{row['mean']:.1f} ± {row['std']:.1f}")
+            assert (weight, mean) == want, (stem, seeds)
+            assert val == f"{statistics.fmean(row['val']):.1f}", (stem, seeds)
+            if row["row"] == "maskd":
+                assert versus == "", stem
+            else:
+                v = report["maskd_vs_ablations"][row["row"]]
+                assert versus == f"{v['mean']:.1f} ± {v['std']:.1f}", (stem, seeds)
