@@ -242,7 +242,7 @@ def _maskd(*args: str) -> list[str]:
 # exit statuses that say nothing about the cell's training: its run folder was busy
 # (maskd's 75), or it was stopped by a signal (negative: killed; 128 + N: maskd stopped
 # cleanly on signal N). Such a cell stays unfinished, to resume, instead of being recorded.
-_FOLDER_BUSY = 75
+_FOLDER_BUSY = 75  # maskd.engine.run_lock.RunFolderInUse.exit_code (not imported: Lightning)
 
 
 def _is_a_result(returncode: int) -> bool:

@@ -30,6 +30,16 @@ def test_readme_names_the_two_commands():
     assert "make demo" in text and "make test" in text
 
 
+def _rows_at(lines: list[str], header: int) -> list[list[str]]:
+    """The cells of each row of the markdown table whose header is ``lines[header]``."""
+    rows = []
+    for line in lines[header + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    return rows
+
+
 def _quality_tables() -> list[tuple[list[list[str]], Path]]:
     """Each README quality table (``| row | weight | ...``) with the report its plot names."""
     lines = README.read_text().splitlines()
@@ -37,11 +47,8 @@ def _quality_tables() -> list[tuple[list[list[str]], Path]]:
     for i, line in enumerate(lines):
         if not line.startswith("| row | weight | test "):
             continue
-        rows, j = [], i + 2
-        while j < len(lines) and lines[j].startswith("|"):
-            rows.append([c.strip() for c in lines[j].strip("|").split("|")])
-            j += 1
-        plot = next(ln for ln in lines[j:] if ln.startswith("!["))
+        rows = _rows_at(lines, i)
+        plot = next(ln for ln in lines[i + 2 + len(rows) :] if ln.startswith("!["))
         png = re.search(r"\((benchmarks/results/[^)]+\.png)\)", plot).group(1)
         out.append((rows, README.parent / png.removesuffix(".png")))
     return out
@@ -50,13 +57,7 @@ def _quality_tables() -> list[tuple[list[list[str]], Path]]:
 def _table_rows(header: str) -> list[list[str]]:
     """The cells of each row of the README table whose header line starts with ``header``."""
     lines = README.read_text().splitlines()
-    start = lines.index(next(ln for ln in lines if ln.startswith(header)))
-    rows = []
-    for line in lines[start + 2 :]:
-        if not line.startswith("|"):
-            break
-        rows.append([c.strip() for c in line.strip("|").split("|")])
-    return rows
+    return _rows_at(lines, lines.index(next(ln for ln in lines if ln.startswith(header))))
 
 
 def test_readme_quality_tables_show_the_reports_numbers():
@@ -122,15 +123,15 @@ def test_readme_ablation_tables_are_the_reports():
     import json
     import statistics
 
-    text = README.read_text()
-    starts = [m.start() for m in re.finditer(r"^\| ablation row \| weight \|", text, re.M)]
+    lines = README.read_text().splitlines()
+    starts = [i for i, ln in enumerate(lines) if ln.startswith("| ablation row | weight |")]
     assert starts
     for start in starts:
-        stem = re.findall(r"benchmarks/results/(quality_\w+_cpu)\.", text[:start])[-1]
+        before = "\n".join(lines[:start])
+        stem = re.findall(r"benchmarks/results/(quality_\w+_cpu)\.", before)[-1]
         report = json.loads((RESULTS / f"{stem}.json").read_text())
         by_seeds = {", ".join(f"{v:.1f}" for v in r["test"]): r for r in report["rows"]}
-        rows = [[c.strip() for c in ln.strip("|").split("|")]
-                for ln in text[start:].split("\n\n", 1)[0].splitlines()[2:]]  # fmt: skip
+        rows = _rows_at(lines, start)
         assert len(rows) >= 2 and any(by_seeds[r[3]]["row"] == "maskd" for r in rows), stem
         for _, weight, mean, seeds, versus, val in rows:
             row = by_seeds[seeds]  # KeyError: a README row the report does not have
