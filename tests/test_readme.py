@@ -1,4 +1,5 @@
-"""The README's Python example must run as written."""
+"""The README's Python examples run as written, and every results table in the README and
+in docs/results-detection.md shows its report's numbers."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import re
 from pathlib import Path
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-RESULTS = README.parent / "benchmarks" / "results"
+ROOT = README.parent
+RESULTS = ROOT / "benchmarks" / "results"
+# the documents whose tables are checked against the reports
+RESULT_DOCS = (README, ROOT / "docs" / "results-detection.md")
 
 
 def _python_blocks() -> list[str]:
@@ -41,23 +45,37 @@ def _rows_at(lines: list[str], header: int) -> list[list[str]]:
 
 
 def _quality_tables() -> list[tuple[list[list[str]], Path]]:
-    """Each README quality table (``| row | weight | ...``) with the report its plot names."""
-    lines = README.read_text().splitlines()
+    """Each quality table (``| row | weight | ...``) of the result documents, with the report
+    its plot names (a link from docs/ starts with ``../``)."""
     out = []
-    for i, line in enumerate(lines):
-        if not line.startswith("| row | weight | test "):
-            continue
-        rows = _rows_at(lines, i)
-        plot = next(ln for ln in lines[i + 2 + len(rows) :] if ln.startswith("!["))
-        png = re.search(r"\((benchmarks/results/[^)]+\.png)\)", plot).group(1)
-        out.append((rows, README.parent / png.removesuffix(".png")))
+    for doc in RESULT_DOCS:
+        lines = doc.read_text().splitlines()
+        for i, line in enumerate(lines):
+            if not line.startswith("| row | weight | test "):
+                continue
+            rows = _rows_at(lines, i)
+            plot = next(ln for ln in lines[i + 2 + len(rows) :] if ln.startswith("!["))
+            png = re.search(r"\((?:\.\./)?(benchmarks/results/[^)]+\.png)\)", plot).group(1)
+            out.append((rows, ROOT / png.removesuffix(".png")))
     return out
 
 
 def _table_rows(header: str) -> list[list[str]]:
-    """The cells of each row of the README table whose header line starts with ``header``."""
-    lines = README.read_text().splitlines()
-    return _rows_at(lines, lines.index(next(ln for ln in lines if ln.startswith(header))))
+    """The cells of each row of the result documents' one table whose header line starts
+    with ``header``."""
+    for doc in RESULT_DOCS:
+        lines = doc.read_text().splitlines()
+        for i, line in enumerate(lines):
+            if line.startswith(header):
+                return _rows_at(lines, i)
+    raise AssertionError(f"no table starts with {header!r}")
+
+
+def test_result_docs_images_exist():
+    """Every picture a result document shows is a committed file (paths from docs/ go up)."""
+    for doc in RESULT_DOCS:
+        for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", doc.read_text()):
+            assert (doc.parent / link).is_file(), (doc.name, link)
 
 
 def test_readme_quality_tables_show_the_reports_numbers():
@@ -66,7 +84,7 @@ def test_readme_quality_tables_show_the_reports_numbers():
     import json
 
     tables = _quality_tables()
-    assert len(tables) >= 3
+    assert len(tables) >= 5
     for rows, stem in tables:
         report = json.loads(stem.with_suffix(".json").read_text())
         by_seeds = {", ".join(f"{v:.1f}" for v in r["test"]): r for r in report["rows"]}
@@ -103,7 +121,7 @@ def test_readme_overview_is_the_reports_summary():
     character for character: a report that changes fails this until the README follows."""
     import sys
 
-    sys.path.insert(0, str(README.parent / "benchmarks"))
+    sys.path.insert(0, str(ROOT / "benchmarks"))
     from quality_report import summary_md
 
     lines = README.read_text().splitlines()
@@ -112,8 +130,8 @@ def test_readme_overview_is_the_reports_summary():
     block = "\n".join(lines[start:end]) + "\n"
     links = re.findall(r"\]\((benchmarks/results/[^)]+)\.md\)", block)
     assert len(links) == 4
-    paths = [README.parent / f"{link}.json" for link in links]
-    assert block == summary_md(paths, README.parent)
+    paths = [ROOT / f"{link}.json" for link in links]
+    assert block == summary_md(paths, ROOT)
 
 
 def test_readme_ablation_tables_are_the_reports():
@@ -123,10 +141,14 @@ def test_readme_ablation_tables_are_the_reports():
     import json
     import statistics
 
-    lines = README.read_text().splitlines()
-    starts = [i for i, ln in enumerate(lines) if ln.startswith("| ablation row | weight |")]
-    assert starts
-    for start in starts:
+    tables = [
+        (lines, i)
+        for lines in (doc.read_text().splitlines() for doc in RESULT_DOCS)
+        for i, ln in enumerate(lines)
+        if ln.startswith("| ablation row | weight |")
+    ]
+    assert len(tables) >= 2
+    for lines, start in tables:
         before = "\n".join(lines[:start])
         stem = re.findall(r"benchmarks/results/(quality_\w+_cpu)\.", before)[-1]
         report = json.loads((RESULTS / f"{stem}.json").read_text())
