@@ -43,6 +43,22 @@ def _batch(root: Path, split: str, n: int) -> tuple[list[torch.Tensor], list[dic
     return detection_collate([ds[i] for i in range(n)])
 
 
+def _inside_boxes(targets: list[dict], image: tuple[int, int], grid: tuple[int, int, int]
+                  ) -> torch.Tensor:  # fmt: skip
+    """``[N, H, W]``: 1 at the positions of an ``H x W`` map of ``image``-sized inputs that a
+    ground-truth box reaches (boxes in the transformed images' pixels), else 0: the rows
+    from the one holding the box's top edge to the one holding its bottom edge rounded up
+    to a whole pixel (a box ending on a cell's first pixel reaches that cell), and so for
+    the columns."""
+    (h_in, w_in), (n, h, w) = image, grid
+    inside = torch.zeros(n, h, w)
+    for i, t in enumerate(targets):
+        for x1, y1, x2, y2 in t["boxes"].tolist():
+            inside[i, int(y1 / h_in * h) : int(-(-y2 // 1) / h_in * h + 1),
+                   int(x1 / w_in * w) : int(-(-x2 // 1) / w_in * w + 1)] = 1  # fmt: skip
+    return inside
+
+
 def mask_statistics(teacher: torch.nn.Module, tokens: dict, images: list, targets: list) -> dict:
     """Per level: coverage, marked share, Dice, mass inside boxes, weight spread."""
     taps = FeatureTaps(teacher, list(tokens), stop=True)
@@ -59,11 +75,7 @@ def mask_statistics(teacher: torch.nn.Module, tokens: dict, images: list, target
         with torch.no_grad():
             m = tok(x)  # [N, T, H, W]
             weights = tok.token_weights(x)  # [N, T] or None
-        inside = torch.zeros(n, h, w)
-        for i, t in enumerate(tgts):
-            for x1, y1, x2, y2 in t["boxes"].tolist():
-                inside[i, int(y1 / h_in * h) : int(-(-y2 // 1) / h_in * h + 1),
-                       int(x1 / w_in * w) : int(-(-x2 // 1) / w_in * w + 1)] = 1  # fmt: skip
+        inside = _inside_boxes(tgts, (h_in, w_in), (n, h, w))
         mass_in = (m * inside[:, None]).sum(dim=(2, 3)) / m.sum(dim=(2, 3)).clamp_min(1e-12)
         out[name] = {
             "size": [h, w],
@@ -134,9 +146,12 @@ def _teacher(plan_work: Path, spec: dict) -> tuple[torch.nn.Module, list[str]]:
                  **spec["options"]["teacher"])  # fmt: skip
 
 
-def _initialised_distiller(plan_work: Path, spec: dict) -> tuple[Any, str, Distiller]:
+def _initialised_distiller(plan_work: Path, spec: dict, variants: bool = False
+                           ) -> tuple[Any, str, Distiller]:  # fmt: skip
     """The benchmark's teacher and a seed-0 student under MasKD, FitNet, CWD and FGD at
-    weight 1 (fresh connectors, as when training starts): (student, FPN path, distiller)."""
+    weight 1 (fresh connectors, as when training starts): (student, FPN path, distiller).
+    ``variants``: MasKD also with its tokens weighted equally (``maskd_equal``) and with the
+    tokens learned without the head (``maskd_unweighted``, where that variant was trained)."""
     teacher, _ = _teacher(plan_work, spec)
     torch.manual_seed(0)
     student, layers = build(spec["student"], num_classes=3, **spec["options"]["student"])
@@ -145,7 +160,13 @@ def _initialised_distiller(plan_work: Path, spec: dict) -> tuple[Any, str, Disti
     terms.append({"kind": "fgd", "student": fpn, "teacher": fpn, "detector": "fcos"})
     tokens = load_tokens(plan_work / "tokens" / "tokens.pt")
     maskd = {"kind": "maskd", "student": fpn, "teacher": fpn, "tokens": tokens}
-    return student, fpn, Distiller(student, teacher, [maskd, *terms]).train()
+    more = []
+    if variants:
+        more.append({**maskd, "name": "maskd_equal", "token_weights": "equal"})
+        unweighted = plan_work / "tokens_unweighted" / "tokens.pt"
+        if unweighted.is_file():
+            more.append({**maskd, "name": "maskd_unweighted", "tokens": load_tokens(unweighted)})
+    return student, fpn, Distiller(student, teacher, [maskd, *more, *terms]).train()
 
 
 def _objective_parts(losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -176,7 +197,7 @@ def level_shares(plan_work: Path, spec: dict, images: list, targets: list) -> di
     At 64 px the FPN's P6 and P7 are 1 x 1: a spatial softmax (CWD) has nothing to
     distribute there, while per-position losses (FitNet, MasKD) still count them in full.
     """
-    student, fpn, d = _initialised_distiller(plan_work, spec)
+    student, fpn, d = _initialised_distiller(plan_work, spec, variants=True)
     levels: dict[str, torch.Tensor] = {}
     hook = student.get_submodule(fpn).register_forward_hook(lambda _m, _i, out: levels.update(out))
     try:
@@ -184,8 +205,15 @@ def level_shares(plan_work: Path, spec: dict, images: list, targets: list) -> di
     finally:
         hook.remove()
     names = list(levels)
+    with torch.no_grad():
+        image_list, tgts = student.transform(images, targets)
+    size = tuple(image_list.tensors.shape[-2:])
+    inside = {n: _inside_boxes(tgts, size, (len(images), *levels[n].shape[-2:])) for n in names}
     parts = _objective_parts(losses)
-    out: dict[str, Any] = {"levels": {n: list(levels[n].shape[-2:]) for n in names}}
+    out: dict[str, Any] = {
+        "levels": {n: list(levels[n].shape[-2:]) for n in names},
+        "box_share": {n: float(inside[n].mean()) for n in names},
+    }
     for name, value in parts.items():
         grads = torch.autograd.grad(value, [levels[n] for n in names], retain_graph=True,
                                     allow_unused=True)  # fmt: skip
@@ -193,13 +221,18 @@ def level_shares(plan_work: Path, spec: dict, images: list, targets: list) -> di
         total = sum(v * v for v in norms) or 1.0
         term = name.removeprefix("loss_")
         per_level = {}
-        for n, norm in zip(names, norms, strict=True):
+        for n, norm, g in zip(names, norms, grads, strict=True):
             diag = [v for k, v in losses.items() if k.startswith(f"{term}/") and
                     k.split(":")[-1] == str(n)]  # fmt: skip
+            sq = None if g is None else g.float().pow(2).sum(dim=1)  # [N, H, W]
             per_level[n] = {
                 "value": float(diag[0]) if diag else None,
                 "grad_norm": norm,
                 "grad_share": norm * norm / total,
+                # the share of this level's squared gradient at positions inside boxes
+                "in_boxes": None
+                if sq is None or float(sq.sum()) == 0.0
+                else float((sq * inside[n]).sum() / sq.sum()),
             }
         out[name] = per_level
     return out
@@ -252,20 +285,34 @@ def _levels_md(r: dict[str, Any]) -> str:
         "the student's FPN outputs that lands on each level. Stage 1 at its start (tokens "
         "initialised, the same batch): the share of the task loss's and the Dice term's "
         "squared gradient norm on each level's tokens. Last row: the trained tokens' mean "
-        "mask value on validation images.",
+        "mask value on validation images."
+        + (
+            ' Rows "in boxes": the share of the term\'s squared gradient on a level that lies '
+            "at positions inside ground-truth boxes, beside the boxes' share of the positions ("
+            "the share a gradient spread evenly over the positions would have)."
+            if "box_share" in lv
+            else ""
+        ),
         "",
         f"| term | | {head} |",
         "|---|---|" + "---:|" * len(names),
     ]
     fmt = lambda v: "" if v is None else f"{v:.3g}"  # noqa: E731
+    pct = lambda v: "" if v is None else f"{100 * v:.0f} %"  # noqa: E731
+    if "box_share" in lv:
+        lines.append("| boxes | share of the positions | "
+                     + " | ".join(pct(lv["box_share"][n]) for n in names) + " |")  # fmt: skip
     for term, per in lv.items():
-        if term == "levels":
+        if term in ("levels", "box_share"):
             continue
         if term != "task":
             lines.append(f"| {term} | value | " + " | ".join(fmt(per[n]["value"]) for n in names)
                          + " |")  # fmt: skip
         lines.append(f"| {term} | gradient share | "
                      + " | ".join(f"{100 * per[n]['grad_share']:.0f} %" for n in names) + " |")  # fmt: skip
+        if "in_boxes" in per[names[0]]:
+            lines.append(f"| {term} | gradient in boxes | "
+                         + " | ".join(pct(per[n]["in_boxes"]) for n in names) + " |")  # fmt: skip
     by_level = lambda d: {k.split(":")[-1]: v for k, v in d.items()}  # noqa: E731
     if "stage1" in r:
         for part, shares in r["stage1"].items():

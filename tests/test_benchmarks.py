@@ -395,6 +395,20 @@ def test_class_agnostic_ap_ignores_only_the_labels():
     assert right["ap"] == pytest.approx(100.0) and right["ap_agnostic"] == pytest.approx(100.0)
 
 
+def test_inside_boxes_marks_the_cells_a_box_reaches():
+    """quality_diagnosis._inside_boxes on an 8 x 8 map of 64 px images (8 px cells): a box
+    from (10, 16) to (32, 20.5) reaches columns 1-4 (its right edge, pixel 32, opens column 4)
+    and row 2 (its bottom edge rounds up to pixel 21); an image without boxes stays empty."""
+    sys.path.insert(0, str(QUALITY.parent))
+    from quality_diagnosis import _inside_boxes
+
+    targets = [{"boxes": torch.tensor([[10.0, 16.0, 32.0, 20.5]])}, {"boxes": torch.zeros(0, 4)}]
+    inside = _inside_boxes(targets, (64, 64), (2, 8, 8))
+    want = torch.zeros(2, 8, 8)
+    want[0, 2, 1:5] = 1
+    assert torch.equal(inside, want)
+
+
 def test_quality_sweep_runs_the_centres_first():
     sys.path.insert(0, str(QUALITY.parent))
     from quality import centre_first

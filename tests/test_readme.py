@@ -165,3 +165,35 @@ def test_readme_ablation_tables_are_the_reports():
             else:
                 v = report["maskd_vs_ablations"][row["row"]]
                 assert versus == f"{v['mean']:.1f} ± {v['std']:.1f}", (stem, seeds)
+
+
+def test_gradient_table_is_the_levels_report():
+    """The 128 px table of where each term's gradient lands: every share is the levels
+    report's (P5-P7 summed), and every test AP the 128 px table report's mean."""
+    import json
+
+    levels = json.loads((RESULTS / "quality_detection_ranges128_levels_cpu.json").read_text())
+    lv = levels["levels"]
+    table = json.loads((RESULTS / "quality_detection_ranges128_cpu.json").read_text())
+    means = {r["row"]: r["mean"] for r in table["rows"]}
+    keys = {  # table label: (levels report key, table report row)
+        "the task loss": ("task", None),
+        "CWD": ("loss_cwd", "cwd"),
+        "FitNet": ("loss_fitnet", "fitnet"),
+        "MasKD, tokens learned without the head": ("loss_maskd_unweighted", "maskd_unweighted"),
+        "MasKD, the head's tokens weighted equally": ("loss_maskd_equal", "maskd_nohead"),
+        "FGD": ("loss_fgd", "fgd"),
+        "MasKD, the head's weights": ("loss_maskd", "maskd"),
+    }
+    rows = _table_rows("| term | share of its gradient on P3 / P4 / P5–P7 |")
+    assert [r[0] for r in rows] == list(keys)
+    names = list(lv["levels"])
+    for label, shares, in_boxes, ap in rows:
+        key, row = keys[label]
+        per = lv[key]
+        want = [per[names[0]]["grad_share"], per[names[1]]["grad_share"],
+                sum(per[n]["grad_share"] for n in names[2:])]  # fmt: skip
+        assert shares == " / ".join(f"{100 * v:.0f}" for v in want) + " %", label
+        boxes = [per[n]["in_boxes"] for n in names[:2]]
+        assert in_boxes == " / ".join(f"{100 * v:.0f}" for v in boxes) + " %", label
+        assert ap == ("" if row is None else f"{means[row]:.1f}"), label
