@@ -285,23 +285,18 @@ def _levels_md(r: dict[str, Any]) -> str:
         "the student's FPN outputs that lands on each level. Stage 1 at its start (tokens "
         "initialised, the same batch): the share of the task loss's and the Dice term's "
         "squared gradient norm on each level's tokens. Last row: the trained tokens' mean "
-        "mask value on validation images."
-        + (
-            ' Rows "in boxes": the share of the term\'s squared gradient on a level that lies '
-            "at positions inside ground-truth boxes, beside the boxes' share of the positions ("
-            "the share a gradient spread evenly over the positions would have)."
-            if "box_share" in lv
-            else ""
-        ),
+        'mask value on validation images. Rows "in boxes": the share of the term\'s squared '
+        "gradient on a level that lies at positions inside ground-truth boxes, beside the "
+        "boxes' share of the positions (the share a gradient spread evenly over the positions "
+        "would have).",
         "",
         f"| term | | {head} |",
         "|---|---|" + "---:|" * len(names),
     ]
     fmt = lambda v: "" if v is None else f"{v:.3g}"  # noqa: E731
     pct = lambda v: "" if v is None else f"{100 * v:.0f} %"  # noqa: E731
-    if "box_share" in lv:
-        lines.append("| boxes | share of the positions | "
-                     + " | ".join(pct(lv["box_share"][n]) for n in names) + " |")  # fmt: skip
+    lines.append("| boxes | share of the positions | "
+                 + " | ".join(pct(lv["box_share"][n]) for n in names) + " |")  # fmt: skip
     for term, per in lv.items():
         if term in ("levels", "box_share"):
             continue
@@ -310,9 +305,8 @@ def _levels_md(r: dict[str, Any]) -> str:
                          + " |")  # fmt: skip
         lines.append(f"| {term} | gradient share | "
                      + " | ".join(f"{100 * per[n]['grad_share']:.0f} %" for n in names) + " |")  # fmt: skip
-        if "in_boxes" in per[names[0]]:
-            lines.append(f"| {term} | gradient in boxes | "
-                         + " | ".join(pct(per[n]["in_boxes"]) for n in names) + " |")  # fmt: skip
+        lines.append(f"| {term} | gradient in boxes | "
+                     + " | ".join(pct(per[n]["in_boxes"]) for n in names) + " |")  # fmt: skip
     by_level = lambda d: {k.split(":")[-1]: v for k, v in d.items()}  # noqa: E731
     if "stage1" in r:
         for part, shares in r["stage1"].items():
