@@ -132,9 +132,10 @@ def _synth_parser() -> ArgumentParser:
     p.add_argument("--test", type=int, default=0, help="test images (0: no test split)")
     p.add_argument(
         "--difficulty",
-        type=Literal["hard", "easy"],
+        type=Literal["hard", "easy", "clutter"],
         default="hard",
-        help="hard: photos, clutter, 6 classes; easy: 3 classes on noise",
+        help="hard: photos, clutter, 6 classes; easy: 3 classes on noise; clutter: easy "
+        "plus object-sized distractors",
     )
     p.add_argument("--size", type=int, default=128, help="image side in pixels")
     p.add_argument("--seed", type=int, default=0)

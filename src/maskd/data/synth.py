@@ -34,17 +34,20 @@ CLASSES = SHAPES  # detection labels 1..6 / segmentation classes 1..6 (0 = backg
 FORMAT_VERSION = 1
 _SPLITS = ("train", "val", "test")  # the index seeds each split's scenes: append only
 _OWN_ENTRIES = ("train", "val", "test", "annotations", "classes.txt", "synth_meta.json")
-# "hard": photo backgrounds, clutter, 6 classes, occlusion; "easy": 3 classes on noise
-DIFFICULTIES = ("hard", "easy")
+# "hard": photo backgrounds, clutter, 6 classes, occlusion; "easy": 3 classes on noise;
+# "clutter": the easy scenes with object-sized distractors painted under the objects
+DIFFICULTIES = ("hard", "easy", "clutter")
 
 
 def classes(difficulty: str = "hard") -> tuple[str, ...]:
     """The class names a dataset of this difficulty uses (labels 1..len)."""
-    return EASY_SHAPES if difficulty == "easy" else CLASSES
+    return CLASSES if difficulty == "hard" else EASY_SHAPES
 
 
 def _render(rng: np.random.Generator, size: int, difficulty: str) -> Scene:
-    return render_easy_scene(rng, size) if difficulty == "easy" else render_scene(rng, size)
+    if difficulty == "hard":
+        return render_scene(rng, size)
+    return render_easy_scene(rng, size, clutter=difficulty == "clutter")
 
 
 def _palette() -> list[int]:
@@ -131,7 +134,8 @@ def generate(
     this function writes (`train/`, `val/`, `annotations/`, `classes.txt`,
     `synth_meta.json`) and leaves any other file alone. `test` > 0 adds a third split
     (independent of the other two; the train and val images do not change with it).
-    difficulty: "hard" (the default scenes) or "easy" (see `synth_scene.render_easy_scene`).
+    difficulty: "hard" (the default scenes), "easy" or "clutter" (the easy scenes with
+    distractors; see `synth_scene.render_easy_scene`).
     Returns `out`.
     """
     if difficulty not in DIFFICULTIES:

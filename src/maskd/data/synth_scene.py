@@ -276,15 +276,32 @@ EASY_RADIUS = (0.08, 0.25)  # outer radius, as a fraction of the image side (uni
 EASY_NOISE = 0.15 * 255.0  # per-pixel background noise (std) around mid-grey
 
 
-def render_easy_scene(rng: np.random.Generator, size: int) -> Scene:
+EASY_CLUTTER = (1, 4)  # distractors per scene in the "clutter" setting (inclusive)
+EASY_CLUTTER_RADIUS = (0.06, 0.2)  # a blob's radius, as a fraction of the side: object-sized
+
+
+def render_easy_scene(rng: np.random.Generator, size: int, clutter: bool = False) -> Scene:
     """The easy setting: 1-3 upright, flat-coloured circles, triangles or squares on
     per-pixel Gaussian noise around mid-grey; no clutter, photos, strokes or blur.
 
-    Objects may overlap (a later one hides an earlier one); each keeps at least
-    MIN_VISIBLE of its pixels, as in `render_scene`.
+    clutter: first paint 1-4 distractors (label 0) on the noise: object-sized irregular
+    blobs or thick strokes, flat-coloured from the objects' palette, so colour and contrast
+    do not tell an object from background and only shape does (the "clutter" setting).
+    Objects may overlap (a later one hides an earlier one, or a distractor); each keeps at
+    least MIN_VISIBLE of its pixels, as in `render_scene`.
     """
     canvas = 127.5 + rng.normal(0, EASY_NOISE, size=(size, size, 3)).astype(np.float32)
     instances = np.zeros((size, size), dtype=np.int32)
+    if clutter:
+        for _ in range(int(rng.integers(EASY_CLUTTER[0], EASY_CLUTTER[1] + 1))):
+            if rng.random() < 0.5:
+                radius = rng.uniform(*EASY_CLUTTER_RADIUS) * size
+                alpha = blob_alpha(rng, size, size, *rng.uniform(0, size, 2), radius)
+            else:
+                points = rng.uniform(0, size, size=(int(rng.integers(2, 4)), 2))
+                alpha = segment_alpha(size, size, points, rng.uniform(0.04, 0.1) * size)
+            canvas *= 1 - alpha[..., None]
+            canvas += alpha[..., None] * random_colour(rng)
     labels: list[int] = []
     areas: list[int] = []
     for _ in range(int(rng.integers(1, 4))):
