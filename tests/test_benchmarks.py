@@ -613,3 +613,32 @@ def test_summary_line_pairs_maskd_with_the_peer_of_best_mean(tmp_path):
     assert cells[4:8] == ["12.0 ± 2.0", "21.0 ± 1.0", "33.0 ± 3.0", "34.0 ± 4.4"]
     # against CWD (best peer mean 33): diffs +1, -1, +3 -> mean +1.0, std 2.0, ahead in 2
     assert cells[8] == "+1.0 ± 2.0 vs CWD, ahead in 2 of 3: within noise"
+
+
+def test_quality_detection_clutter_is_detection_ranges_on_cluttered_data(tmp_path):
+    """detection_clutter changes only the data: every config resolves to detection_ranges',
+    the models and options are the same, the data cell asks for the clutter setting, and the
+    sweep is centred on the weights detection_ranges' sweep chose."""
+    import argparse
+
+    sys.path.insert(0, str(QUALITY.parent))
+    from maskd.config_files import load_config
+    from quality import CONFIGS, RESULTS, TASKS, Plan
+
+    regime, base = CONFIGS / "detection_clutter", CONFIGS / "detection_ranges"
+    assert sorted(p.name for p in regime.iterdir()) == sorted(p.name for p in base.iterdir())
+    for path in regime.iterdir():
+        assert load_config(path) == load_config(base / path.name), path.name
+    spec, ranges = TASKS["detection_clutter"], TASKS["detection_ranges"]
+    assert {
+        k: v for k, v in spec.items() if k not in ("difficulty", "defaults", "defaults_are")
+    } == {k: v for k, v in ranges.items() if k not in ("defaults",)}
+    chosen = json.loads((RESULTS / "quality_detection_ranges_tuning_cpu.json").read_text())
+    assert spec["defaults"] == {m: float(v["chosen"]) for m, v in chosen["methods"].items()}
+    args = argparse.Namespace(
+        quick=False, work=tmp_path, out=tmp_path, accelerator="cpu", student_steps=None
+    )
+    cmd = Plan("detection_clutter", args).data_cell().commands[0][0]
+    assert cmd[cmd.index("--difficulty") + 1] == "clutter"
+    cmd = Plan("detection_ranges", args).data_cell().commands[0][0]
+    assert cmd[cmd.index("--difficulty") + 1] == "easy"

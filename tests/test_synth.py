@@ -229,3 +229,41 @@ def test_easy_setting_and_test_split(tmp_path: Path) -> None:
         "triangle",
         "square",
     ]
+
+
+def test_clutter_setting_adds_background_distractors_to_the_easy_scenes(tmp_path: Path) -> None:
+    """The clutter setting: the easy classes and annotations, plus 1-4 flat-coloured
+    distractors that are labelled background. Their pixels are neither in any object's mask
+    nor mid-grey noise: a flat colour over a large connected region."""
+    from maskd.data.synth_scene import EASY_CLUTTER, render_easy_scene
+
+    root = synth.generate(tmp_path / "c", "detection", 8, 2, 64, seed=0, difficulty="clutter")
+    ann = json.loads((root / "annotations" / "instances_train.json").read_text())
+    assert [c["name"] for c in ann["categories"]] == ["circle", "triangle", "square"]
+    assert json.loads((root / "synth_meta.json").read_text())["difficulty"] == "clutter"
+    easy = synth.generate(tmp_path / "e", "detection", 8, 2, 64, seed=0, difficulty="easy")
+    assert (easy / "train" / "000000.png").read_bytes() != (
+        root / "train" / "000000.png"
+    ).read_bytes()
+    # every background pixel of an easy scene is grey noise; a cluttered scene has flat
+    # background regions: pixels whose 3x3 neighbourhood barely varies, outside every object
+    flat_fraction = []
+    for index in range(8):
+        for clutter in (False, True):
+            rng = synth._scene_rng(0, "train", index)
+            scene = render_easy_scene(rng, 64, clutter=clutter)
+            img = scene.image.astype(float)
+            local = (
+                np.stack([np.roll(img, (dy, dx), (0, 1)) for dy in (-1, 0, 1) for dx in (-1, 0, 1)])
+                .std(axis=0)
+                .max(axis=-1)
+            )
+            objects = _dilate(scene.instances > 0, 2)
+            flat = (local < 2.0) & ~objects
+            flat_fraction.append((clutter, flat[2:-2, 2:-2].mean()))
+            assert len(scene.labels) >= 1 and set(scene.labels) <= {1, 2, 3}
+    plain = [f for c, f in flat_fraction if not c]
+    cluttered = [f for c, f in flat_fraction if c]
+    assert max(plain) == 0.0  # noise of std 38 is never flat over 3x3
+    assert min(cluttered) > 0.005  # at least one distractor in every scene
+    assert EASY_CLUTTER == (1, 4)
