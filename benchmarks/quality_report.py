@@ -119,8 +119,8 @@ def table_md(r: dict[str, Any]) -> str:
     d = r["data"]
     return (
         f"Machine: {r['machine']}\n\nCommand: `{r['command']}`\n\nDate: {r['date']}\n\n"
-        f"Data: synthetic, easy setting, {d['size']} px; {d['train']} train / {d['val']} val / "
-        f"{d['test']} test images. Student {r['student_model']}, "
+        f"Data: synthetic, {d.get('difficulty', 'easy')} setting, {d['size']} px; "
+        f"{d['train']} train / {d['val']} val / {d['test']} test images. Student {r['student_model']}, "
         + (f"{r['student_steps']} steps, " if r.get("student_steps") else "")
         + f"seeds {r['seeds']}. "
         + (
