@@ -69,12 +69,19 @@ def test_signal_saves_after_the_step_and_resume_is_exact(tmp_path, signum, capsy
     assert "stopping after this step" in capsys.readouterr().err
     # the handlers are back as they were
     assert signal.getsignal(signal.SIGINT) is before
+    first = torch.load(ckpt, weights_only=False)["callbacks"]["FitClock"]["seconds"]
     resumed = _run(out, resume="auto")
     for (name, p), q in zip(
         straight.state_dict().items(), resumed.state_dict().values(), strict=True
     ):
         assert torch.equal(p, q), name
-    assert json.loads((out / "done.json").read_text())["global_step"] == STEPS
+    done = json.loads((out / "done.json").read_text())
+    assert done["global_step"] == STEPS
+    # the training time counts both sittings: the checkpoint's seconds plus this one's
+    assert first > 0 and done["sitting_seconds"] > 0
+    assert done["fit_seconds"] == pytest.approx(first + done["sitting_seconds"])
+    one_sitting = json.loads((tmp_path / "a" / "done.json").read_text())
+    assert one_sitting["fit_seconds"] == one_sitting["sitting_seconds"]
 
 
 def test_second_signal_stops_at_once_and_keeps_the_last_checkpoint(tmp_path):

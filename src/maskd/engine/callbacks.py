@@ -1,8 +1,10 @@
-"""Callbacks: stage-1 token-mask images in TensorBoard, standalone token files."""
+"""Callbacks: stage-1 token-mask images in TensorBoard, standalone token files, and the
+training time of a run over every sitting it took."""
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from torch import Tensor
 from maskd.token_io import save_tokens
 from maskd.visualize import mask_grid, summary_report, token_masks, token_summary
 
-__all__ = ["MaskImageLogger", "TokenSaver"]
+__all__ = ["FitClock", "MaskImageLogger", "TokenSaver"]
 
 
 class MaskImageLogger(Callback):
@@ -93,3 +95,34 @@ class TokenSaver(Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         with torch.no_grad():
             self._save(trainer, pl_module)
+
+
+class FitClock(Callback):
+    """Seconds of training over every sitting of a run that was stopped and resumed.
+
+    Each checkpoint carries the seconds trained until it was written, and a run resumed from
+    it starts counting from there; steps redone after the checkpoint (work a kill lost) count
+    once, in the sitting that kept them. ``seconds``: the whole run so far; ``sitting``: this
+    process's share.
+    """
+
+    def __init__(self) -> None:
+        self.before = 0.0  # from the checkpoint this run resumed from
+        self._start: float | None = None
+
+    @property
+    def sitting(self) -> float:
+        return 0.0 if self._start is None else time.perf_counter() - self._start
+
+    @property
+    def seconds(self) -> float:
+        return self.before + self.sitting
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = time.perf_counter()
+
+    def state_dict(self) -> dict[str, float]:
+        return {"seconds": self.seconds}
+
+    def load_state_dict(self, state_dict: dict[str, float]) -> None:
+        self.before = float(state_dict["seconds"])

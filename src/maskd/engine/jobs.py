@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import time
 import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -28,7 +27,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from maskd.atomic import remove_stale_temporaries
-from maskd.engine.callbacks import MaskImageLogger, TokenSaver
+from maskd.engine.callbacks import FitClock, MaskImageLogger, TokenSaver
 from maskd.engine.checkpoint import atomic_save, find_last_checkpoint
 from maskd.engine.config import DataArgs, ModelArgs
 from maskd.engine.datamodule import MaskdDataModule
@@ -660,8 +659,10 @@ def _fit_and_finish(
         # a kill during a checkpoint or weights write leaves a temporary file: drop it
         remove_stale_temporaries(out, ("model.pt", "tokens.pt"))
         remove_stale_temporaries(out / "checkpoints", ("last.ckpt",))
-        trainer = build_trainer(trainer_spec, out, callbacks=[*(callbacks or []), StopOnSignal()])
-        start = time.perf_counter()
+        clock = FitClock()
+        trainer = build_trainer(
+            trainer_spec, out, callbacks=[*(callbacks or []), StopOnSignal(), clock]
+        )
         try:
             trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
         except SignalReceived as sig:  # a second signal, or one before the first step ended
@@ -670,7 +671,8 @@ def _fit_and_finish(
             raise Interrupted(sig.signum, trainer.global_step, kept, saved=False) from None
         except pickle.UnpicklingError as err:  # raised while Lightning reads the checkpoint
             raise refusal(err, "run.resume", ckpt) from err
-        fit_seconds = time.perf_counter() - start
+        sitting_seconds = clock.sitting
+        fit_seconds = clock.before + sitting_seconds
         metrics: dict[str, float] = {}
         if run.validate:
             results = trainer.validate(module, datamodule=dm, verbose=False)
@@ -683,7 +685,8 @@ def _fit_and_finish(
                 out / "done.json",
                 {
                     "global_step": trainer.global_step,
-                    "fit_seconds": fit_seconds,
+                    "fit_seconds": fit_seconds,  # every sitting of a resumed run
+                    "sitting_seconds": sitting_seconds,
                     "metrics": metrics,
                 },
             )
