@@ -129,7 +129,7 @@ def test_readme_overview_is_the_reports_summary():
     end = next(i for i in range(start, len(lines)) if not lines[i].startswith("|"))
     block = "\n".join(lines[start:end]) + "\n"
     links = re.findall(r"\]\((benchmarks/results/[^)]+)\.md\)", block)
-    assert len(links) == 4
+    assert len(links) == 5
     paths = [ROOT / f"{link}.json" for link in links]
     assert block == summary_md(paths, ROOT)
 
