@@ -63,6 +63,7 @@ TASKS: dict[str, dict[str, Any]] = {
     "detection": {
         "kind": "detection",
         "data": (1500, 200, 300, 64),
+        "difficulty": "easy",  # `maskd data synth --difficulty`
         "student": "fcos_resnet18_fpn",
         "teacher": "fcos_resnet50_fpn",
         # model options that change the weights' layout (evaluation builds the same model)
@@ -79,6 +80,7 @@ TASKS: dict[str, dict[str, Any]] = {
     "segmentation": {
         "kind": "segmentation",
         "data": (1500, 200, 300, 64),
+        "difficulty": "easy",
         "student": "lraspp_mobilenet_v3_large",
         "teacher": "deeplabv3_resnet18",
         "options": {"student": {}, "teacher": {"aux_loss": True, "aux_weight": 0.4}},
@@ -282,7 +284,6 @@ class Plan:
         self.data = self.work / "data"
         self.kept = args.out / "quality_cells" / task  # committed results of student cells
         self.cfg = CONFIGS / task
-        self.difficulty: str = self.spec.get("difficulty", "easy")  # maskd data synth's
         self.trainer = [
             f"--trainer.accelerator={args.accelerator}",
             "--trainer.progress_bar=false",
@@ -375,7 +376,7 @@ class Plan:
         cmd = _maskd(
             "data", "synth", "--out", str(self.data), "--task", self.kind,
             "--train", str(train), "--val", str(val), "--test", str(test), "--size", str(size),
-            "--seed", "0", "--difficulty", self.difficulty, "--overwrite", "true", "--preview", "8",
+            "--seed", "0", "--difficulty", self.spec["difficulty"], "--overwrite", "true", "--preview", "8",
         )  # fmt: skip
 
         def finish(d: Path) -> None:
@@ -805,7 +806,7 @@ def _report(plan: Plan, args: argparse.Namespace, rows: list[Row], seeds: list[i
         **header("quality", plan.task, args.accelerator),
         "data": {
             **dict(zip(("train", "val", "test", "size"), sizes, strict=True)),
-            "difficulty": plan.difficulty,
+            "difficulty": plan.spec["difficulty"],
         },
         "teacher": {
             "model": plan.spec["teacher"],
@@ -838,9 +839,7 @@ def random_tokens(path: Path, task: str) -> None:
     from maskd.tokens import ReceptiveTokens
 
     spec = TASKS[task]
-    num_classes = len(classes(spec.get("difficulty", "easy"))) + (
-        spec["kind"] == "segmentation"
-    )  # + background
+    num_classes = len(classes(spec["difficulty"])) + (spec["kind"] == "segmentation")  # + bg
     teacher, layers = build(spec["teacher"], num_classes=num_classes, **spec["options"]["teacher"])
     feats, levels = probe_levels(teacher, layers)
     torch.manual_seed(0)

@@ -632,7 +632,8 @@ def test_quality_detection_clutter_is_detection_ranges_on_cluttered_data(tmp_pat
     spec, ranges = TASKS["detection_clutter"], TASKS["detection_ranges"]
     assert {
         k: v for k, v in spec.items() if k not in ("difficulty", "defaults", "defaults_are")
-    } == {k: v for k, v in ranges.items() if k not in ("defaults",)}
+    } == {k: v for k, v in ranges.items() if k not in ("difficulty", "defaults")}
+    assert (spec["difficulty"], ranges["difficulty"]) == ("clutter", "easy")
     chosen = json.loads((RESULTS / "quality_detection_ranges_tuning_cpu.json").read_text())
     assert spec["defaults"] == {m: float(v["chosen"]) for m, v in chosen["methods"].items()}
     args = argparse.Namespace(

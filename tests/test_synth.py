@@ -234,7 +234,7 @@ def test_easy_setting_and_test_split(tmp_path: Path) -> None:
 def test_clutter_setting_adds_background_distractors_to_the_easy_scenes(tmp_path: Path) -> None:
     """The clutter setting: the easy classes and annotations, plus 1-4 flat-coloured
     distractors that are labelled background. Their pixels are neither in any object's mask
-    nor mid-grey noise: a flat colour over a large connected region."""
+    nor mid-grey noise: flat colour, which no pixel of an easy scene's background is."""
     from maskd.data.synth_scene import EASY_CLUTTER, render_easy_scene
 
     root = synth.generate(tmp_path / "c", "detection", 8, 2, 64, seed=0, difficulty="clutter")
