@@ -197,3 +197,19 @@ def test_gradient_table_is_the_levels_report():
         boxes = [per[n]["in_boxes"] for n in names[:2]]
         assert in_boxes == " / ".join(f"{100 * v:.0f}" for v in boxes) + " %", label
         assert ap == ("" if row is None else f"{means[row]:.1f}"), label
+
+
+def test_readme_headline_numbers_are_the_reports():
+    """Every ``mean ± std`` the README's first paragraph of results ("Measured here") quotes
+    is printed in one of the reports its overview links: a stale headline fails."""
+    text = README.read_text()
+    start = text.index("**Measured here**")
+    headline = text[start : text.index("\n\n", start)]
+    quoted = re.findall(r"[+−-]?\d+\.\d ± \d+\.\d", headline)
+    assert len(quoted) >= 4
+    lines = text.splitlines()
+    overview = next(i for i, ln in enumerate(lines) if ln.startswith("| regime: test score |"))
+    links = re.findall(r"\]\((benchmarks/results/[^)]+\.md)\)", "\n".join(lines[overview:]))
+    printed = "\n".join((ROOT / link).read_text() for link in dict.fromkeys(links[:5]))
+    for value in quoted:
+        assert value.lstrip("+−-") in printed, value
