@@ -280,9 +280,13 @@ class Plan:
         self.kind = self.spec["kind"]  # detection | segmentation
         self.args = args
         self.quick = args.quick
-        self.work = args.work / task
+        # another draw of the same kind of data: every model is new, so its own work folder,
+        # kept cells and report; the weights stay those chosen on the data of seed 0
+        self.data_seed: int = getattr(args, "data_seed", 0)
+        drawn = f"{task}_data{self.data_seed}" if self.data_seed else task
+        self.work = args.work / drawn
         self.data = self.work / "data"
-        self.kept = args.out / "quality_cells" / task  # committed results of student cells
+        self.kept = args.out / "quality_cells" / drawn  # committed results of student cells
         self.cfg = CONFIGS / task
         self.trainer = [
             f"--trainer.accelerator={args.accelerator}",
@@ -318,6 +322,8 @@ class Plan:
         """The table report's file name: a diagnostic's suffix, and more seeds than the
         protocol's three give reports of their own beside the table's (the cells shared)."""
         more = f"_seeds{seeds}" if seeds > SEEDS else ""
+        if self.data_seed:
+            more = f"_data{self.data_seed}{more}"
         return f"quality_{self.task}{self.suffix()}{more}_{self.args.accelerator}"
 
     def read(self, name: str) -> dict[str, Any]:
@@ -376,7 +382,8 @@ class Plan:
         cmd = _maskd(
             "data", "synth", "--out", str(self.data), "--task", self.kind,
             "--train", str(train), "--val", str(val), "--test", str(test), "--size", str(size),
-            "--seed", "0", "--difficulty", self.spec["difficulty"], "--overwrite", "true", "--preview", "8",
+            "--seed", str(self.data_seed), "--difficulty", self.spec["difficulty"],
+            "--overwrite", "true", "--preview", "8",
         )  # fmt: skip
 
         def finish(d: Path) -> None:
@@ -807,6 +814,7 @@ def _report(plan: Plan, args: argparse.Namespace, rows: list[Row], seeds: list[i
         "data": {
             **dict(zip(("train", "val", "test", "size"), sizes, strict=True)),
             "difficulty": plan.spec["difficulty"],
+            "seed": plan.data_seed,
         },
         "teacher": {
             "model": plan.spec["teacher"],
@@ -890,6 +898,10 @@ def main() -> None:
                         "FPN levels, e.g. 0 1 2 (own cells and report "
                         "quality_<task>_lv0-1-2_<device>; the student alone's cells are the "
                         "table's)")  # fmt: skip
+    parser.add_argument("--data-seed", type=int, default=0,
+                        help="replicate the table on another draw of the task's data (a new "
+                        "teacher and tokens, the weights chosen on seed 0's validation; own "
+                        "cells and report quality_<task>_data<N>_<device>)")  # fmt: skip
     parser.add_argument("--work", type=Path, default=Path("runs/quality"))
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--random-tokens", type=Path, help=argparse.SUPPRESS)
@@ -915,9 +927,9 @@ def main() -> None:
         without_head(*args.without_head)
         return
     plan = Plan(args.task, args)
-    if args.tune and (args.levels or args.student_steps):
-        raise SystemExit("--tune picks the table's weights: run it without --levels and "
-                         "--student-steps")  # fmt: skip
+    if args.tune and (args.levels or args.student_steps or args.data_seed):
+        raise SystemExit("--tune picks the table's weights: run it without --levels, "
+                         "--student-steps and --data-seed")  # fmt: skip
     if args.tune:
         tune(plan, args)
     else:

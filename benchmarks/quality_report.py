@@ -119,7 +119,9 @@ def table_md(r: dict[str, Any]) -> str:
     d = r["data"]
     return (
         f"Machine: {r['machine']}\n\nCommand: `{r['command']}`\n\nDate: {r['date']}\n\n"
-        f"Data: synthetic, {d.get('difficulty', 'easy')} setting, {d['size']} px; "
+        f"Data: synthetic, {d.get('difficulty', 'easy')} setting, {d['size']} px"
+        + (f", drawn with seed {d['seed']}" if d.get("seed") else "")
+        + "; "
         f"{d['train']} train / {d['val']} val / {d['test']} test images. Student {r['student_model']}, "
         + (f"{r['student_steps']} steps, " if r.get("student_steps") else "")
         + f"seeds {r['seeds']}. "
@@ -167,6 +169,12 @@ def _verdict(v: dict[str, Any]) -> str:
     return "ahead" if v["mean"] > 0 else "behind"
 
 
+def _drawn(r: dict[str, Any]) -> str:
+    """The data seed, where a report was made on another draw than seed 0's."""
+    seed = r["data"].get("seed")
+    return f", data seed {seed}" if seed else ""
+
+
 def summary_md(paths: list[Path], root: Path) -> str:
     """One line per table report (``paths``, JSON): every main row's test mean ± std, and
     MasKD against the peer with the best mean, paired by seed. Links are relative to
@@ -195,7 +203,8 @@ def summary_md(paths: list[Path], root: Path) -> str:
                   f"{v['ahead_in']} of {len(v['diffs'])}: {_verdict(v)}")  # fmt: skip
         link = path.with_suffix(".md").resolve().relative_to(root.resolve())
         lines.append(
-            f"| [{r['task']}, {r['data']['size']} px]({link.as_posix()}): {_score_name(r)} "
+            f"| [{r['task']}, {r['data']['size']} px{_drawn(r)}]({link.as_posix()}): "
+            f"{_score_name(r)} "
             f"| {r['teacher']['model']} → {r['student_model']} | {len(r['seeds'])} "
             f"| {r['teacher']['test']:.1f} | " + " | ".join(cells) + f" | {versus} |"
         )

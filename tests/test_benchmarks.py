@@ -643,3 +643,50 @@ def test_quality_detection_clutter_is_detection_ranges_on_cluttered_data(tmp_pat
     assert cmd[cmd.index("--difficulty") + 1] == "clutter"
     cmd = Plan("detection_ranges", args).data_cell().commands[0][0]
     assert cmd[cmd.index("--difficulty") + 1] == "easy"
+
+
+def test_quality_data_seed_replicates_on_its_own_draw(tmp_path, monkeypatch):
+    """--data-seed N draws the data with seed N into a work folder, kept cells and report of
+    its own (nothing of seed 0's is reused), names the seed in the reports, and may not
+    choose weights: the sweep belongs to seed 0's validation split."""
+    import argparse
+
+    sys.path.insert(0, str(QUALITY.parent))
+    import quality
+    from quality import Plan
+    from quality_report import summary_md, table_md
+
+    def plan(seed: int) -> Plan:
+        args = argparse.Namespace(quick=False, work=tmp_path / "w", out=tmp_path / "o",
+                                  accelerator="cpu", student_steps=None, data_seed=seed)  # fmt: skip
+        return Plan("detection_clutter", args)
+
+    first, other = plan(0), plan(1)
+    for p, seed in ((first, "0"), (other, "1")):
+        cmd = p.data_cell().commands[0][0]
+        assert cmd[cmd.index("--seed") + 1] == seed
+        assert cmd[cmd.index("--out") + 1] == str(p.data)
+    assert other.work == tmp_path / "w" / "detection_clutter_data1" != first.work
+    assert other.kept == tmp_path / "o" / "quality_cells" / "detection_clutter_data1"
+    assert (first.report_stem(3), other.report_stem(3), other.report_stem(5)) == (
+        "quality_detection_clutter_cpu",
+        "quality_detection_clutter_data1_cpu",
+        "quality_detection_clutter_data1_seeds5_cpu",
+    )
+    src = json.loads(
+        (QUALITY.parent / "results" / "quality_detection_clutter_cpu.json").read_text()
+    )
+    assert "drawn with seed" not in table_md(src)
+    src["data"]["seed"] = 1
+    assert "64 px, drawn with seed 1; 1500 train" in table_md(src)
+    path = tmp_path / "results" / "quality_x_cpu.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(src))
+    assert "| [detection_clutter, 64 px, data seed 1](results/quality_x_cpu.md)" in summary_md(
+        [path], tmp_path
+    )
+    argv = ["quality.py", "--task", "detection_clutter", "--tune", "--data-seed", "1"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--work", str(tmp_path / "w")])
+    with pytest.raises(SystemExit, match="--data-seed"):
+        quality.main()
+    assert not (tmp_path / "w").exists()
