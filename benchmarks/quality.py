@@ -18,6 +18,7 @@ table. ``--workers 2`` runs two cells at once, each on one torch thread. The rep
 
     python benchmarks/quality.py --tune          # the validation sweep (writes *_tuning_*)
     python benchmarks/quality.py                 # the table, with the tuned weights
+    python benchmarks/quality.py --data-seed 1   # the table again on another draw of the data
     python benchmarks/quality.py --quick --work /tmp/q --out /tmp/q/results   # smoke test
 """
 
