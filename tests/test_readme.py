@@ -116,6 +116,15 @@ def test_readme_128px_sweep_table_is_the_tuning_report():
         assert chosen == f"{v['chosen']:g}", label
 
 
+def _overview() -> tuple[str, list[str]]:
+    """The README's overview table under Results, and the report stems it links."""
+    lines = README.read_text().splitlines()
+    start = lines.index(next(ln for ln in lines if ln.startswith("| regime: test score |")))
+    end = next(i for i in range(start, len(lines)) if not lines[i].startswith("|"))
+    block = "\n".join(lines[start:end]) + "\n"
+    return block, re.findall(r"\]\((benchmarks/results/[^)]+)\.md\)", block)
+
+
 def test_readme_overview_is_the_reports_summary():
     """The overview table under Results is ``quality.py --summary`` of the reports it links,
     character for character: a report that changes fails this until the README follows."""
@@ -124,11 +133,7 @@ def test_readme_overview_is_the_reports_summary():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from quality_report import summary_md
 
-    lines = README.read_text().splitlines()
-    start = lines.index(next(ln for ln in lines if ln.startswith("| regime: test score |")))
-    end = next(i for i in range(start, len(lines)) if not lines[i].startswith("|"))
-    block = "\n".join(lines[start:end]) + "\n"
-    links = re.findall(r"\]\((benchmarks/results/[^)]+)\.md\)", block)
+    block, links = _overview()
     assert len(links) == 6
     paths = [ROOT / f"{link}.json" for link in links]
     assert block == summary_md(paths, ROOT)
@@ -207,9 +212,6 @@ def test_readme_headline_numbers_are_the_reports():
     headline = text[start : text.index("\n\n", start)]
     quoted = re.findall(r"[+−-]?\d+\.\d ± \d+\.\d", headline)
     assert len(quoted) >= 4
-    lines = text.splitlines()
-    overview = next(i for i, ln in enumerate(lines) if ln.startswith("| regime: test score |"))
-    links = re.findall(r"\]\((benchmarks/results/[^)]+\.md)\)", "\n".join(lines[overview:]))
-    printed = "\n".join((ROOT / link).read_text() for link in dict.fromkeys(links[:6]))
+    printed = "\n".join((ROOT / f"{link}.md").read_text() for link in _overview()[1])
     for value in quoted:
         assert value.lstrip("+−-") in printed, value
