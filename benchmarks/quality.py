@@ -19,6 +19,8 @@ table. ``--workers 2`` runs two cells at once, each on one torch thread. The rep
     python benchmarks/quality.py --tune          # the validation sweep (writes *_tuning_*)
     python benchmarks/quality.py                 # the table, with the tuned weights
     python benchmarks/quality.py --data-seed 1   # the table again on another draw of the data
+    python benchmarks/quality.py --pool results/quality_<task>_cpu.json \
+        results/quality_<task>_data1_cpu.json    # the draws' tables pooled
     python benchmarks/quality.py --quick --work /tmp/q --out /tmp/q/results   # smoke test
 """
 
@@ -42,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from maskd.config_files import load_config
+from quality_pool import pool, pooled_md
 from quality_report import (
     header,
     pairings,
@@ -914,7 +917,17 @@ def main() -> None:
     parser.add_argument("--summary", type=Path, nargs="+", metavar="JSON",
                         help="print one markdown line per table report: every main row's "
                         "mean and MasKD against the best peer (the README's overview)")  # fmt: skip
+    parser.add_argument("--pool", type=Path, nargs="+", metavar="JSON",
+                        help="pool one task's table reports of several draws (--data-seed) into "
+                        "quality_<task>_draws<N>_<device>.{json,md} under --out: each row's "
+                        "mean over draws of its test mean, MasKD paired with each peer by "
+                        "draw, and the target read off the pooled means")  # fmt: skip
     args = parser.parse_args()
+    if args.pool:
+        report = pool(args.pool)
+        stem = f"quality_{report['task']}_draws{len(report['draws'])}_{report['accelerator']}"
+        write(args.out, stem, report, pooled_md(report))
+        return
     if args.summary:
         print(summary_md(args.summary, ROOT), end="")
         return

@@ -70,7 +70,7 @@ def within_noise(diffs: list[float]) -> bool:
 SCORE_NAMES = {"map": "AP", "miou": "mIoU"}
 
 
-def _score_name(report: dict[str, Any]) -> str:
+def score_name(report: dict[str, Any]) -> str:
     """``AP`` or ``mIoU``, from the report's ``metric`` (``"test map"``, ``"val miou"``)."""
     return SCORE_NAMES[report["metric"].split()[-1]]
 
@@ -87,13 +87,13 @@ def tuning_md(r: dict[str, Any]) -> str:
         lines.append(f"| {m} | {v['default']:g} | {tried} | {chosen} |")
     return (
         f"Machine: {r['machine']}\n\nCommand: `{r['command']}`\n\nDate: {r['date']}\n\n"
-        f"Validation {_score_name(r)} (percent) per loss weight, "
+        f"Validation {score_name(r)} (percent) per loss weight, "
         f"{r['protocol']}:\n\n" + "\n".join(lines) + "\n"
     )
 
 
 def table_md(r: dict[str, Any]) -> str:
-    name = _score_name(r)
+    name = score_name(r)
     lines = [
         f"| row | weight | test {name}, mean ± std | per seed | Δ to student alone (paired) "
         f"| gap closed | validation {name}, mean |",
@@ -142,20 +142,23 @@ def table_md(r: dict[str, Any]) -> str:
     )
 
 
-def versus_md(versus: dict[str, dict[str, Any]] | None, other: str = "peer") -> str:
+def versus_md(
+    versus: dict[str, dict[str, Any]] | None, other: str = "peer", unit: str = "seed"
+) -> str:
+    """MasKD against each ``other`` row, paired by ``unit`` (a seed, or a draw of the data)."""
     if not versus:
         return ""
     lines = [
-        f"\nMasKD against each {other}, test, paired by seed (MasKD − {other}):\n",
-        f"| {other} | per seed | mean ± std | MasKD ahead in | verdict |",
+        f"\nMasKD against each {other}, test, paired by {unit} (MasKD − {other}):\n",
+        f"| {other} | per {unit} | mean ± std | MasKD ahead in | verdict |",
         "|---|---|---:|---:|---|",
     ]
     for v in versus.values():
         n = len(v["diffs"])
-        seeds = ", ".join(f"{d:+.1f}" for d in v["diffs"])
+        each = ", ".join(f"{d:+.1f}" for d in v["diffs"])
         lines.append(
-            f"| {v['label']} | {seeds} | {v['mean']:+.1f} ± {v['std']:.1f} "
-            f"| {v['ahead_in']} of {n} seeds | {_verdict(v)} |"
+            f"| {v['label']} | {each} | {v['mean']:+.1f} ± {v['std']:.1f} "
+            f"| {v['ahead_in']} of {n} {unit}s | {_verdict(v)} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -204,7 +207,7 @@ def summary_md(paths: list[Path], root: Path) -> str:
         link = path.with_suffix(".md").resolve().relative_to(root.resolve())
         lines.append(
             f"| [{r['task']}, {r['data']['size']} px{_drawn(r)}]({link.as_posix()}): "
-            f"{_score_name(r)} "
+            f"{score_name(r)} "
             f"| {r['teacher']['model']} → {r['student_model']} | {len(r['seeds'])} "
             f"| {r['teacher']['test']:.1f} | " + " | ".join(cells) + f" | {versus} |"
         )
@@ -242,7 +245,7 @@ def plot(r: dict[str, Any], path: Path) -> None:
     hi = max(r["teacher"]["test"], *(max(row["test"]) for row in rows))  # students may pass it
     ax.set_ylim(max(0.0, lo - 5), hi + 3)
     ax.set_xticks(list(xs), [row["row"] for row in rows], rotation=35, ha="right", fontsize=8)
-    ax.set_ylabel(f"test {_score_name(r)} (%)")
+    ax.set_ylabel(f"test {score_name(r)} (%)")
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path)

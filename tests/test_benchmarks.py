@@ -690,3 +690,101 @@ def test_quality_data_seed_replicates_on_its_own_draw(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="--data-seed"):
         quality.main()
     assert not (tmp_path / "w").exists()
+
+
+def _draw_report(seed: int, teacher: float, tests: dict[str, list[float]]) -> dict:
+    """A table report of one draw with the fields ``--pool`` reads, from per-seed scores."""
+    sys.path.insert(0, str(QUALITY.parent))
+    from quality_report import pairings, stats
+
+    base = tests["student"]
+    rows = []
+    for name, test in tests.items():
+        mean, std = stats(test)
+        rows.append({"row": name, "label": name.upper(), "ablation": name.endswith("_t1"),
+                     "weight": None if name == "student" else 1.0, "test": test, "mean": mean,
+                     "std": std, "gap_closed": (mean - stats(base)[0]) / (teacher - stats(base)[0]),
+                     "beats_student_every_seed": all(a > b for a, b in zip(test, base, strict=True))})  # fmt: skip
+    return {"benchmark": "quality", "task": "det", "metric": "test map", "seeds": [0, 1],
+            "student_steps": 500, "levels": None, "machine": {"cpu_count": 2},
+            "date": "d", "data": {"size": 64, "seed": seed}, "teacher": {"test": teacher},
+            "rows": rows, **pairings(rows)}  # fmt: skip
+
+
+def test_pool_averages_each_row_over_draws_and_reads_the_target_off_the_pooled_means(
+    tmp_path, monkeypatch
+):
+    """``--pool``: a row's score is the mean over draws of its mean over seeds, MasKD is
+    paired with each peer by draw, and the target holds only if MasKD's pooled mean leads
+    every peer's (here CWD leads on one draw and MasKD on the pooled means)."""
+    sys.path.insert(0, str(QUALITY.parent))
+    import quality
+
+    draws = {
+        2: (30.0, {"student": [10.0, 12.0], "cwd": [20.0, 22.0], "maskd": [23.0, 25.0],
+                   "maskd_t1": [0.0, 0.0]}),
+        0: (20.0, {"student": [8.0, 10.0], "cwd": [19.0, 19.0], "maskd": [17.0, 18.0],
+                   "maskd_t1": [0.0, 0.0]}),
+    }  # fmt: skip
+    paths = []
+    for seed, (teacher, tests) in draws.items():
+        paths.append(tmp_path / f"quality_det_data{seed}_cpu.json")
+        paths[-1].write_text(json.dumps(_draw_report(seed, teacher, tests)))
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", ["quality.py", "--pool", *map(str, paths), "--out", str(out)])
+    quality.main()
+    report = json.loads((out / "quality_det_draws2_cpu.json").read_text())
+    assert [d["data_seed"] for d in report["draws"]] == [0, 2]  # in draw order
+    rows = {row["row"]: row for row in report["rows"]}
+    assert list(rows) == ["student", "cwd", "maskd"]  # main rows only
+    assert rows["maskd"]["test"] == [17.5, 24.0] and rows["maskd"]["mean"] == 20.75
+    assert rows["cwd"]["test"] == [19.0, 21.0] and rows["cwd"]["mean"] == 20.0
+    assert rows["student"]["mean"] == 10.0 and report["teacher"]["mean"] == 25.0
+    cwd = report["maskd_vs_peers"]["cwd"]
+    assert cwd["diffs"] == [-1.5, 3.0] and cwd["ahead_in"] == 1 and cwd["within_noise"]
+    target = report["target"]
+    assert target["gap_closed"] == (20.75 - 10.0) / (25.0 - 10.0)
+    assert target["leads_every_peer"] and target["beats_student_every_seed_of_every_draw"]
+    assert target["met"]
+    md = (out / "quality_det_draws2_cpu.md").read_text()
+    assert "| MASKD | 17.5 | 24.0 | 20.8 ± 4.6 |" in md
+    assert "| CWD | -1.5, +3.0 | +0.8 ± 3.2 | 1 of 2 draws | within noise |" in md
+    assert "Target (met): MasKD closes 72 %" in md and "(quality_det_data0_cpu.md)" in md
+
+    # CWD's pooled mean ahead: not met, though MasKD leads on one draw
+    draws[2][1]["cwd"][:] = [25.0, 27.0]
+    paths[0].write_text(json.dumps(_draw_report(2, *draws[2])))
+    report = quality.pool(paths)
+    assert report["maskd_vs_peers"]["cwd"]["mean"] < 0 and not report["target"]["met"]
+
+
+def test_pool_refuses_reports_that_are_not_draws_of_one_table(tmp_path):
+    sys.path.insert(0, str(QUALITY.parent))
+    from quality_pool import pool
+
+    tests = {"student": [1.0, 2.0], "cwd": [3.0, 4.0], "maskd": [5.0, 6.0]}
+
+    def write(name: str, seed: int, **change) -> Path:
+        report = {**_draw_report(seed, 9.0, tests), **change}
+        (tmp_path / name).write_text(json.dumps(report))
+        return tmp_path / name
+
+    a = write("a.json", 0)
+    with pytest.raises(SystemExit, match="at least two draws"):
+        pool([a])
+    with pytest.raises(SystemExit, match=r"b\.json and .*a\.json are both of data seed 0"):
+        pool([a, write("b.json", 0)])
+    with pytest.raises(SystemExit, match=r"c\.json: its seeds is \[0, 1, 2\]"):
+        pool([a, write("c.json", 1, seeds=[0, 1, 2])])
+    with pytest.raises(SystemExit, match=r"d\.json: its task is 'seg'"):
+        pool([a, write("d.json", 1, task="seg")])
+    with pytest.raises(SystemExit, match=r"e\.json: made on gpu"):
+        pool([a, write("e.json", 1, machine={"gpu": "H200"})])
+    with pytest.raises(SystemExit, match=r"f\.json: main rows \['maskd', 'student'\]"):
+        rows = [r for r in _draw_report(1, 9.0, tests)["rows"] if r["row"] != "cwd"]
+        pool([a, write("f.json", 1, rows=rows)])
+    with pytest.raises(SystemExit, match=r"h\.json: a table without the student alone or MasKD"):
+        rows = [r for r in _draw_report(1, 9.0, tests)["rows"] if r["row"] != "maskd"]
+        pool([a, write("h.json", 1, rows=rows)])
+    with pytest.raises(SystemExit, match=r"g\.json: not a quality table report"):
+        pool([a, write("g.json", 1, benchmark="quality_tuning")])

@@ -1,0 +1,156 @@
+"""One task's table pooled over several draws of its data (``quality.py --pool``).
+
+Each draw (``--data-seed``) has its own images, teacher and tokens, so its table answers
+"does MasKD lead here" for one dataset; pooling answers it for the kind of data. The rule:
+a row's pooled score is the mean over draws of its test mean over seeds, and MasKD is
+paired with each peer by draw (the draw is the unit, its seeds already averaged). The
+issue's target is read off the pooled means: MasKD closes at least 30 % of the
+teacher-student gap, beats the student alone in every seed of every draw, and leads every
+peer's pooled mean.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from quality_report import header, score_name, stats, versus_md, versus_peers
+
+GAP_TARGET = 0.30
+
+
+def _accelerator(report: dict[str, Any]) -> str:
+    return "gpu" if "gpu" in report["machine"] else "cpu"
+
+
+def _draw(report: dict[str, Any]) -> int:
+    return int(report["data"].get("seed", 0))
+
+
+def check_poolable(reports: list[dict[str, Any]], paths: list[Path]) -> None:
+    """Raise ``SystemExit`` naming the file unless the reports are tables of one task, one
+    metric, seeds and main rows (the student alone and MasKD among them), on one kind of
+    device, each of another draw."""
+    if len(reports) < 2:
+        raise SystemExit("--pool needs the table reports of at least two draws")
+    first = reports[0]
+    seen: dict[int, Path] = {}
+    for path, r in zip(paths, reports, strict=True):
+        if r.get("benchmark") != "quality" or "rows" not in r:
+            raise SystemExit(f"{path}: not a quality table report (no 'rows')")
+        for key in ("task", "metric", "seeds", "student_steps", "levels"):
+            if r.get(key) != first.get(key):
+                raise SystemExit(
+                    f"{path}: its {key} is {r.get(key)!r}, {paths[0]}'s is {first.get(key)!r}"
+                )
+        if not {"student", "maskd"} <= _main_rows(r).keys():
+            raise SystemExit(f"{path}: a table without the student alone or MasKD")
+        if _main_rows(r).keys() != _main_rows(first).keys():
+            raise SystemExit(
+                f"{path}: main rows {sorted(_main_rows(r))}, {paths[0]}: {sorted(_main_rows(first))}"
+            )
+        if _accelerator(r) != _accelerator(first):
+            raise SystemExit(f"{path}: made on {_accelerator(r)}, {paths[0]} on "
+                             f"{_accelerator(first)}")  # fmt: skip
+        if _draw(r) in seen:
+            raise SystemExit(f"{path} and {seen[_draw(r)]} are both of data seed {_draw(r)}")
+        seen[_draw(r)] = path
+
+
+def _main_rows(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {row["row"]: row for row in report["rows"] if not row["ablation"]}
+
+
+def pool(paths: list[Path]) -> dict[str, Any]:
+    """The pooled report of the table reports at ``paths`` (JSON), in draw order."""
+    reports = [json.loads(p.read_text()) for p in paths]
+    check_poolable(reports, paths)
+    order = sorted(range(len(reports)), key=lambda i: _draw(reports[i]))
+    reports, paths = [reports[i] for i in order], [paths[i] for i in order]
+    names = list(_main_rows(reports[0]))
+    rows = []
+    for name in names:
+        per_draw = [_main_rows(r)[name] for r in reports]
+        means = [row["mean"] for row in per_draw]
+        mean, std = stats(means)
+        rows.append({"row": name, "label": per_draw[0]["label"], "ablation": False,
+                     "weights": [row["weight"] for row in per_draw],
+                     "test": means, "mean": mean, "std": std})  # fmt: skip
+    teacher = [r["teacher"]["test"] for r in reports]
+    by_name = {row["row"]: row for row in rows}
+    student, ours = by_name["student"]["mean"], by_name["maskd"]["mean"]
+    t_mean, t_std = stats(teacher)
+    gap = t_mean - student
+    versus = versus_peers(rows)  # MasKD − peer, paired by draw ("test" holds the draw means)
+    beats = [_main_rows(r)["maskd"]["beats_student_every_seed"] for r in reports]
+    gap_closed = (ours - student) / gap if gap else None
+    leads = bool(versus) and all(v["mean"] > 0 for v in versus.values())  # False with NaN
+    closes = gap_closed is not None and gap_closed >= GAP_TARGET
+    return {
+        **header("quality_pooled", reports[0]["task"], _accelerator(reports[0])),
+        "accelerator": _accelerator(reports[0]),
+        "metric": reports[0]["metric"],
+        "seeds": reports[0]["seeds"],
+        "rule": "a row's pooled score is the mean over draws of its test mean over seeds; "
+        "MasKD is paired with each peer by draw",
+        "draws": [
+            {
+                "data_seed": _draw(r),
+                "report": p.name,
+                "teacher": r["teacher"]["test"],
+                "data": r["data"],
+                "date": r["date"],
+                "maskd_gap_closed": _main_rows(r)["maskd"]["gap_closed"],
+                "maskd_beats_student_every_seed": b,
+            }
+            for p, r, b in zip(paths, reports, beats, strict=True)
+        ],
+        "teacher": {"test": teacher, "mean": t_mean, "std": t_std},
+        "rows": rows,
+        "maskd_vs_peers": versus,
+        "target": {
+            "gap_closed": gap_closed,
+            "closes_30_percent": closes,
+            "beats_student_every_seed_of_every_draw": all(beats),
+            "leads_every_peer": leads,
+            "met": closes and all(beats) and leads,
+        },
+    }
+
+
+def pooled_md(r: dict[str, Any]) -> str:
+    """The pooled report as markdown: a column per draw, the pooled mean, the pairings."""
+    name = score_name(r)
+    draws = r["draws"]
+    head = " | ".join(f"data seed {d['data_seed']}" for d in draws)
+    lines = [
+        f"| row | {head} | pooled: mean ± std over draws |",
+        "|---|" + "---:|" * len(draws) + "---:|",
+        "| teacher | "
+        + " | ".join(f"{v:.1f}" for v in r["teacher"]["test"])
+        + f" | {r['teacher']['mean']:.1f} ± {r['teacher']['std']:.1f} |",
+    ]
+    for row in r["rows"]:
+        lines.append(f"| {row['label']} | " + " | ".join(f"{v:.1f}" for v in row["test"])
+                     + f" | {row['mean']:.1f} ± {row['std']:.1f} |")  # fmt: skip
+    t = r["target"]
+    closed = "–" if t["gap_closed"] is None else f"{100 * t['gap_closed']:.0f} %"
+    sources = ", ".join(
+        f"[data seed {d['data_seed']}]({Path(d['report']).with_suffix('.md')})" for d in draws
+    )
+    verdict = "met" if t["met"] else "not met"
+    return (
+        f"Machine: {r['machine']}\n\nCommand: `{r['command']}`\n\nDate: {r['date']}\n\n"
+        f"Task {r['task']}, {len(draws)} draws of its data, each a table of seeds "
+        f"{r['seeds']} ({sources}). Every draw has its own images, teacher and tokens. "
+        f"Cells: test {name} (percent), each draw's mean over seeds. Rule, fixed before the "
+        f"draws were compared: {r['rule']}.\n\n"
+        + "\n".join(lines)
+        + "\n"
+        + versus_md(r["maskd_vs_peers"], unit="draw")
+        + f"\nTarget ({verdict}): MasKD closes {closed} of the pooled teacher-student gap "
+        f"(needs {100 * GAP_TARGET:.0f} %); beats the student alone in every seed of every draw: "
+        f"{'yes' if t['beats_student_every_seed_of_every_draw'] else 'no'}; its pooled mean "
+        f"leads every peer's: {'yes' if t['leads_every_peer'] else 'no'}.\n"
+    )
