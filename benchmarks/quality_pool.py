@@ -18,6 +18,7 @@ from typing import Any
 from quality_report import header, score_name, stats, versus_md, versus_peers
 
 GAP_TARGET = 0.30
+TEACHER_BAR = 5.0  # a regime's teacher beats the student alone by this much (points)
 
 
 def _accelerator(report: dict[str, Any]) -> str:
@@ -99,6 +100,7 @@ def pool(paths: list[Path]) -> dict[str, Any]:
                 "data_seed": _draw(r),
                 "report": p.name,
                 "teacher": r["teacher"]["test"],
+                "teacher_gap": r["teacher"]["test"] - _main_rows(r)["student"]["mean"],
                 "data": r["data"],
                 "date": r["date"],
                 "maskd_gap_closed": _main_rows(r)["maskd"]["gap_closed"],
@@ -140,6 +142,11 @@ def pooled_md(r: dict[str, Any]) -> str:
         f"[data seed {d['data_seed']}]({Path(d['report']).with_suffix('.md')})" for d in draws
     )
     verdict = "met" if t["met"] else "not met"
+    weak = [f"data seed {d['data_seed']} ({d['teacher_gap']:+.1f})" for d in draws
+            if d["teacher_gap"] < TEACHER_BAR]  # fmt: skip
+    bar = (f"Draws whose teacher is less than {TEACHER_BAR:g} points above the student alone "
+           f"(the regime's bar), pooled by the rule as every draw: {', '.join(weak)}.\n"
+           if weak else "")  # fmt: skip
     return (
         f"Machine: {r['machine']}\n\nCommand: `{r['command']}`\n\nDate: {r['date']}\n\n"
         f"Task {r['task']}, {len(draws)} draws of its data, each a table of seeds "
@@ -153,4 +160,5 @@ def pooled_md(r: dict[str, Any]) -> str:
         f"(needs {100 * GAP_TARGET:.0f} %); beats the student alone in every seed of every draw: "
         f"{'yes' if t['beats_student_every_seed_of_every_draw'] else 'no'}; its pooled mean "
         f"leads every peer's: {'yes' if t['leads_every_peer'] else 'no'}.\n"
+        + (f"\n{bar}" if bar else "")
     )

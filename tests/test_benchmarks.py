@@ -719,6 +719,7 @@ def test_pool_averages_each_row_over_draws_and_reads_the_target_off_the_pooled_m
     every peer's (here CWD leads on one draw and MasKD on the pooled means)."""
     sys.path.insert(0, str(QUALITY.parent))
     import quality
+    import quality_pool
 
     draws = {
         2: (30.0, {"student": [10.0, 12.0], "cwd": [20.0, 22.0], "maskd": [23.0, 25.0],
@@ -750,12 +751,17 @@ def test_pool_averages_each_row_over_draws_and_reads_the_target_off_the_pooled_m
     assert "| MASKD | 17.5 | 24.0 | 20.8 ± 4.6 |" in md
     assert "| CWD | -1.5, +3.0 | +0.8 ± 3.2 | 1 of 2 draws | within noise |" in md
     assert "Target (met): MasKD closes 72 %" in md and "(quality_det_data0_cpu.md)" in md
+    assert [d["teacher_gap"] for d in report["draws"]] == [11.0, 19.0] and "bar" not in md
 
     # CWD's pooled mean ahead: not met, though MasKD leads on one draw
     draws[2][1]["cwd"][:] = [25.0, 27.0]
     paths[0].write_text(json.dumps(_draw_report(2, *draws[2])))
     report = quality.pool(paths)
     assert report["maskd_vs_peers"]["cwd"]["mean"] < 0 and not report["target"]["met"]
+    # a draw whose teacher is under the regime's bar (5 points over the student) is named
+    paths[1].write_text(json.dumps(_draw_report(0, 13.0, draws[0][1])))
+    md = quality_pool.pooled_md(quality.pool(paths))
+    assert "the regime's bar), pooled by the rule as every draw: data seed 0 (+4.0)." in md
 
 
 def test_pool_refuses_reports_that_are_not_draws_of_one_table(tmp_path):

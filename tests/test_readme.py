@@ -134,7 +134,7 @@ def test_readme_overview_is_the_reports_summary():
     from quality_report import summary_md
 
     block, links = _overview()
-    assert len(links) == 6
+    assert len(links) == 8
     paths = [ROOT / f"{link}.json" for link in links]
     assert block == summary_md(paths, ROOT)
 
@@ -206,12 +206,28 @@ def test_gradient_table_is_the_levels_report():
 
 def test_readme_headline_numbers_are_the_reports():
     """Every ``mean ± std`` the README's first paragraph of results ("Measured here") quotes
-    is printed in one of the reports its overview links: a stale headline fails."""
+    is printed in one of the reports its overview links, or in a pooled report (draws of one
+    task's data) the README links: a stale headline fails."""
     text = README.read_text()
     start = text.index("**Measured here**")
     headline = text[start : text.index("\n\n", start)]
     quoted = re.findall(r"[+−-]?\d+\.\d ± \d+\.\d", headline)
     assert len(quoted) >= 4
-    printed = "\n".join((ROOT / f"{link}.md").read_text() for link in _overview()[1])
+    pooled = re.findall(r"\((benchmarks/results/quality_\w+_draws\d+_\w+)\.md\)", text)
+    printed = "\n".join((ROOT / f"{link}.md").read_text() for link in _overview()[1] + pooled)
     for value in quoted:
         assert value.lstrip("+−-") in printed, value
+
+
+def test_pooled_tables_are_the_pooled_reports():
+    """Each pooled report's tables (a column per draw, and MasKD paired with each peer by
+    draw) stand in docs/results-detection.md as the report prints them."""
+    doc = (ROOT / "docs" / "results-detection.md").read_text()
+    pooled = sorted(RESULTS.glob("quality_*_draws*_*.md"))
+    assert pooled
+    for md in pooled:
+        lines = [*md.read_text().splitlines(), ""]
+        for header in ("| row | data seed", "| peer | per draw |"):
+            start = next(i for i, ln in enumerate(lines) if ln.startswith(header))
+            end = next(i for i in range(start, len(lines)) if not lines[i].startswith("|"))
+            assert "\n".join(lines[start:end]) in doc, (md.name, header)
