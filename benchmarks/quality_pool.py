@@ -45,11 +45,12 @@ def check_poolable(reports: list[dict[str, Any]], paths: list[Path]) -> None:
                 raise SystemExit(
                     f"{path}: its {key} is {r.get(key)!r}, {paths[0]}'s is {first.get(key)!r}"
                 )
-        if not {"student", "maskd"} <= _main_rows(r).keys():
+        rows = _main_rows(r).keys()
+        if not {"student", "maskd"} <= rows:
             raise SystemExit(f"{path}: a table without the student alone or MasKD")
-        if _main_rows(r).keys() != _main_rows(first).keys():
+        if rows != _main_rows(first).keys():
             raise SystemExit(
-                f"{path}: main rows {sorted(_main_rows(r))}, {paths[0]}: {sorted(_main_rows(first))}"
+                f"{path}: main rows {sorted(rows)}, {paths[0]}: {sorted(_main_rows(first))}"
             )
         if _accelerator(r) != _accelerator(first):
             raise SystemExit(f"{path}: made on {_accelerator(r)}, {paths[0]} on "
@@ -69,10 +70,11 @@ def pool(paths: list[Path]) -> dict[str, Any]:
     check_poolable(reports, paths)
     order = sorted(range(len(reports)), key=lambda i: _draw(reports[i]))
     reports, paths = [reports[i] for i in order], [paths[i] for i in order]
-    names = list(_main_rows(reports[0]))
+    mains = [_main_rows(r) for r in reports]
+    accelerator = _accelerator(reports[0])
     rows = []
-    for name in names:
-        per_draw = [_main_rows(r)[name] for r in reports]
+    for name in mains[0]:
+        per_draw = [main[name] for main in mains]
         means = [row["mean"] for row in per_draw]
         mean, std = stats(means)
         rows.append({"row": name, "label": per_draw[0]["label"], "ablation": False,
@@ -84,13 +86,13 @@ def pool(paths: list[Path]) -> dict[str, Any]:
     t_mean, t_std = stats(teacher)
     gap = t_mean - student
     versus = versus_peers(rows)  # MasKD − peer, paired by draw ("test" holds the draw means)
-    beats = [_main_rows(r)["maskd"]["beats_student_every_seed"] for r in reports]
+    beats = [main["maskd"]["beats_student_every_seed"] for main in mains]
     gap_closed = (ours - student) / gap if gap else None
     leads = bool(versus) and all(v["mean"] > 0 for v in versus.values())  # False with NaN
     closes = gap_closed is not None and gap_closed >= GAP_TARGET
     return {
-        **header("quality_pooled", reports[0]["task"], _accelerator(reports[0])),
-        "accelerator": _accelerator(reports[0]),
+        **header("quality_pooled", reports[0]["task"], accelerator),
+        "accelerator": accelerator,
         "metric": reports[0]["metric"],
         "seeds": reports[0]["seeds"],
         "rule": "a row's pooled score is the mean over draws of its test mean over seeds; "
@@ -100,13 +102,13 @@ def pool(paths: list[Path]) -> dict[str, Any]:
                 "data_seed": _draw(r),
                 "report": p.name,
                 "teacher": r["teacher"]["test"],
-                "teacher_gap": r["teacher"]["test"] - _main_rows(r)["student"]["mean"],
+                "teacher_gap": r["teacher"]["test"] - main["student"]["mean"],
                 "data": r["data"],
                 "date": r["date"],
-                "maskd_gap_closed": _main_rows(r)["maskd"]["gap_closed"],
+                "maskd_gap_closed": main["maskd"]["gap_closed"],
                 "maskd_beats_student_every_seed": b,
             }
-            for p, r, b in zip(paths, reports, beats, strict=True)
+            for p, r, main, b in zip(paths, reports, mains, beats, strict=True)
         ],
         "teacher": {"test": teacher, "mean": t_mean, "std": t_std},
         "rows": rows,

@@ -116,12 +116,18 @@ def test_readme_128px_sweep_table_is_the_tuning_report():
         assert chosen == f"{v['chosen']:g}", label
 
 
+def _table_text(text: str, header: str) -> str:
+    """The lines of ``text``'s first markdown table whose header line starts with
+    ``header``, as written (no final newline)."""
+    lines = [*text.splitlines(), ""]
+    start = next(i for i, ln in enumerate(lines) if ln.startswith(header))
+    end = next(i for i in range(start, len(lines)) if not lines[i].startswith("|"))
+    return "\n".join(lines[start:end])
+
+
 def _overview() -> tuple[str, list[str]]:
     """The README's overview table under Results, and the report stems it links."""
-    lines = README.read_text().splitlines()
-    start = lines.index(next(ln for ln in lines if ln.startswith("| regime: test score |")))
-    end = next(i for i in range(start, len(lines)) if not lines[i].startswith("|"))
-    block = "\n".join(lines[start:end]) + "\n"
+    block = _table_text(README.read_text(), "| regime: test score |") + "\n"
     return block, re.findall(r"\]\((benchmarks/results/[^)]+)\.md\)", block)
 
 
@@ -226,8 +232,5 @@ def test_pooled_tables_are_the_pooled_reports():
     pooled = sorted(RESULTS.glob("quality_*_draws*_*.md"))
     assert pooled
     for md in pooled:
-        lines = [*md.read_text().splitlines(), ""]
         for header in ("| row | data seed", "| peer | per draw |"):
-            start = next(i for i, ln in enumerate(lines) if ln.startswith(header))
-            end = next(i for i in range(start, len(lines)) if not lines[i].startswith("|"))
-            assert "\n".join(lines[start:end]) in doc, (md.name, header)
+            assert _table_text(md.read_text(), header) in doc, (md.name, header)
