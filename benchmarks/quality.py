@@ -922,10 +922,18 @@ def main() -> None:
                         "quality_<task>_draws<N>_<device>.{json,md} under --out: each row's "
                         "mean over draws of its test mean, MasKD paired with each peer by "
                         "draw, and the target read off the pooled means")  # fmt: skip
+    parser.add_argument("--teacher-bar", type=float, metavar="POINTS",
+                        help="with --pool: leave out (and name) each draw whose teacher is less "
+                        "than POINTS above its student alone; the report is "
+                        "quality_<task>_draws<N>_bar<POINTS>_<device>, N the draws given")  # fmt: skip
     args = parser.parse_args()
+    if args.teacher_bar is not None and not args.pool:
+        raise SystemExit("--teacher-bar only applies to --pool")
     if args.pool:
-        report = pool(args.pool)
-        stem = f"quality_{report['task']}_draws{len(report['draws'])}_{report['accelerator']}"
+        report = pool(args.pool, args.teacher_bar)
+        given = len(report["draws"]) + len(report["left_out"])
+        bar = "" if args.teacher_bar is None else f"_bar{args.teacher_bar:g}"
+        stem = f"quality_{report['task']}_draws{given}{bar}_{report['accelerator']}"
         write(args.out, stem, report, pooled_md(report))
         return
     if args.summary:

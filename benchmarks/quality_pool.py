@@ -6,7 +6,9 @@ a row's pooled score is the mean over draws of its test mean over seeds, and Mas
 paired with each peer by draw (the draw is the unit, its seeds already averaged). The
 issue's target is read off the pooled means: MasKD closes at least 30 % of the
 teacher-student gap, beats the student alone in every seed of every draw, and leads every
-peer's pooled mean.
+peer's pooled mean. With a teacher bar, a draw whose teacher is less than that many points
+above its student alone is reported and left out before pooling (its teacher gave the
+student too little to learn from for the draw to say which method transfers more).
 """
 
 from __future__ import annotations
@@ -64,12 +66,31 @@ def _main_rows(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {row["row"]: row for row in report["rows"] if not row["ablation"]}
 
 
-def pool(paths: list[Path]) -> dict[str, Any]:
-    """The pooled report of the table reports at ``paths`` (JSON), in draw order."""
+def _teacher_gap(report: dict[str, Any]) -> float:
+    return report["teacher"]["test"] - _main_rows(report)["student"]["mean"]
+
+
+def pool(paths: list[Path], teacher_bar: float | None = None) -> dict[str, Any]:
+    """The pooled report of the table reports at ``paths`` (JSON), in draw order; with
+    ``teacher_bar``, the draws whose teacher is less than that many points above their
+    student alone are listed under ``left_out`` and not pooled."""
     reports = [json.loads(p.read_text()) for p in paths]
     check_poolable(reports, paths)
     order = sorted(range(len(reports)), key=lambda i: _draw(reports[i]))
     reports, paths = [reports[i] for i in order], [paths[i] for i in order]
+    weak = [teacher_bar is not None and _teacher_gap(r) < teacher_bar for r in reports]
+    left_out = [
+        {"data_seed": _draw(r), "report": p.name, "teacher": r["teacher"]["test"],
+         "student": _main_rows(r)["student"]["mean"], "teacher_gap": _teacher_gap(r)}
+        for p, r, w in zip(paths, reports, weak, strict=True) if w
+    ]  # fmt: skip
+    reports = [r for r, w in zip(reports, weak, strict=True) if not w]
+    paths = [p for p, w in zip(paths, weak, strict=True) if not w]
+    if len(reports) < 2:
+        raise SystemExit(
+            f"--teacher-bar {teacher_bar:g} leaves {len(reports)} draw(s) to pool; left out: "
+            + ", ".join(f"data seed {d['data_seed']} ({d['teacher_gap']:+.1f})" for d in left_out)
+        )
     mains = [_main_rows(r) for r in reports]
     accelerator = _accelerator(reports[0])
     rows = []
@@ -85,6 +106,11 @@ def pool(paths: list[Path]) -> dict[str, Any]:
     student, ours = by_name["student"]["mean"], by_name["maskd"]["mean"]
     t_mean, t_std = stats(teacher)
     gap = t_mean - student
+    rule = ("a row's pooled score is the mean over draws of its test mean over seeds; "
+            "MasKD is paired with each peer by draw")  # fmt: skip
+    if teacher_bar is not None:
+        rule += (f"; a draw whose teacher is less than {teacher_bar:g} points above its "
+                 "student alone is left out")  # fmt: skip
     versus = versus_peers(rows)  # MasKD − peer, paired by draw ("test" holds the draw means)
     beats = [main["maskd"]["beats_student_every_seed"] for main in mains]
     gap_closed = (ours - student) / gap if gap else None
@@ -95,14 +121,15 @@ def pool(paths: list[Path]) -> dict[str, Any]:
         "accelerator": accelerator,
         "metric": reports[0]["metric"],
         "seeds": reports[0]["seeds"],
-        "rule": "a row's pooled score is the mean over draws of its test mean over seeds; "
-        "MasKD is paired with each peer by draw",
+        "rule": rule,
+        "teacher_bar": teacher_bar,
+        "left_out": left_out,
         "draws": [
             {
                 "data_seed": _draw(r),
                 "report": p.name,
                 "teacher": r["teacher"]["test"],
-                "teacher_gap": r["teacher"]["test"] - main["student"]["mean"],
+                "teacher_gap": _teacher_gap(r),
                 "data": r["data"],
                 "date": r["date"],
                 "maskd_gap_closed": main["maskd"]["gap_closed"],
@@ -149,10 +176,17 @@ def pooled_md(r: dict[str, Any]) -> str:
     bar = (f"Draws whose teacher is less than {TEACHER_BAR:g} points above the student alone "
            f"(the regime's bar), pooled by the rule as every draw: {', '.join(weak)}.\n"
            if weak else "")  # fmt: skip
+    if r.get("left_out"):
+        bar += (f"Left out by the rule (the teacher less than {r['teacher_bar']:g} points above "
+               "the student alone): " + ", ".join(
+                   f"[data seed {d['data_seed']}]({Path(d['report']).with_suffix('.md')}), "
+                   f"teacher {d['teacher']:.1f}, student alone {d['student']:.1f} "
+                   f"({d['teacher_gap']:+.1f})" for d in r["left_out"]) + ".\n")  # fmt: skip
     return (
         f"Machine: {r['machine']}\n\nCommand: `{r['command']}`\n\nDate: {r['date']}\n\n"
-        f"Task {r['task']}, {len(draws)} draws of its data, each a table of seeds "
-        f"{r['seeds']} ({sources}). Every draw has its own images, teacher and tokens. "
+        f"Task {r['task']}, {len(draws)} draws of its data"
+        + (f" ({len(r['left_out'])} more left out, below)" if r.get("left_out") else "")
+        + f", each a table of seeds {r['seeds']} ({sources}). Every draw has its own images, teacher and tokens. "
         f"Cells: test {name} (percent), each draw's mean over seeds. Rule, fixed before the "
         f"draws were compared: {r['rule']}.\n\n"
         + "\n".join(lines)

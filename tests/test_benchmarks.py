@@ -764,6 +764,51 @@ def test_pool_averages_each_row_over_draws_and_reads_the_target_off_the_pooled_m
     assert "the regime's bar), pooled by the rule as every draw: data seed 0 (+4.0)." in md
 
 
+def test_pool_with_a_teacher_bar_leaves_out_and_names_the_draws_under_it(tmp_path, monkeypatch):
+    """``--pool --teacher-bar 5``: a draw whose teacher is less than 5 points above its
+    student alone is listed with its gap and kept out of every pooled number."""
+    sys.path.insert(0, str(QUALITY.parent))
+    import quality
+
+    tests = {
+        0: (20.0, {"student": [8.0, 10.0], "cwd": [19.0, 19.0], "maskd": [17.0, 18.0]}),
+        1: (13.0, {"student": [9.0, 9.0], "cwd": [30.0, 30.0], "maskd": [0.0, 0.0]}),  # +4.0
+        2: (30.0, {"student": [10.0, 12.0], "cwd": [20.0, 22.0], "maskd": [23.0, 25.0]}),
+    }
+    paths = []
+    for seed, (teacher, scores) in tests.items():
+        paths.append(tmp_path / f"quality_det_data{seed}_cpu.json")
+        paths[-1].write_text(json.dumps(_draw_report(seed, teacher, scores)))
+    out = tmp_path / "out"
+    argv = ["quality.py", "--pool", *map(str, paths), "--teacher-bar", "5", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    quality.main()
+    report = json.loads((out / "quality_det_draws3_bar5_cpu.json").read_text())
+    assert [d["data_seed"] for d in report["draws"]] == [0, 2]
+    assert report["left_out"] == [{"data_seed": 1, "report": "quality_det_data1_cpu.json",
+                                   "teacher": 13.0, "student": 9.0, "teacher_gap": 4.0}]  # fmt: skip
+    rows = {row["row"]: row for row in report["rows"]}
+    # the left-out draw's MasKD 0 and CWD 30 would flip the lead; they are not pooled
+    assert rows["maskd"]["mean"] == (17.5 + 24.0) / 2 and rows["cwd"]["mean"] == 20.0
+    assert report["teacher"]["mean"] == 25.0 and report["target"]["met"]
+    md = (out / "quality_det_draws3_bar5_cpu.md").read_text()
+    assert "2 draws of its data (1 more left out, below)" in md
+    assert ("Left out by the rule (the teacher less than 5 points above the student alone): "
+            "[data seed 1](quality_det_data1_cpu.md), teacher 13.0, student alone 9.0 (+4.0)."
+            in md)  # fmt: skip
+    assert "is left out." in md and "| data seed 1 |" not in md
+    # without the bar every draw is pooled, and the bar alone is refused
+    assert len(quality.pool(paths)["draws"]) == 3
+    with pytest.raises(
+        SystemExit,
+        match=r"leaves 1 draw\(s\) to pool; left out: data seed 0 \(\+11\.0\), data seed 1",
+    ):
+        quality.pool(paths, teacher_bar=11.5)
+    monkeypatch.setattr(sys, "argv", ["quality.py", "--teacher-bar", "5"])
+    with pytest.raises(SystemExit, match="--teacher-bar only applies to --pool"):
+        quality.main()
+
+
 def test_pool_refuses_reports_that_are_not_draws_of_one_table(tmp_path):
     sys.path.insert(0, str(QUALITY.parent))
     from quality_pool import pool
