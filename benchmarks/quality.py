@@ -21,6 +21,8 @@ table. ``--workers 2`` runs two cells at once, each on one torch thread. The rep
     python benchmarks/quality.py --data-seed 1   # the table again on another draw of the data
     python benchmarks/quality.py --pool results/quality_<task>_cpu.json \
         results/quality_<task>_data1_cpu.json    # the draws' tables pooled
+    python benchmarks/quality.py --pool ... --teacher-bar 5 --variant maskd=maskd_unweighted
+                                 # leave out weak teachers; a setting chosen on validation
     python benchmarks/quality.py --quick --work /tmp/q --out /tmp/q/results   # smoke test
 """
 
@@ -169,7 +171,9 @@ class Row:
     method: str | None = None  # "maskd", a peer term kind, or None (student alone)
     tokens: str = "tokens"  # which stage-1 variant (MasKD rows)
     overrides: list[str] = field(default_factory=list)
+    term: dict[str, Any] = field(default_factory=dict)  # merged into a peer's terms
     ablation: bool = False
+    opt_in: bool = False  # trained only when --rows names it
     only_if: str | None = None  # a task key this row needs (e.g. a recipe with head KD)
 
 
@@ -211,6 +215,8 @@ ROWS = [
         ablation=True,
         only_if="head_kd",
     ),
+    # a peer's other published setting, for --pool --variant (chosen on validation)
+    Row("cwd_t4", "CWD, tau 4", "cwd", term={"tau": 4.0}, ablation=True, opt_in=True),
     Row(
         "maskd_long",
         "MasKD, stage 1 at the authors' 2,000 steps",
@@ -465,7 +471,7 @@ class Plan:
         else:
             kind = "fitnet" if row.method == "ones" else row.method
             method_cfg = load_config(self.cfg / f"{kind}.yaml")["distill"]
-            terms = [{**t, "weight": weight} for t in method_cfg["terms"]]
+            terms = [{**t, **row.term, "weight": weight} for t in method_cfg["terms"]]
             if self.levels:
                 terms = [{**t, "levels": self.levels} for t in terms]
             cmd += ["--distill.tokens=null", f"--distill.terms={json.dumps(terms)}"]
@@ -707,6 +713,7 @@ def chosen_weights(plan: Plan, args: argparse.Namespace) -> dict[str, float]:
 def table(plan: Plan, args: argparse.Namespace) -> dict[str, Any] | None:
     seeds = list(range(1 if plan.quick else args.seeds))
     rows = [r for r in task_rows(plan.spec) if args.ablations or not r.ablation]
+    rows = [r for r in rows if not r.opt_in or r.name in (args.rows or ())]
     if plan.quick:  # one cell of each kind
         rows = [r for r in rows if not r.ablation or r.name == "maskd_random"]
     if args.rows:  # a diagnostic schedule's report also needs its own student alone
@@ -922,17 +929,26 @@ def main() -> None:
                         "quality_<task>_draws<N>_<device>.{json,md} under --out: each row's "
                         "mean over draws of its test mean, MasKD paired with each peer by "
                         "draw, and the target read off the pooled means")  # fmt: skip
+    parser.add_argument("--variant", nargs="+", default=[], metavar="ROW=VARIANT",
+                        help="with --pool: a main row's other setting (an ablation row of "
+                        "the tables, e.g. maskd=maskd_unweighted); it replaces the row in "
+                        "every draw if its validation mean on data seed 0's table is higher "
+                        "(report ..._variants_<device>)")  # fmt: skip
     parser.add_argument("--teacher-bar", type=float, metavar="POINTS",
                         help="with --pool: leave out (and name) each draw whose teacher is less "
                         "than POINTS above its student alone; the report is "
                         "quality_<task>_draws<N>_bar<POINTS>_<device>, N the draws given")  # fmt: skip
     args = parser.parse_args()
-    if args.teacher_bar is not None and not args.pool:
-        raise SystemExit("--teacher-bar only applies to --pool")
+    if (args.teacher_bar is not None or args.variant) and not args.pool:
+        raise SystemExit("--teacher-bar and --variant only apply to --pool")
     if args.pool:
-        report = pool(args.pool, args.teacher_bar)
+        variants = dict(v.partition("=")[::2] for v in args.variant)
+        if any(not v for v in [*variants, *variants.values()]):
+            raise SystemExit(f"--variant takes ROW=VARIANT pairs, not {args.variant}")
+        report = pool(args.pool, args.teacher_bar, variants)
         given = len(report["draws"]) + len(report["left_out"])
         bar = "" if args.teacher_bar is None else f"_bar{args.teacher_bar:g}"
+        bar += "_variants" if variants else ""
         stem = f"quality_{report['task']}_draws{given}{bar}_{report['accelerator']}"
         write(args.out, stem, report, pooled_md(report))
         return

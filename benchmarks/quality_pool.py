@@ -8,7 +8,10 @@ issue's target is read off the pooled means: MasKD closes at least 30 % of the
 teacher-student gap, beats the student alone in every seed of every draw, and leads every
 peer's pooled mean. With a teacher bar, a draw whose teacher is less than that many points
 above its student alone is reported and left out before pooling (its teacher gave the
-student too little to learn from for the draw to say which method transfers more).
+student too little to learn from for the draw to say which method transfers more). With
+variants (``maskd=maskd_unweighted``: a main row's other setting, an ablation row of the
+tables), each is chosen as the loss weights were, on the validation split of data seed 0's
+table, and the chosen setting stands for its method in every draw.
 """
 
 from __future__ import annotations
@@ -62,22 +65,63 @@ def check_poolable(reports: list[dict[str, Any]], paths: list[Path]) -> None:
         seen[_draw(r)] = path
 
 
-def _main_rows(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {row["row"]: row for row in report["rows"] if not row["ablation"]}
+def _main_rows(
+    report: dict[str, Any], chosen: dict[str, str] | None = None
+) -> dict[str, dict[str, Any]]:
+    """The main rows by name, a chosen variant's row standing under its main row's name."""
+    rows = {row["row"]: row for row in report["rows"]}
+    main = {name: row for name, row in rows.items() if not row["ablation"]}
+    for name, variant in (chosen or {}).items():
+        main[name] = {**rows[variant], "row": name}
+    return main
 
 
-def _teacher_gap(report: dict[str, Any]) -> float:
+def choose_variants(
+    reports: list[dict[str, Any]], paths: list[Path], variants: dict[str, str]
+) -> dict[str, dict[str, Any]]:
+    """For each ``row: variant``, the validation means (over seeds) of both on data seed 0's
+    table and the one chosen (the variant only if higher); ``SystemExit`` naming the file
+    unless every draw has the chosen variant's row."""
+    tuning = [(p, r) for p, r in zip(paths, reports, strict=True) if _draw(r) == 0]
+    if not tuning:
+        raise SystemExit("--variant is chosen on data seed 0's validation (the draw that chose "
+                         "the weights): pool its table too")  # fmt: skip
+    path, rows = tuning[0][0], {row["row"]: row for row in tuning[0][1]["rows"]}
+    choices = {}
+    for name, variant in variants.items():
+        if name not in rows or rows[name]["ablation"]:
+            raise SystemExit(f"--variant {name}={variant}: {name} is not a main row of {path}")
+        if variant not in rows or not rows[variant]["ablation"]:
+            raise SystemExit(f"--variant {name}={variant}: {path} has no ablation row {variant}")
+        val = {n: stats(rows[n]["val"])[0] for n in (name, variant)}
+        chosen = variant if val[variant] > val[name] else name
+        choices[name] = {"variant": variant, "label": rows[variant]["label"], "val": val,
+                         "chosen": chosen}  # fmt: skip
+        for p, r in zip(paths, reports, strict=True):
+            if chosen == variant and variant not in {row["row"] for row in r["rows"]}:
+                raise SystemExit(f"{p}: no row {variant}, chosen for {name} on data seed 0's "
+                                 f"validation; run it: quality.py --rows ... {variant}")  # fmt: skip
+    return choices
+
+
+def _teacher_gap(report: dict[str, Any]) -> float:  # the student alone has no variant
     return report["teacher"]["test"] - _main_rows(report)["student"]["mean"]
 
 
-def pool(paths: list[Path], teacher_bar: float | None = None) -> dict[str, Any]:
+def pool(
+    paths: list[Path], teacher_bar: float | None = None, variants: dict[str, str] | None = None
+) -> dict[str, Any]:
     """The pooled report of the table reports at ``paths`` (JSON), in draw order; with
     ``teacher_bar``, the draws whose teacher is less than that many points above their
-    student alone are listed under ``left_out`` and not pooled."""
+    student alone are listed under ``left_out`` and not pooled; with ``variants``
+    (``{row: variant row}``), each is chosen on data seed 0's validation
+    (:func:`choose_variants`)."""
     reports = [json.loads(p.read_text()) for p in paths]
     check_poolable(reports, paths)
     order = sorted(range(len(reports)), key=lambda i: _draw(reports[i]))
     reports, paths = [reports[i] for i in order], [paths[i] for i in order]
+    choices = choose_variants(reports, paths, variants) if variants else {}
+    chosen = {n: c["chosen"] for n, c in choices.items() if c["chosen"] != n}
     weak = [teacher_bar is not None and _teacher_gap(r) < teacher_bar for r in reports]
     left_out = [
         {"data_seed": _draw(r), "report": p.name, "teacher": r["teacher"]["test"],
@@ -91,7 +135,7 @@ def pool(paths: list[Path], teacher_bar: float | None = None) -> dict[str, Any]:
             f"--teacher-bar {teacher_bar:g} leaves {len(reports)} draw(s) to pool; left out: "
             + ", ".join(f"data seed {d['data_seed']} ({d['teacher_gap']:+.1f})" for d in left_out)
         )
-    mains = [_main_rows(r) for r in reports]
+    mains = [_main_rows(r, chosen) for r in reports]
     accelerator = _accelerator(reports[0])
     rows = []
     for name in mains[0]:
@@ -108,6 +152,9 @@ def pool(paths: list[Path], teacher_bar: float | None = None) -> dict[str, Any]:
     gap = t_mean - student
     rule = ("a row's pooled score is the mean over draws of its test mean over seeds; "
             "MasKD is paired with each peer by draw")  # fmt: skip
+    if choices:
+        rule += ("; a variant stands for its row in every draw if its validation mean on data "
+                 "seed 0 is higher")  # fmt: skip
     if teacher_bar is not None:
         rule += (f"; a draw whose teacher is less than {teacher_bar:g} points above its "
                  "student alone is left out")  # fmt: skip
@@ -124,6 +171,7 @@ def pool(paths: list[Path], teacher_bar: float | None = None) -> dict[str, Any]:
         "rule": rule,
         "teacher_bar": teacher_bar,
         "left_out": left_out,
+        "variants": choices,
         "draws": [
             {
                 "data_seed": _draw(r),
@@ -176,6 +224,12 @@ def pooled_md(r: dict[str, Any]) -> str:
     bar = (f"Draws whose teacher is less than {TEACHER_BAR:g} points above the student alone "
            f"(the regime's bar), pooled by the rule as every draw: {', '.join(weak)}.\n"
            if weak else "")  # fmt: skip
+    for row, c in r.get("variants", {}).items():
+        v = c["val"]
+        bar += (f"Variant for {row}: {c['label']} ({c['variant']}), validation on data seed 0 "
+                f"{v[c['variant']]:.1f} against {v[row]:.1f}: "
+                + (f"chosen, it is the {row} row of every draw above.\n"
+                   if c["chosen"] != row else "not chosen.\n"))  # fmt: skip
     if r.get("left_out"):
         bar += (f"Left out by the rule (the teacher less than {r['teacher_bar']:g} points above "
                "the student alone): " + ", ".join(

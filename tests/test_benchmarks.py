@@ -3,6 +3,7 @@ quality reports' and diagnostics' parts on values computed here."""
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import shutil
@@ -692,8 +693,11 @@ def test_quality_data_seed_replicates_on_its_own_draw(tmp_path, monkeypatch):
     assert not (tmp_path / "w").exists()
 
 
-def _draw_report(seed: int, teacher: float, tests: dict[str, list[float]]) -> dict:
-    """A table report of one draw with the fields ``--pool`` reads, from per-seed scores."""
+def _draw_report(
+    seed: int, teacher: float, tests: dict[str, list[float]], val: dict | None = None
+) -> dict:
+    """A table report of one draw with the fields ``--pool`` reads, from per-seed scores
+    (rows ``maskd_*`` and ``cwd_*`` are ablations; validation = test unless in ``val``)."""
     sys.path.insert(0, str(QUALITY.parent))
     from quality_report import pairings, stats
 
@@ -701,7 +705,8 @@ def _draw_report(seed: int, teacher: float, tests: dict[str, list[float]]) -> di
     rows = []
     for name, test in tests.items():
         mean, std = stats(test)
-        rows.append({"row": name, "label": name.upper(), "ablation": name.endswith("_t1"),
+        rows.append({"row": name, "label": name.upper(), "ablation": "_" in name,
+                     "val": (val or {}).get(name, test),
                      "weight": None if name == "student" else 1.0, "test": test, "mean": mean,
                      "std": std, "gap_closed": (mean - stats(base)[0]) / (teacher - stats(base)[0]),
                      "beats_student_every_seed": all(a > b for a, b in zip(test, base, strict=True))})  # fmt: skip
@@ -805,8 +810,87 @@ def test_pool_with_a_teacher_bar_leaves_out_and_names_the_draws_under_it(tmp_pat
     ):
         quality.pool(paths, teacher_bar=11.5)
     monkeypatch.setattr(sys, "argv", ["quality.py", "--teacher-bar", "5"])
-    with pytest.raises(SystemExit, match="--teacher-bar only applies to --pool"):
+    with pytest.raises(SystemExit, match="--teacher-bar and --variant only apply to --pool"):
         quality.main()
+
+
+def test_pool_variant_is_chosen_on_data_seed_0s_validation_and_stands_in_every_draw(
+    tmp_path, monkeypatch
+):
+    """``--pool --variant maskd=maskd_unweighted cwd=cwd_t4``: a variant replaces its row in
+    every draw only if its validation mean on data seed 0 is higher (test never chooses)."""
+    sys.path.insert(0, str(QUALITY.parent))
+    import quality
+    import quality_pool
+
+    draw0 = {"student": [8.0, 10.0], "cwd": [19.0, 19.0], "cwd_t4": [30.0, 30.0],
+             "maskd": [17.0, 18.0], "maskd_unweighted": [19.0, 21.0]}  # fmt: skip
+    val0 = {"cwd": [15.0, 15.0], "cwd_t4": [14.0, 14.0], "maskd": [14.0, 14.0],
+            "maskd_unweighted": [15.0, 17.0]}  # fmt: skip
+    draw1 = {"student": [10.0, 12.0], "cwd": [20.0, 22.0], "maskd": [23.0, 25.0],
+             "maskd_unweighted": [22.0, 22.0]}  # fmt: skip
+    paths = [tmp_path / "quality_det_cpu.json", tmp_path / "quality_det_data1_cpu.json"]
+    paths[0].write_text(json.dumps(_draw_report(0, 20.0, draw0, val0)))
+    paths[1].write_text(json.dumps(_draw_report(1, 30.0, draw1)))
+    out = tmp_path / "out"
+    argv = ["quality.py", "--pool", *map(str, paths), "--out", str(out),
+            "--variant", "maskd=maskd_unweighted", "cwd=cwd_t4"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    quality.main()
+    report = json.loads((out / "quality_det_draws2_variants_cpu.json").read_text())
+    rows = {row["row"]: row for row in report["rows"]}
+    assert list(rows) == ["student", "cwd", "maskd"]
+    assert rows["maskd"]["test"] == [20.0, 22.0] and rows["maskd"]["label"] == "MASKD_UNWEIGHTED"
+    assert rows["cwd"]["test"] == [19.0, 21.0]  # tau 4's test 30 is not what chooses
+    assert report["maskd_vs_peers"]["cwd"]["diffs"] == [1.0, 1.0]
+    v = report["variants"]
+    assert v["maskd"]["val"] == {"maskd": 14.0, "maskd_unweighted": 16.0}
+    assert v["maskd"]["chosen"] == "maskd_unweighted" and v["cwd"]["chosen"] == "cwd"
+    md = (out / "quality_det_draws2_variants_cpu.md").read_text()
+    assert ("Variant for maskd: MASKD_UNWEIGHTED (maskd_unweighted), validation on data seed 0 "
+            "16.0 against 14.0: chosen" in md)  # fmt: skip
+    assert "Variant for cwd: CWD_T4 (cwd_t4), validation on data seed 0 14.0 against 15.0: " \
+        "not chosen." in md  # fmt: skip
+    assert quality.pool(paths)["rows"][2]["test"] == [17.5, 24.0]  # without --variant
+
+    def refused(match: str, variants: dict, reports: list[Path] = paths) -> None:
+        with pytest.raises(SystemExit, match=match):
+            quality_pool.pool(reports, variants=variants)
+
+    del draw1["maskd_unweighted"]
+    paths[1].write_text(json.dumps(_draw_report(1, 30.0, draw1)))
+    refused(
+        r"data1_cpu\.json: no row maskd_unweighted, chosen for maskd", {"maskd": "maskd_unweighted"}
+    )
+    refused(r"fgd is not a main row of", {"fgd": "maskd_unweighted"})
+    refused(r"has no ablation row maskd_t1", {"maskd": "maskd_t1"})
+    refused(r"has no ablation row cwd", {"maskd": "cwd"})
+    third = tmp_path / "quality_det_data2_cpu.json"
+    third.write_text(json.dumps(_draw_report(2, 30.0, draw1)))
+    refused(r"data seed 0's validation .* pool its table too", {"cwd": "cwd_t4"}, [paths[1], third])
+    monkeypatch.setattr(
+        sys, "argv", ["quality.py", "--pool", *map(str, paths), "--variant", "maskd"]
+    )
+    with pytest.raises(SystemExit, match="ROW=VARIANT pairs"):
+        quality.main()
+
+
+def test_a_peer_variant_row_is_trained_only_when_named_and_merges_its_term_settings(tmp_path):
+    """``cwd_t4`` is opt-in (no table trains it unless ``--rows`` names it) and its cells
+    run CWD's terms with tau 4 at CWD's weight."""
+    sys.path.insert(0, str(QUALITY.parent))
+    import quality
+
+    row = next(r for r in quality.ROWS if r.name == "cwd_t4")
+    assert row.opt_in and row.ablation and row.term == {"tau": 4.0}
+    assert row in quality.task_rows(quality.TASKS["detection_clutter"])
+    args = argparse.Namespace(quick=False, work=tmp_path, out=tmp_path, accelerator="cpu")
+    plan = quality.Plan("detection_clutter", args)
+    cell = plan.student_cell(row, 0, 27.0, quality.cell_name(row, 27.0, 0), ("val", "test"))
+    cmd = next(c for c, _ in cell.commands if any("--distill.terms=" in a for a in c))
+    terms = json.loads(next(a for a in cmd if a.startswith("--distill.terms="))[16:])
+    assert cell.name == "cwd_t4_w27_s0"
+    assert [(t["kind"], t["tau"], t["weight"]) for t in terms] == [("cwd", 4.0, 27.0)]
 
 
 def test_pool_refuses_reports_that_are_not_draws_of_one_table(tmp_path):
