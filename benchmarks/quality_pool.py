@@ -232,7 +232,7 @@ def pooled_md(r: dict[str, Any]) -> str:
                    if c["chosen"] != row else "not chosen.\n"))  # fmt: skip
     if r.get("left_out"):
         bar += (f"Left out by the rule (the teacher less than {r['teacher_bar']:g} points above "
-               "the student alone): " + ", ".join(
+               "the student alone): " + "; ".join(
                    f"[data seed {d['data_seed']}]({Path(d['report']).with_suffix('.md')}), "
                    f"teacher {d['teacher']:.1f}, student alone {d['student']:.1f} "
                    f"({d['teacher_gap']:+.1f})" for d in r["left_out"]) + ".\n")  # fmt: skip
