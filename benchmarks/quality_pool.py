@@ -80,8 +80,7 @@ def choose_variants(
     reports: list[dict[str, Any]], paths: list[Path], variants: dict[str, str]
 ) -> dict[str, dict[str, Any]]:
     """For each ``row: variant``, the validation means (over seeds) of both on data seed 0's
-    table and the one chosen (the variant only if higher); ``SystemExit`` naming the file
-    unless every draw has the chosen variant's row."""
+    table and the one chosen (the variant only if higher)."""
     tuning = [(p, r) for p, r in zip(paths, reports, strict=True) if _draw(r) == 0]
     if not tuning:
         raise SystemExit("--variant is chosen on data seed 0's validation (the draw that chose "
@@ -97,10 +96,6 @@ def choose_variants(
         chosen = variant if val[variant] > val[name] else name
         choices[name] = {"variant": variant, "label": rows[variant]["label"], "val": val,
                          "chosen": chosen}  # fmt: skip
-        for p, r in zip(paths, reports, strict=True):
-            if chosen == variant and variant not in {row["row"] for row in r["rows"]}:
-                raise SystemExit(f"{p}: no row {variant}, chosen for {name} on data seed 0's "
-                                 f"validation; run it: quality.py --rows ... {variant}")  # fmt: skip
     return choices
 
 
@@ -135,6 +130,11 @@ def pool(
             f"--teacher-bar {teacher_bar:g} leaves {len(reports)} draw(s) to pool; left out: "
             + ", ".join(f"data seed {d['data_seed']} ({d['teacher_gap']:+.1f})" for d in left_out)
         )
+    for name, variant in chosen.items():  # only the pooled draws need it
+        for p, r in zip(paths, reports, strict=True):
+            if variant not in {row["row"] for row in r["rows"]}:
+                raise SystemExit(f"{p}: no row {variant}, chosen for {name} on data seed 0's "
+                                 f"validation; run it: quality.py --rows ... {variant}")  # fmt: skip
     mains = [_main_rows(r, chosen) for r in reports]
     accelerator = _accelerator(reports[0])
     rows = []

@@ -865,6 +865,15 @@ def test_pool_variant_is_chosen_on_data_seed_0s_validation_and_stands_in_every_d
     refused(r"fgd is not a main row of", {"fgd": "maskd_unweighted"})
     refused(r"has no ablation row maskd_t1", {"maskd": "maskd_t1"})
     refused(r"has no ablation row cwd", {"maskd": "cwd"})
+    # a draw left out by the teacher bar needs no variant row
+    weak = tmp_path / "quality_det_data3_cpu.json"
+    weak.write_text(json.dumps(_draw_report(3, 12.0, draw1)))  # 1.0 above the student alone
+    paths[1].write_text(
+        json.dumps(_draw_report(1, 30.0, {**draw1, "maskd_unweighted": [22.0, 22.0]}))
+    )
+    report = quality_pool.pool([*paths, weak], 5.0, {"maskd": "maskd_unweighted"})
+    assert [d["data_seed"] for d in report["left_out"]] == [3]
+    assert report["rows"][2]["test"] == [20.0, 22.0]
     third = tmp_path / "quality_det_data2_cpu.json"
     third.write_text(json.dumps(_draw_report(2, 30.0, draw1)))
     refused(r"data seed 0's validation .* pool its table too", {"cwd": "cwd_t4"}, [paths[1], third])
