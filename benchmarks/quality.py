@@ -937,7 +937,8 @@ def main() -> None:
     parser.add_argument("--teacher-bar", type=float, metavar="POINTS",
                         help="with --pool: leave out (and name) each draw whose teacher is less "
                         "than POINTS above its student alone; the report is "
-                        "quality_<task>_draws<N>_bar<POINTS>_<device>, N the draws given")  # fmt: skip
+                        "quality_<task>_draws<N>_bar<POINTS>_<device>, N the draws "
+                        "given")  # fmt: skip
     args = parser.parse_args()
     if (args.teacher_bar is not None or args.variant) and not args.pool:
         raise SystemExit("--teacher-bar and --variant only apply to --pool")

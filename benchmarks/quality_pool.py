@@ -99,10 +99,6 @@ def choose_variants(
     return choices
 
 
-def _teacher_gap(report: dict[str, Any]) -> float:  # the student alone has no variant
-    return report["teacher"]["test"] - _main_rows(report)["student"]["mean"]
-
-
 def pool(
     paths: list[Path], teacher_bar: float | None = None, variants: dict[str, str] | None = None
 ) -> dict[str, Any]:
@@ -117,14 +113,17 @@ def pool(
     reports, paths = [reports[i] for i in order], [paths[i] for i in order]
     choices = choose_variants(reports, paths, variants) if variants else {}
     chosen = {n: c["chosen"] for n, c in choices.items() if c["chosen"] != n}
-    weak = [teacher_bar is not None and _teacher_gap(r) < teacher_bar for r in reports]
+    students = [_main_rows(r)["student"]["mean"] for r in reports]  # it has no variant
+    gaps = [r["teacher"]["test"] - m for r, m in zip(reports, students, strict=True)]
+    weak = [teacher_bar is not None and g < teacher_bar for g in gaps]
     left_out = [
         {"data_seed": _draw(r), "report": p.name, "teacher": r["teacher"]["test"],
-         "student": _main_rows(r)["student"]["mean"], "teacher_gap": _teacher_gap(r)}
-        for p, r, w in zip(paths, reports, weak, strict=True) if w
+         "student": m, "teacher_gap": g}
+        for p, r, m, g, w in zip(paths, reports, students, gaps, weak, strict=True) if w
     ]  # fmt: skip
     reports = [r for r, w in zip(reports, weak, strict=True) if not w]
     paths = [p for p, w in zip(paths, weak, strict=True) if not w]
+    gaps = [g for g, w in zip(gaps, weak, strict=True) if not w]
     if len(reports) < 2:
         raise SystemExit(
             f"--teacher-bar {teacher_bar:g} leaves {len(reports)} draw(s) to pool; left out: "
@@ -133,8 +132,9 @@ def pool(
     for name, variant in chosen.items():  # only the pooled draws need it
         for p, r in zip(paths, reports, strict=True):
             if variant not in {row["row"] for row in r["rows"]}:
-                raise SystemExit(f"{p}: no row {variant}, chosen for {name} on data seed 0's "
-                                 f"validation; run it: quality.py --rows ... {variant}")  # fmt: skip
+                raise SystemExit(f"{p}: no row {variant}, chosen for {name} on data "
+                                 f"seed 0's validation; run it: quality.py --rows ... "
+                                 f"{variant}")  # fmt: skip
     mains = [_main_rows(r, chosen) for r in reports]
     accelerator = _accelerator(reports[0])
     rows = []
@@ -177,13 +177,13 @@ def pool(
                 "data_seed": _draw(r),
                 "report": p.name,
                 "teacher": r["teacher"]["test"],
-                "teacher_gap": _teacher_gap(r),
+                "teacher_gap": g,
                 "data": r["data"],
                 "date": r["date"],
                 "maskd_gap_closed": main["maskd"]["gap_closed"],
                 "maskd_beats_student_every_seed": b,
             }
-            for p, r, main, b in zip(paths, reports, mains, beats, strict=True)
+            for p, r, main, b, g in zip(paths, reports, mains, beats, gaps, strict=True)
         ],
         "teacher": {"test": teacher, "mean": t_mean, "std": t_std},
         "rows": rows,
@@ -240,9 +240,9 @@ def pooled_md(r: dict[str, Any]) -> str:
         f"Machine: {r['machine']}\n\nCommand: `{r['command']}`\n\nDate: {r['date']}\n\n"
         f"Task {r['task']}, {len(draws)} draws of its data"
         + (f" ({len(r['left_out'])} more left out, below)" if r.get("left_out") else "")
-        + f", each a table of seeds {r['seeds']} ({sources}). Every draw has its own images, teacher and tokens. "
-        f"Cells: test {name} (percent), each draw's mean over seeds. Rule, fixed before the "
-        f"draws were compared: {r['rule']}.\n\n"
+        + f", each a table of seeds {r['seeds']} ({sources}). Every draw has its own images, "
+        f"teacher and tokens. Cells: test {name} (percent), each draw's mean over seeds. "
+        f"Rule, fixed before the draws were compared: {r['rule']}.\n\n"
         + "\n".join(lines)
         + "\n"
         + versus_md(r["maskd_vs_peers"], unit="draw")
