@@ -30,7 +30,9 @@ def _accelerator(report: dict[str, Any]) -> str:
     return "gpu" if "gpu" in report["machine"] else "cpu"
 
 
-def _draw(report: dict[str, Any]) -> int:
+def draw_seed(report: dict[str, Any]) -> int:
+    """The data seed of a table report's draw (0: the first draw, whose reports predate
+    the field)."""
     return int(report["data"].get("seed", 0))
 
 
@@ -60,9 +62,10 @@ def check_poolable(reports: list[dict[str, Any]], paths: list[Path]) -> None:
         if _accelerator(r) != _accelerator(first):
             raise SystemExit(f"{path}: made on {_accelerator(r)}, {paths[0]} on "
                              f"{_accelerator(first)}")  # fmt: skip
-        if _draw(r) in seen:
-            raise SystemExit(f"{path} and {seen[_draw(r)]} are both of data seed {_draw(r)}")
-        seen[_draw(r)] = path
+        draw = draw_seed(r)
+        if draw in seen:
+            raise SystemExit(f"{path} and {seen[draw]} are both of data seed {draw}")
+        seen[draw] = path
 
 
 def _main_rows(
@@ -81,7 +84,7 @@ def choose_variants(
 ) -> dict[str, dict[str, Any]]:
     """For each ``row: variant``, the validation means (over seeds) of both on data seed 0's
     table and the one chosen (the variant only if higher)."""
-    tuning = [(p, r) for p, r in zip(paths, reports, strict=True) if _draw(r) == 0]
+    tuning = [(p, r) for p, r in zip(paths, reports, strict=True) if draw_seed(r) == 0]
     if not tuning:
         raise SystemExit("--variant is chosen on data seed 0's validation (the draw that chose "
                          "the weights): pool its table too")  # fmt: skip
@@ -109,7 +112,7 @@ def pool(
     (:func:`choose_variants`)."""
     reports = [json.loads(p.read_text()) for p in paths]
     check_poolable(reports, paths)
-    order = sorted(range(len(reports)), key=lambda i: _draw(reports[i]))
+    order = sorted(range(len(reports)), key=lambda i: draw_seed(reports[i]))
     reports, paths = [reports[i] for i in order], [paths[i] for i in order]
     choices = choose_variants(reports, paths, variants) if variants else {}
     chosen = {n: c["chosen"] for n, c in choices.items() if c["chosen"] != n}
@@ -117,7 +120,7 @@ def pool(
     gaps = [r["teacher"]["test"] - m for r, m in zip(reports, students, strict=True)]
     weak = [teacher_bar is not None and g < teacher_bar for g in gaps]
     left_out = [
-        {"data_seed": _draw(r), "report": p.name, "teacher": r["teacher"]["test"],
+        {"data_seed": draw_seed(r), "report": p.name, "teacher": r["teacher"]["test"],
          "student": m, "teacher_gap": g}
         for p, r, m, g, w in zip(paths, reports, students, gaps, weak, strict=True) if w
     ]  # fmt: skip
@@ -174,7 +177,7 @@ def pool(
         "variants": choices,
         "draws": [
             {
-                "data_seed": _draw(r),
+                "data_seed": draw_seed(r),
                 "report": p.name,
                 "teacher": r["teacher"]["test"],
                 "teacher_gap": g,

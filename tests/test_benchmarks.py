@@ -932,3 +932,72 @@ def test_pool_refuses_reports_that_are_not_draws_of_one_table(tmp_path):
         pool([a, write("h.json", 1, rows=rows)])
     with pytest.raises(SystemExit, match=r"g\.json: not a quality table report"):
         pool([a, write("g.json", 1, benchmark="quality_tuning")])
+
+
+def _log(path: Path, rows: list[tuple[int, float | None]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["epoch,step,train/classification,train/loss"]
+    lines += [f"0,{s},{'' if v is None else v},1.0" for s, v in rows]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_spikes_peak_ratio_reads_every_log_version_and_flags_a_diverged_loss(tmp_path):
+    """quality_spikes.curve merges a resumed cell's logs (the later version's value stands
+    where both log a step, versions ordered by number, not name); peak_ratio is the largest
+    value before the window over the first; a NaN in the window is an infinite ratio."""
+    sys.path.insert(0, str(QUALITY.parent))
+    import quality_spikes
+
+    cell = tmp_path / "cwd_w27_s1"
+    _log(cell / "csv/version_0/metrics.csv", [(9, 0.5), (19, None), (29, 0.9), (39, 0.8)])
+    _log(cell / "csv/version_10/metrics.csv", [(39, 1.6), (49, 0.4), (159, 9.0)])
+    _log(cell / "csv/version_2/metrics.csv", [(39, 7.0), (149, 0.2)])
+    points = quality_spikes.curve(cell)
+    assert points == [(9, 0.5), (29, 0.9), (39, 1.6), (49, 0.4), (149, 0.2), (159, 9.0)]
+    assert quality_spikes.peak_ratio(points, 150) == pytest.approx(1.6 / 0.5)
+    assert quality_spikes.peak_ratio(points, 160) == pytest.approx(9.0 / 0.5)
+    assert quality_spikes.peak_ratio([(9, 0.5), (19, float("nan"))], 150) == float("inf")
+    with pytest.raises(FileNotFoundError, match="student_s0"):
+        quality_spikes.curve(tmp_path / "student_s0")
+
+
+def test_spikes_summary_pairs_spiked_cells_with_the_rows_others_on_their_draw(tmp_path):
+    """collect names each table cell as quality.py does and reads its draw's folder;
+    summarise counts spiked cells and, per draw with both kinds, compares their means."""
+    sys.path.insert(0, str(QUALITY.parent))
+    import quality_spikes
+
+    ratios = {  # (draw, row cell) -> (peak, test)
+        (0, "student_s0"): (3.0, 10.0), (0, "student_s1"): (1.0, 14.0),
+        (0, "cwd_w27_s0"): (1.0, 20.0), (0, "cwd_w27_s1"): (2.0, 16.0),
+        (1, "student_s0"): (4.0, 11.0), (1, "student_s1"): (5.0, 12.0),
+        (1, "cwd_w27_s0"): (1.2, 19.0), (1, "cwd_w27_s1"): (1.5, 18.0),
+    }  # fmt: skip
+    reports = []
+    for draw in (0, 1):
+        folder = tmp_path / ("detection_clutter" if draw == 0 else "detection_clutter_data1")
+        for (d, name), (peak, _) in ratios.items():
+            if d == draw:
+                _log(folder / name / "csv/version_0/metrics.csv", [(9, 0.5), (59, 0.5 * peak)])
+        rows = [
+            {"row": "student", "label": "student alone", "weight": None,
+             "test": [ratios[draw, f"student_s{s}"][1] for s in (0, 1)]},
+            {"row": "cwd", "label": "CWD", "weight": 27.0,
+             "test": [ratios[draw, f"cwd_w27_s{s}"][1] for s in (0, 1)]},
+        ]  # fmt: skip
+        data = {"seed": draw} if draw else {}
+        reports.append({"task": "detection_clutter", "data": data, "seeds": [0, 1], "rows": rows})
+    cells = quality_spikes.collect(reports, tmp_path, window=150)
+    assert [(c["draw"], c["cell"]) for c in cells] == list(ratios)
+    for c in cells:
+        assert c["ratio"] == pytest.approx(ratios[c["draw"], c["cell"]][0])
+        assert c["test"] == ratios[c["draw"], c["cell"]][1]
+    student, cwd = quality_spikes.summarise(cells, threshold=1.5)
+    assert (student["cells"], student["spiked"]) == (4, 3)
+    assert student["spiked_minus_other"] == [10.0 - 14.0]  # draw 1: no unspiked cell
+    assert (cwd["cells"], cwd["spiked"]) == (4, 2)  # 1.5 counts as spiked
+    assert cwd["spiked_minus_other"] == [16.0 - 20.0, 18.0 - 19.0]
+    md = quality_spikes.spikes_md({"machine": {}, "command": "c", "window": 150,
+                                   "threshold": 1.5, "draws": [0, 1],
+                                   "rows": [student, cwd], "sweep": [], "cells": cells})  # fmt: skip
+    assert "| CWD | 4 | 2 | 1.35 | -4.0, -1.0 (mean -2.5, 2 draws) |" in md

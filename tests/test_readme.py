@@ -234,3 +234,11 @@ def test_pooled_tables_are_the_pooled_reports():
     for md in pooled:
         for header in ("| row | data seed", "| peer | per draw |"):
             assert _table_text(md.read_text(), header) in doc, (md.name, header)
+
+
+def test_spikes_table_is_the_spikes_report():
+    """The table of early loss spikes per row stands in docs/results-detection.md as
+    quality_spikes.py printed it."""
+    doc = (ROOT / "docs" / "results-detection.md").read_text()
+    md = (RESULTS / "quality_detection_clutter_spikes_cpu.md").read_text()
+    assert _table_text(md, "| row | cells | spiked |") in doc

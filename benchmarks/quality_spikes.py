@@ -1,0 +1,202 @@
+"""Early loss spikes in the quality benchmark's student cells, beside each cell's test score.
+
+A detector trained from scratch can see its classification loss jump while the learning
+rate warms up and just after (FCOS's focal loss: from about 0.7 to 2-4 within tens of
+steps), then recover. This reads each table cell's training log (``csv/version_*/
+metrics.csv`` under the benchmark's work folder) and measures its *peak ratio*: the largest
+logged classification loss in the first ``--window`` steps over its first logged value (a
+non-finite loss in the window counts as an infinite ratio). A cell with a ratio of at least
+``--threshold`` spiked. Per row it reports how many cells spiked and the test score of the
+spiked cells against the same row's other cells on the same draw; with ``--tuning`` also
+the seed-0 cells of the validation weight sweep, whose ratio shows how the spike depends on
+a term's weight.
+
+    python benchmarks/quality_spikes.py benchmarks/results/quality_detection_clutter{_seeds5,_data1}_cpu.json \
+        --tuning benchmarks/results/quality_detection_clutter_tuning_cpu.json --work runs/quality
+
+Writes ``quality_<task>_spikes_cpu.{json,md}``. It needs the work folder the cells trained
+in (the logs are not kept under ``benchmarks/results``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality_pool import draw_seed
+from quality_report import header, write
+
+KEY = "train/classification"
+
+
+def curve(cell: Path, key: str = KEY) -> list[tuple[int, float]]:
+    """``[(step, value)]`` of one logged metric, steps ascending, over every CSV log version
+    of ``cell`` (a resumed cell starts a new version; where two versions log the same step,
+    the later one's value stands)."""
+    logs = sorted(cell.glob("csv/version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:]))
+    if not logs:
+        raise FileNotFoundError(f"{cell}: no training log (csv/version_*/metrics.csv)")
+    points: dict[int, float] = {}
+    for log in logs:
+        with log.open(newline="") as f:
+            for row in csv.DictReader(f):
+                if row.get(key):
+                    points[int(row["step"])] = float(row[key])
+    if not points:
+        raise ValueError(f"{cell}: its training log has no {key!r} values")
+    return sorted(points.items())
+
+
+def peak_ratio(points: list[tuple[int, float]], window: int) -> float:
+    """The largest value logged before step ``window`` over the first value logged; ``inf``
+    if a value in the window is not finite (a loss that diverged)."""
+    first = points[0][1]
+    early = [v for step, v in points if step < window]
+    if not math.isfinite(first) or not all(math.isfinite(v) for v in early):
+        return math.inf
+    if first <= 0:
+        raise ValueError(f"first logged value {first} is not positive: no ratio to it")
+    return max(early) / first
+
+
+def _folder(report: dict[str, Any]) -> str:
+    seed = draw_seed(report)
+    return report["task"] if seed == 0 else f"{report['task']}_data{seed}"
+
+
+def _cell(row: str, weight: float | None, seed: int) -> str:
+    return f"{row}_s{seed}" if weight is None else f"{row}_w{weight:g}_s{seed}"
+
+
+def collect(reports: list[dict[str, Any]], work: Path, window: int) -> list[dict[str, Any]]:
+    """One entry per table cell of every report: its draw, row, weight, seed, peak ratio and
+    test score (percent, the report's own)."""
+    cells = []
+    for report in reports:
+        folder = work / _folder(report)
+        for row in report["rows"]:
+            for seed, test in zip(report["seeds"], row["test"], strict=True):
+                name = _cell(row["row"], row["weight"], seed)
+                cells.append({
+                    "draw": draw_seed(report), "row": row["row"], "label": row["label"],
+                    "weight": row["weight"], "seed": seed, "cell": name,
+                    "ratio": peak_ratio(curve(folder / name), window), "test": test,
+                })  # fmt: skip
+    return cells
+
+
+def sweep(tuning: dict[str, Any], work: Path, window: int) -> list[dict[str, Any]]:
+    """The peak ratio of each seed-0 cell of a validation weight sweep, with its validation
+    score (percent)."""
+    folder = work / tuning["task"]
+    out = []
+    for method, entry in tuning["methods"].items():
+        for weight, val in sorted(entry["val"].items(), key=lambda kv: float(kv[0])):
+            name = _cell(method, float(weight), 0)
+            out.append({
+                "row": method, "weight": float(weight), "chosen": float(weight) == entry["chosen"],
+                "ratio": peak_ratio(curve(folder / name), window), "val": 100 * val,
+            })  # fmt: skip
+    return out
+
+
+def summarise(cells: list[dict[str, Any]], threshold: float) -> list[dict[str, Any]]:
+    """Per row, in first-seen order: cells, cells spiked, and on every draw where the row has
+    both kinds, the mean test score of its spiked cells minus that of its other cells."""
+    out = []
+    for name in dict.fromkeys(c["row"] for c in cells):
+        mine = [c for c in cells if c["row"] == name]
+        diffs = []
+        for draw in dict.fromkeys(c["draw"] for c in mine):
+            spiked = [c["test"] for c in mine if c["draw"] == draw and c["ratio"] >= threshold]
+            other = [c["test"] for c in mine if c["draw"] == draw and c["ratio"] < threshold]
+            if spiked and other:
+                diffs.append(statistics.fmean(spiked) - statistics.fmean(other))
+        out.append({
+            "row": name, "label": mine[0]["label"], "cells": len(mine),
+            "spiked": sum(c["ratio"] >= threshold for c in mine),
+            "median_ratio": statistics.median(c["ratio"] for c in mine),
+            "spiked_minus_other": diffs,
+        })  # fmt: skip
+    return out
+
+
+def spikes_md(r: dict[str, Any]) -> str:
+    """The report's markdown: per row, then the weight sweep, then the spiked cells."""
+    lines = [
+        f"Peak ratio: the largest classification loss logged in a cell's first {r['window']} "
+        f"steps over its first logged value; a cell spiked if it is at least "
+        f"{r['threshold']:g}. Draws (data seeds): "
+        f"{', '.join(str(d) for d in r['draws'])}. Test scores in percent.",
+        "",
+        "| row | cells | spiked | median peak ratio | test score, spiked − other cells of "
+        "the row on the same draw |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for s in r["rows"]:
+        diffs = s["spiked_minus_other"]
+        paired = ", ".join(f"{d:+.1f}" for d in diffs)
+        if diffs:
+            paired += f" (mean {statistics.fmean(diffs):+.1f}, {len(diffs)} draws)"
+        lines.append(f"| {s['label']} | {s['cells']} | {s['spiked']} | "
+                     f"{s['median_ratio']:.2f} | {paired} |")  # fmt: skip
+    if r["sweep"]:
+        lines += [
+            "",
+            "The validation weight sweep (seed 0, data seed 0):",
+            "",
+            "| term | weight | peak ratio | validation score |",
+            "|---|---:|---:|---:|",
+        ]
+        for c in r["sweep"]:
+            chosen = " (chosen)" if c["chosen"] else ""
+            lines.append(f"| {c['row']} | {c['weight']:g}{chosen} | {c['ratio']:.2f} | "
+                         f"{c['val']:.1f} |")  # fmt: skip
+    lines += ["", "Spiked table cells:", "", "| data seed | row | seed | peak ratio | test |",
+              "|---:|---|---:|---:|---:|"]  # fmt: skip
+    for c in r["cells"]:
+        if c["ratio"] >= r["threshold"]:
+            lines.append(f"| {c['draw']} | {c['label']} | {c['seed']} | {c['ratio']:.2f} | "
+                         f"{c['test']:.1f} |")  # fmt: skip
+    return f"Machine: {r['machine']}\n\nCommand: `{r['command']}`\n\n" + "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("reports", nargs="+", type=Path, help="draws' table reports (JSON)")
+    parser.add_argument("--tuning", type=Path, help="the task's weight-sweep report (JSON)")
+    parser.add_argument("--work", type=Path, default=Path("runs/quality"))
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--window", type=int, default=150, help="steps (default: 150)")
+    parser.add_argument("--threshold", type=float, default=1.5, help="peak ratio (1.5)")
+    args = parser.parse_args()
+    reports = [json.loads(p.read_text()) for p in args.reports]
+    tasks = {r["task"] for r in reports}
+    draws = [draw_seed(r) for r in reports]
+    if len(tasks) != 1 or len(set(draws)) != len(draws):
+        raise SystemExit(f"one report per draw of one task, please: tasks {sorted(tasks)}, "
+                         f"data seeds {draws}")  # fmt: skip
+    cells = collect(reports, args.work, args.window)
+    task = tasks.pop()
+    report = {
+        **header("quality_spikes", task, "cpu"),
+        "window": args.window,
+        "threshold": args.threshold,
+        "draws": draws,
+        "rows": summarise(cells, args.threshold),
+        "sweep": sweep(json.loads(args.tuning.read_text()), args.work, args.window)
+        if args.tuning else [],
+        "cells": cells,
+    }  # fmt: skip
+    write(args.out, f"quality_{task}_spikes_cpu", report, spikes_md(report))
+
+
+if __name__ == "__main__":
+    main()
