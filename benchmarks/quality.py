@@ -305,6 +305,8 @@ class Plan:
         self.resume = ["--run.resume=auto"]  # a cell stopped midway continues
         # a diagnostic schedule: every student cell runs this many steps (its own cells)
         self.student_steps: int | None = getattr(args, "student_steps", None)
+        # a diagnostic warm-up: every student cell warms its learning rate up this many steps
+        self.warmup_steps: int | None = getattr(args, "warmup_steps", None)
         # a diagnostic level set: every distilled cell distils only these FPN levels
         self.levels: list[str] | None = getattr(args, "levels", None)
         if self.levels and "fpn" not in self.spec:
@@ -315,11 +317,12 @@ class Plan:
     @property
     def diagnostic(self) -> bool:
         """Whether the plan's cells are a diagnostic variant of the table's (own report)."""
-        return bool(self.student_steps or self.levels)
+        return bool(self.student_steps or self.warmup_steps or self.levels)
 
     def suffix(self, distilled: bool = True) -> str:
-        """What a diagnostic schedule or level set adds to cell and report names."""
+        """What a diagnostic schedule, warm-up or level set adds to cell and report names."""
         suffix = f"_steps{self.student_steps}" if self.student_steps else ""
+        suffix += f"_warmup{self.warmup_steps}" if self.warmup_steps else ""
         if self.levels and distilled:  # the student alone distils nothing: its cells stay
             suffix += f"_lv{'-'.join(self.levels)}"
         return suffix
@@ -445,6 +448,8 @@ class Plan:
         common += [*self.trainer, *self._steps("student"), *self.resume]
         if self.student_steps:
             common += [f"--trainer.max_steps={self.student_steps}"]
+        if self.warmup_steps:
+            common += [f"--optim.warmup_steps={self.warmup_steps}"]
         if row.method is None:
             cmd = _maskd("train", "--config", str(self.cfg / "student.yaml"), *common)
             return self._model_cell(name, ["data"], cmd, "student", splits)
@@ -835,6 +840,7 @@ def _report(plan: Plan, args: argparse.Namespace, rows: list[Row], seeds: list[i
         "inputs": inputs,
         "student_model": plan.spec["student"],
         "student_steps": steps or _config_steps(plan),
+        "warmup_steps": plan.warmup_steps,
         "levels": plan.levels,
         "metric": f"test {key}",
         "seeds": seeds,
@@ -904,6 +910,10 @@ def main() -> None:
                         help="diagnostic: every student cell trains this many steps (own cells "
                         "and report quality_<task>_steps<N>_<device>; with --rows, a report "
                         "of those rows)")  # fmt: skip
+    parser.add_argument("--warmup-steps", type=int, default=None,
+                        help="diagnostic: every student cell warms its learning rate up over "
+                        "this many steps (own cells and report quality_<task>_warmup<N>_"
+                        "<device>; with --rows, a report of those rows)")  # fmt: skip
     parser.add_argument("--levels", nargs="+", default=None,
                         help="diagnostic (detection): every distilled cell distils only these "
                         "FPN levels, e.g. 0 1 2 (own cells and report "
@@ -966,9 +976,9 @@ def main() -> None:
         without_head(*args.without_head)
         return
     plan = Plan(args.task, args)
-    if args.tune and (args.levels or args.student_steps or args.data_seed):
+    if args.tune and (args.levels or args.student_steps or args.warmup_steps or args.data_seed):
         raise SystemExit("--tune picks the table's weights: run it without --levels, "
-                         "--student-steps and --data-seed")  # fmt: skip
+                         "--student-steps, --warmup-steps and --data-seed")  # fmt: skip
     if args.tune:
         tune(plan, args)
     else:

@@ -47,7 +47,7 @@ def check_poolable(reports: list[dict[str, Any]], paths: list[Path]) -> None:
     for path, r in zip(paths, reports, strict=True):
         if r.get("benchmark") != "quality" or "rows" not in r:
             raise SystemExit(f"{path}: not a quality table report (no 'rows')")
-        for key in ("task", "metric", "seeds", "student_steps", "levels"):
+        for key in ("task", "metric", "seeds", "student_steps", "warmup_steps", "levels"):
             if r.get(key) != first.get(key):
                 raise SystemExit(
                     f"{path}: its {key} is {r.get(key)!r}, {paths[0]}'s is {first.get(key)!r}"

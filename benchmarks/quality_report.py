@@ -124,6 +124,11 @@ def table_md(r: dict[str, Any]) -> str:
         + "; "
         f"{d['train']} train / {d['val']} val / {d['test']} test images. Student {r['student_model']}, "
         + (f"{r['student_steps']} steps, " if r.get("student_steps") else "")
+        + (
+            f"learning rate warmed up over {r['warmup_steps']} steps, "
+            if r.get("warmup_steps")
+            else ""
+        )
         + f"seeds {r['seeds']}. "
         + (
             f"Every distilled row distils FPN levels {r['levels']} only. "

@@ -1001,3 +1001,42 @@ def test_spikes_summary_pairs_spiked_cells_with_the_rows_others_on_their_draw(tm
                                    "threshold": 1.5, "draws": [0, 1],
                                    "rows": [student, cwd], "sweep": [], "cells": cells})  # fmt: skip
     assert "| CWD | 4 | 2 | 1.35 | -4.0, -1.0 (mean -2.5, 2 draws) |" in md
+
+
+def test_quality_diagnostic_warmup_gives_every_cell_its_own_name_and_the_warmup(tmp_path):
+    """--warmup-steps: every student cell, the student alone's too, warms up over N steps and
+    has its own name; the report is the diagnostic's own, on its draw; --tune refuses it."""
+    import argparse
+
+    import yaml
+
+    sys.path.insert(0, str(QUALITY.parent))
+    from quality import CONFIGS, ROWS, Plan
+    from quality_report import table_md
+
+    recipe = yaml.safe_load((CONFIGS / "detection" / "student.yaml").read_text())
+    assert recipe["optim"]["warmup_steps"] != 200  # a change, not the recipe's own value
+    args = argparse.Namespace(quick=False, work=tmp_path, out=tmp_path, accelerator="cpu",
+                              warmup_steps=200, data_seed=1)  # fmt: skip
+    plan = Plan("detection_clutter", args)
+    assert plan.diagnostic
+    rows = {r.name: r for r in ROWS}
+    for row, weight, name in [("student", None, "student_warmup200_s1"),
+                              ("cwd", 27.0, "cwd_w27_warmup200_s1"),
+                              ("maskd_unweighted", 30.0, "maskd_unweighted_w30_warmup200_s1")]:  # fmt: skip
+        assert plan.cell(rows[row], weight, 1) == name
+        cmd = plan.student_cell(rows[row], 1, weight, name, ("val",)).commands[0][0]
+        assert "--optim.warmup_steps=200" in cmd and "--run.seed=1" in cmd
+        assert str(tmp_path / "detection_clutter_data1" / name) in " ".join(cmd)
+    assert plan.report_stem(3) == "quality_detection_clutter_warmup200_data1_cpu"
+    data = {"train": 1, "val": 1, "test": 1, "size": 64, "seed": 1}
+    teacher = {"model": "t", "test": 20.0, "val": 19.0}
+    md = table_md({"machine": {}, "command": "c", "date": "d", "data": data, "rows": [],
+                   "teacher": teacher, "maskd_vs_peers": {}, "maskd_vs_ablations": {},
+                   "student_model": "s", "student_steps": 500, "warmup_steps": 200,
+                   "seeds": [0], "metric": "test map", "levels": None})  # fmt: skip
+    assert "learning rate warmed up over 200 steps" in md
+    tune = [sys.executable, str(QUALITY), "--task", "detection_clutter", "--tune",
+            "--warmup-steps", "200", "--work", str(tmp_path), "--out", str(tmp_path)]  # fmt: skip
+    done = subprocess.run(tune, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "--warmup-steps" in done.stderr
