@@ -14,7 +14,8 @@ a term's weight.
     python benchmarks/quality_spikes.py benchmarks/results/quality_detection_clutter{_seeds5,_data1}_cpu.json \
         --tuning benchmarks/results/quality_detection_clutter_tuning_cpu.json --work runs/quality
 
-Writes ``quality_<task>_spikes_cpu.{json,md}``. It needs the work folder the cells trained
+Writes ``quality_<task>_spikes_cpu.{json,md}`` (``quality_<task>_warmup<N>_spikes_cpu`` for
+the reports of a ``--warmup-steps`` diagnostic). It needs the work folder the cells trained
 in (the logs are not kept under ``benchmarks/results``).
 """
 
@@ -71,8 +72,13 @@ def _folder(report: dict[str, Any]) -> str:
     return report["task"] if seed == 0 else f"{report['task']}_data{seed}"
 
 
-def _cell(row: str, weight: float | None, seed: int) -> str:
-    return f"{row}_s{seed}" if weight is None else f"{row}_w{weight:g}_s{seed}"
+def _warmup(report: dict[str, Any]) -> str:
+    """What a warm-up diagnostic adds to its cells' and reports' names (quality.py's)."""
+    return f"_warmup{report['warmup_steps']}" if report.get("warmup_steps") else ""
+
+
+def _cell(row: str, weight: float | None, seed: int, suffix: str = "") -> str:
+    return f"{row}{suffix}_s{seed}" if weight is None else f"{row}_w{weight:g}{suffix}_s{seed}"
 
 
 def collect(reports: list[dict[str, Any]], work: Path, window: int) -> list[dict[str, Any]]:
@@ -83,7 +89,7 @@ def collect(reports: list[dict[str, Any]], work: Path, window: int) -> list[dict
         folder = work / _folder(report)
         for row in report["rows"]:
             for seed, test in zip(report["seeds"], row["test"], strict=True):
-                name = _cell(row["row"], row["weight"], seed)
+                name = _cell(row["row"], row["weight"], seed, _warmup(report))
                 cells.append({
                     "draw": draw_seed(report), "row": row["row"], "label": row["label"],
                     "weight": row["weight"], "seed": seed, "cell": name,
@@ -180,9 +186,12 @@ def main() -> None:
     reports = [json.loads(p.read_text()) for p in args.reports]
     tasks = {r["task"] for r in reports}
     draws = [draw_seed(r) for r in reports]
-    if len(tasks) != 1 or len(set(draws)) != len(draws):
-        raise SystemExit(f"one report per draw of one task, please: tasks {sorted(tasks)}, "
-                         f"data seeds {draws}")  # fmt: skip
+    warmups = {_warmup(r) for r in reports}
+    if len(tasks) != 1 or len(set(draws)) != len(draws) or len(warmups) != 1:
+        raise SystemExit(f"one report per draw of one task and recipe, please: tasks "
+                         f"{sorted(tasks)}, data seeds {draws}, warm-ups {sorted(warmups)}")  # fmt: skip
+    if any(r.get("levels") for r in reports):
+        raise SystemExit("a --levels diagnostic's cells are not read here: give table reports")
     cells = collect(reports, args.work, args.window)
     task = tasks.pop()
     report = {
@@ -195,7 +204,7 @@ def main() -> None:
         if args.tuning else [],
         "cells": cells,
     }  # fmt: skip
-    write(args.out, f"quality_{task}_spikes_cpu", report, spikes_md(report))
+    write(args.out, f"quality_{task}{warmups.pop()}_spikes_cpu", report, spikes_md(report))
 
 
 if __name__ == "__main__":

@@ -1040,3 +1040,26 @@ def test_quality_diagnostic_warmup_gives_every_cell_its_own_name_and_the_warmup(
             "--warmup-steps", "200", "--work", str(tmp_path), "--out", str(tmp_path)]  # fmt: skip
     done = subprocess.run(tune, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "--warmup-steps" in done.stderr
+
+
+def test_spikes_reads_a_warmup_diagnostics_own_cells(tmp_path):
+    """A --warmup-steps report's cells carry the warm-up in their names, as quality.py
+    names them."""
+    sys.path.insert(0, str(QUALITY.parent))
+    import quality_spikes
+    from quality import ROWS, Plan
+
+    args = argparse.Namespace(quick=False, work=tmp_path, out=tmp_path, accelerator="cpu",
+                              warmup_steps=200, data_seed=2)  # fmt: skip
+    plan = Plan("detection_clutter", args)
+    rows = {r.name: r for r in ROWS}
+    names = [plan.cell(rows["student"], None, 0), plan.cell(rows["cwd"], 27.0, 0)]
+    for name, peak in zip(names, (1.2, 3.0), strict=True):
+        _log(plan.work / name / "csv/version_0/metrics.csv", [(9, 1.0), (219, peak)])
+    report = {"task": "detection_clutter", "data": {"seed": 2}, "seeds": [0],
+              "warmup_steps": 200, "rows": [
+                  {"row": "student", "label": "student alone", "weight": None, "test": [15.0]},
+                  {"row": "cwd", "label": "CWD", "weight": 27.0, "test": [19.0]}]}  # fmt: skip
+    cells = quality_spikes.collect([report], tmp_path, window=300)
+    assert [c["cell"] for c in cells] == names
+    assert [c["ratio"] for c in cells] == pytest.approx([1.2, 3.0])
