@@ -15,7 +15,8 @@ a term's weight.
         --tuning benchmarks/results/quality_detection_clutter_tuning_cpu.json --work runs/quality
 
 Writes ``quality_<task>_spikes_cpu.{json,md}`` (``quality_<task>_warmup<N>_spikes_cpu`` for
-the reports of a ``--warmup-steps`` diagnostic). It needs the work folder the cells trained
+the reports of a ``--warmup-steps`` diagnostic; ``..._data<N>_spikes_cpu`` for one draw
+other than data seed 0's). It needs the work folder the cells trained
 in (the logs are not kept under ``benchmarks/results``).
 """
 
@@ -204,7 +205,8 @@ def main() -> None:
         if args.tuning else [],
         "cells": cells,
     }  # fmt: skip
-    write(args.out, f"quality_{task}{warmups.pop()}_spikes_cpu", report, spikes_md(report))
+    drawn = f"_data{draws[0]}" if len(draws) == 1 and draws[0] else ""  # as quality.py's
+    write(args.out, f"quality_{task}{warmups.pop()}{drawn}_spikes_cpu", report, spikes_md(report))
 
 
 if __name__ == "__main__":

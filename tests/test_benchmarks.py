@@ -1063,3 +1063,10 @@ def test_spikes_reads_a_warmup_diagnostics_own_cells(tmp_path):
     cells = quality_spikes.collect([report], tmp_path, window=300)
     assert [c["cell"] for c in cells] == names
     assert [c["ratio"] for c in cells] == pytest.approx([1.2, 3.0])
+    (tmp_path / "r.json").write_text(json.dumps({**report, "machine": {}}))
+    cmd = [sys.executable, str(QUALITY.with_name("quality_spikes.py")), str(tmp_path / "r.json"),
+           "--work", str(tmp_path), "--out", str(tmp_path / "out"), "--window", "300"]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+    own = tmp_path / "out" / "quality_detection_clutter_warmup200_data2_spikes_cpu.json"
+    out = json.loads(own.read_text())  # its own name, beside other draws' reports
+    assert [r["spiked"] for r in out["rows"]] == [0, 1]
