@@ -11,7 +11,8 @@ spiked cells against the same row's other cells on the same draw; with ``--tunin
 the seed-0 cells of the validation weight sweep, whose ratio shows how the spike depends on
 a term's weight.
 
-    python benchmarks/quality_spikes.py benchmarks/results/quality_detection_clutter{_seeds5,_data1}_cpu.json \
+    python benchmarks/quality_spikes.py \
+        benchmarks/results/quality_detection_clutter{_seeds5,_data1}_cpu.json \
         --tuning benchmarks/results/quality_detection_clutter_tuning_cpu.json --work runs/quality
 
 Writes ``quality_<task>_spikes_cpu.{json,md}`` (``quality_<task>_warmup<N>_spikes_cpu`` for
@@ -32,8 +33,11 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import RESULTS, ROWS, SEEDS, Plan
 from quality_pool import draw_seed
 from quality_report import header, write
+
+ROW = {r.name: r for r in ROWS}
 
 KEY = "train/classification"
 
@@ -68,18 +72,15 @@ def peak_ratio(points: list[tuple[int, float]], window: int) -> float:
     return max(early) / first
 
 
-def _folder(report: dict[str, Any]) -> str:
-    seed = draw_seed(report)
-    return report["task"] if seed == 0 else f"{report['task']}_data{seed}"
-
-
-def _warmup(report: dict[str, Any]) -> str:
-    """What a warm-up diagnostic adds to its cells' and reports' names (quality.py's)."""
-    return f"_warmup{report['warmup_steps']}" if report.get("warmup_steps") else ""
-
-
-def _cell(row: str, weight: float | None, seed: int, suffix: str = "") -> str:
-    return f"{row}{suffix}_s{seed}" if weight is None else f"{row}_w{weight:g}{suffix}_s{seed}"
+def _plan(report: dict[str, Any], work: Path, data_seed: int | None = None) -> Plan:
+    """quality.py's plan of ``report``'s cells: their work folder, names and report stem
+    (the draw's, or ``data_seed``'s)."""
+    args = argparse.Namespace(
+        quick=False, work=work, out=RESULTS, accelerator="cpu",
+        warmup_steps=report.get("warmup_steps"),
+        data_seed=draw_seed(report) if data_seed is None else data_seed,
+    )  # fmt: skip
+    return Plan(report["task"], args)
 
 
 def collect(reports: list[dict[str, Any]], work: Path, window: int) -> list[dict[str, Any]]:
@@ -87,14 +88,14 @@ def collect(reports: list[dict[str, Any]], work: Path, window: int) -> list[dict
     test score (percent, the report's own)."""
     cells = []
     for report in reports:
-        folder = work / _folder(report)
+        plan = _plan(report, work)
         for row in report["rows"]:
             for seed, test in zip(report["seeds"], row["test"], strict=True):
-                name = _cell(row["row"], row["weight"], seed, _warmup(report))
+                name = plan.cell(ROW[row["row"]], row["weight"], seed)
                 cells.append({
                     "draw": draw_seed(report), "row": row["row"], "label": row["label"],
                     "weight": row["weight"], "seed": seed, "cell": name,
-                    "ratio": peak_ratio(curve(folder / name), window), "test": test,
+                    "ratio": peak_ratio(curve(plan.work / name), window), "test": test,
                 })  # fmt: skip
     return cells
 
@@ -102,14 +103,14 @@ def collect(reports: list[dict[str, Any]], work: Path, window: int) -> list[dict
 def sweep(tuning: dict[str, Any], work: Path, window: int) -> list[dict[str, Any]]:
     """The peak ratio of each seed-0 cell of a validation weight sweep, with its validation
     score (percent)."""
-    folder = work / tuning["task"]
+    plan = _plan({"task": tuning["task"], "data": {}}, work)
     out = []
     for method, entry in tuning["methods"].items():
         for weight, val in sorted(entry["val"].items(), key=lambda kv: float(kv[0])):
-            name = _cell(method, float(weight), 0)
+            name = plan.cell(ROW[method], float(weight), 0)
             out.append({
                 "row": method, "weight": float(weight), "chosen": float(weight) == entry["chosen"],
-                "ratio": peak_ratio(curve(folder / name), window), "val": 100 * val,
+                "ratio": peak_ratio(curve(plan.work / name), window), "val": 100 * val,
             })  # fmt: skip
     return out
 
@@ -187,10 +188,11 @@ def main() -> None:
     reports = [json.loads(p.read_text()) for p in args.reports]
     tasks = {r["task"] for r in reports}
     draws = [draw_seed(r) for r in reports]
-    warmups = {_warmup(r) for r in reports}
+    warmups = {r.get("warmup_steps") for r in reports}
     if len(tasks) != 1 or len(set(draws)) != len(draws) or len(warmups) != 1:
         raise SystemExit(f"one report per draw of one task and recipe, please: tasks "
-                         f"{sorted(tasks)}, data seeds {draws}, warm-ups {sorted(warmups)}")  # fmt: skip
+                         f"{sorted(tasks)}, data seeds {draws}, "
+                         f"warm-ups {sorted(map(str, warmups))}")  # fmt: skip
     if any(r.get("levels") for r in reports):
         raise SystemExit("a --levels diagnostic's cells are not read here: give table reports")
     cells = collect(reports, args.work, args.window)
@@ -205,8 +207,9 @@ def main() -> None:
         if args.tuning else [],
         "cells": cells,
     }  # fmt: skip
-    drawn = f"_data{draws[0]}" if len(draws) == 1 and draws[0] else ""  # as quality.py's
-    write(args.out, f"quality_{task}{warmups.pop()}{drawn}_spikes_cpu", report, spikes_md(report))
+    one = _plan(reports[0], args.work, data_seed=draws[0] if len(draws) == 1 else 0)
+    stem = one.report_stem(SEEDS).removesuffix("_cpu") + "_spikes_cpu"  # the table's, + spikes
+    write(args.out, stem, report, spikes_md(report))
 
 
 if __name__ == "__main__":
