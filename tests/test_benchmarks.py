@@ -1070,3 +1070,36 @@ def test_spikes_reads_a_warmup_diagnostics_own_cells(tmp_path):
     own = tmp_path / "out" / "quality_detection_clutter_warmup200_data2_spikes_cpu.json"
     out = json.loads(own.read_text())  # its own name, beside other draws' reports
     assert [r["spiked"] for r in out["rows"]] == [0, 1]
+
+
+def test_warmup_choice_reads_the_table_cells_at_the_recipes_own_warmup(tmp_path):
+    """quality_warmup.py: the recipe's own warm-up is the table's student cells (no new
+    name), the others ``student_warmup<N>_s<seed>``; the highest mean validation score is
+    chosen (a diverged cell never, the shorter on a tie); the test split is not read."""
+    sys.path.insert(0, str(QUALITY.parent))
+    import quality_warmup
+
+    assert quality_warmup.choose({50: [0.1, 0.3], 100: [0.2, 0.2], 200: [0.1, 0.25]}) == 50
+    assert quality_warmup.choose({50: [0.1, 0.1], 100: [0.5, float("nan")]}) == 50
+    assert quality_warmup.choose({50: [float("nan")]}) is None
+
+    args = argparse.Namespace(quick=False, work=tmp_path, out=tmp_path / "out",
+                              accelerator="cpu", warmups=[50, 200], seeds=2, workers=1)  # fmt: skip
+    work = tmp_path / "detection_clutter"
+    (work / "data").mkdir(parents=True)
+    (work / "data" / "done.txt").write_text("ok\n")
+    kept = tmp_path / "out" / "quality_cells" / "detection_clutter"
+    kept.mkdir(parents=True)
+    val = {"student_s0": 0.14, "student_s1": 0.12,
+           "student_warmup200_s0": 0.15, "student_warmup200_s1": 0.16}  # fmt: skip
+    for name, v in val.items():  # done cells: nothing trains; test far higher, never read
+        (kept / f"{name}.json").write_text(json.dumps({"val": {"map": v}, "test": {"map": 0.9}}))
+    _log(work / "student_s0" / "csv/version_0/metrics.csv", [(9, 1.0), (59, 2.5)])
+    report = quality_warmup.run("detection_clutter", args)
+    assert report["chosen"] == 200
+    assert report["warmups"]["50"]["cells"] == ["student_s0", "student_s1"]
+    assert report["warmups"]["200"]["val"] == [0.15, 0.16]
+    assert report["warmups"]["50"]["peak_ratio"] == [pytest.approx(2.5), None]  # s1: no log
+    md = (tmp_path / "out" / "quality_detection_clutter_warmup_choice_cpu.md").read_text()
+    assert "| 200 (chosen) | 15.0, 16.0 | 15.5 | n/a, n/a |" in md
+    assert "| 50 | 14.0, 12.0 | 13.0 | 2.50, n/a |" in md
