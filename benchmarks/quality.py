@@ -138,6 +138,10 @@ TASKS["detection_clutter"] = {
     "defaults": {"fitnet": 3.0, "cwd": 90.0, "fgd": 3.0, "maskd": 10.0},
     "defaults_are": "weight chosen in the detection_ranges sweep",
 }
+# detection_clutter with the students' learning-rate warm-up chosen on validation
+# (quality_warmup.py: the student alone at 50-200 steps) and every weight swept again under
+# it: the same data, teacher and tokens, reused (configs/quality/detection_clutter_warmup).
+TASKS["detection_clutter_warmup"] = {**TASKS["detection_clutter"], "shares": "detection_clutter"}
 # The second detector family: RetinaNet with anchors a quarter of torchvision's for the same
 # 64 px images, and the authors' RetinaNet recipe for MasKD, which adds an L1 KD term on the
 # box-regression head (configs/quality/detection_retina/distill.yaml).
@@ -256,6 +260,7 @@ class Cell:
     done_file: str = "result.json"
     finish: Any = None  # callable(cell_dir) -> None, writes done_file
     keep: bool = False  # a trained student: its result is also kept under results/
+    home: Path | None = None  # the work folder it lives in, if not the run's (shared cells)
 
 
 def _maskd(*args: str) -> list[str]:
@@ -295,7 +300,12 @@ class Plan:
         self.data_seed: int = getattr(args, "data_seed", 0)
         drawn = f"{task}_data{self.data_seed}" if self.data_seed else task
         self.work = args.work / drawn
-        self.data = self.work / "data"
+        # a task that only changes the students' recipe reuses another's data, teacher and
+        # tokens (their folder and configs): the same models, not trained again
+        shares = self.spec.get("shares", task)
+        self.shared = args.work / (f"{shares}_data{self.data_seed}" if self.data_seed else shares)
+        self.shared_cfg = CONFIGS / shares
+        self.data = self.shared / "data"
         self.kept = args.out / "quality_cells" / drawn  # committed results of student cells
         self.cfg = CONFIGS / task
         self.trainer = [
@@ -339,9 +349,14 @@ class Plan:
             more = f"_data{self.data_seed}{more}"
         return f"quality_{self.task}{self.suffix()}{more}_{self.args.accelerator}"
 
+    def home(self, name: str) -> Path:
+        """The work folder of cell ``name``: the data, teacher and tokens are the shared ones."""
+        shared = name in ("data", "teacher") or name.startswith("tokens")
+        return self.shared if shared else self.work
+
     def read(self, name: str) -> dict[str, Any]:
         """A cell's result, from the work folder or from the kept copy."""
-        path = self.work / name / "result.json"
+        path = self.home(name) / name / "result.json"
         return json.loads((path if path.is_file() else self.kept / f"{name}.json").read_text())
 
     # ---- the shared parts -------------------------------------------------------------
@@ -364,7 +379,7 @@ class Plan:
 
     def _model_cell(self, name: str, deps: list[str], train: list[str], role: str,
                     splits: tuple[str, ...]) -> Cell:  # fmt: skip
-        folder = self.work / name
+        folder = self.home(name) / name
         cmds = [(train, "done.json")] + [
             (self._eval(role, folder / "model.pt", folder / f"{s}.json", s), f"{s}.json")
             for s in splits
@@ -375,7 +390,7 @@ class Plan:
             result["inputs"] = self.fingerprints(deps)
             (d / "result.json").write_text(json.dumps(result, indent=1) + "\n")
 
-        return Cell(name, deps, cmds, finish=finish, keep=name != "teacher")
+        return Cell(name, deps, cmds, finish=finish, keep=name != "teacher", home=self.home(name))
 
     def fingerprints(self, deps: list[str]) -> dict[str, str]:
         """SHA-256 (first 16 hex digits) of what a cell was trained from: the data, and the
@@ -385,9 +400,9 @@ class Plan:
         out = {"data": _digest(sorted(files))}
         for dep in deps:
             if dep == "teacher":
-                out["teacher"] = _digest([self.work / "teacher" / "model.pt"])
+                out["teacher"] = _digest([self.shared / "teacher" / "model.pt"])
             elif dep.startswith("tokens"):
-                out[dep] = _digest([self.work / dep / "tokens.pt"])
+                out[dep] = _digest([self.shared / dep / "tokens.pt"])
         return out
 
     def data_cell(self) -> Cell:
@@ -402,21 +417,23 @@ class Plan:
         def finish(d: Path) -> None:
             (d / "done.txt").write_text("ok\n")
 
-        return Cell("data", [], [(cmd, None)], done_file="done.txt", finish=finish)
+        return Cell(
+            "data", [], [(cmd, None)], done_file="done.txt", finish=finish, home=self.shared
+        )
 
     def teacher_cell(self) -> Cell:
         cmd = _maskd(
-            "train", "--config", str(self.cfg / "teacher.yaml"), f"--data.root={self.data}",
-            f"--run.out={self.work / 'teacher'}", *self.trainer, *self._steps("teacher"),
+            "train", "--config", str(self.shared_cfg / "teacher.yaml"),
+            f"--data.root={self.data}", f"--run.out={self.shared / 'teacher'}", *self.trainer, *self._steps("teacher"),
             *self.resume,
         )  # fmt: skip
         return self._model_cell("teacher", ["data"], cmd, "teacher", ("val", "test"))
 
     def token_cells(self, variants: set[str]) -> list[Cell]:
         cells = []
-        teacher = self.work / "teacher" / "model.pt"
+        teacher = self.shared / "teacher" / "model.pt"
         for variant in sorted(variants):
-            out = self.work / variant
+            out = self.shared / variant
             deps = ["teacher"]
             if variant == "tokens_random":
                 cmd = [sys.executable, __file__, "--random-tokens", str(out / "tokens.pt"),
@@ -424,10 +441,10 @@ class Plan:
             elif variant == "tokens_nohead":
                 deps = ["tokens"]
                 cmd = [sys.executable, __file__, "--without-head",
-                       str(self.work / "tokens" / "tokens.pt"), str(out / "tokens.pt")]  # fmt: skip
+                       str(self.shared / "tokens" / "tokens.pt"), str(out / "tokens.pt")]  # fmt: skip
             else:
                 cmd = _maskd(
-                    "learn-masks", "--config", str(self.cfg / "learn_masks.yaml"),
+                    "learn-masks", "--config", str(self.shared_cfg / "learn_masks.yaml"),
                     f"--teacher.weights={teacher}", f"--data.root={self.data}",
                     f"--run.out={out}", *TOKEN_VARIANTS[variant], *self.trainer,
                     *self._steps("tokens"), *self.resume,
@@ -436,9 +453,8 @@ class Plan:
             def finish(d: Path) -> None:
                 (d / "done.txt").write_text("ok\n")
 
-            cells.append(
-                Cell(variant, deps, [(cmd, "tokens.pt")], done_file="done.txt", finish=finish)
-            )
+            cells.append(Cell(variant, deps, [(cmd, "tokens.pt")], done_file="done.txt",
+                              finish=finish, home=self.shared))  # fmt: skip
         return cells
 
     def student_cell(self, row: Row, seed: int, weight: float | None, name: str,
@@ -455,11 +471,11 @@ class Plan:
             return self._model_cell(name, ["data"], cmd, "student", splits)
         cmd = _maskd(
             "distill", "--config", str(self.cfg / "distill.yaml"),
-            f"--teacher.weights={self.work / 'teacher' / 'model.pt'}", *common, *row.overrides,
+            f"--teacher.weights={self.shared / 'teacher' / 'model.pt'}", *common, *row.overrides,
         )  # fmt: skip
         deps = ["teacher"]
         if row.method == "maskd":
-            cmd += [f"--distill.tokens={self.work / row.tokens / 'tokens.pt'}"]
+            cmd += [f"--distill.tokens={self.shared / row.tokens / 'tokens.pt'}"]
             cmd += [f"--distill.loss_weight={weight}"]
             if self.levels:
                 cmd += [f"--distill.levels={json.dumps({self.spec['fpn']: self.levels})}"]
@@ -513,13 +529,14 @@ def run_cells(
             if cell.name in by_name:
                 continue
             by_name[cell.name] = cell
-            result = work / cell.name / "result.json"
+            folder = (cell.home or work) / cell.name
+            result = folder / "result.json"
             kept_file = kept / f"{cell.name}.json"
             if cell.keep and result.is_file() and not kept_file.is_file():
                 # finished before results were kept
                 kept.mkdir(parents=True, exist_ok=True)
                 kept_file.write_text(result.read_text())
-            if (work / cell.name / cell.done_file).is_file() or (cell.keep and kept_file.is_file()):
+            if (folder / cell.done_file).is_file() or (cell.keep and kept_file.is_file()):
                 done.add(cell.name)
             else:
                 pending.append(cell)
@@ -532,7 +549,7 @@ def run_cells(
             add(new)  # asked again: a new cell may be done already (a resumed sweep)
 
     def execute(cell: Cell) -> None:
-        folder = work / cell.name
+        folder = (cell.home or work) / cell.name
         folder.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
         try:

@@ -16,7 +16,8 @@ a term's weight.
         --tuning benchmarks/results/quality_detection_clutter_tuning_cpu.json --work runs/quality
 
 Writes ``quality_<task>_spikes_cpu.{json,md}`` (``quality_<task>_warmup<N>_spikes_cpu`` for
-the reports of a ``--warmup-steps`` diagnostic; ``..._data<N>_spikes_cpu`` for one draw
+the reports of a ``--warmup-steps`` diagnostic, ``..._steps<N>_...`` of a ``--student-steps``
+one; ``..._data<N>_spikes_cpu`` for one draw
 other than data seed 0's). It needs the work folder the cells trained
 in (the logs are not kept under ``benchmarks/results``).
 """
@@ -33,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import RESULTS, ROWS, SEEDS, Plan
+from maskd.config_files import load_config
+from quality import CONFIGS, RESULTS, ROWS, SEEDS, Plan
 from quality_pool import draw_seed
 from quality_report import header, write
 
@@ -74,9 +76,13 @@ def peak_ratio(points: list[tuple[int, float]], window: int) -> float:
 
 def _plan(report: dict[str, Any], work: Path, data_seed: int | None = None) -> Plan:
     """quality.py's plan of ``report``'s cells: their work folder, names and report stem
-    (the draw's, or ``data_seed``'s)."""
+    (the draw's, or ``data_seed``'s; a ``--student-steps`` diagnostic's own cells where the
+    report's step count is not the recipe's)."""
+    steps = report.get("student_steps")
+    recipe = load_config(CONFIGS / report["task"] / "student.yaml")["trainer"]["max_steps"]
     args = argparse.Namespace(
         quick=False, work=work, out=RESULTS, accelerator="cpu",
+        student_steps=steps if steps not in (None, recipe) else None,
         warmup_steps=report.get("warmup_steps"),
         data_seed=draw_seed(report) if data_seed is None else data_seed,
     )  # fmt: skip

@@ -1103,3 +1103,91 @@ def test_warmup_choice_reads_the_table_cells_at_the_recipes_own_warmup(tmp_path)
     md = (tmp_path / "out" / "quality_detection_clutter_warmup_choice_cpu.md").read_text()
     assert "| 200 (chosen) | 15.0, 16.0 | 15.5 | n/a, n/a |" in md
     assert "| 50 | 14.0, 12.0 | 13.0 | 2.50, n/a |" in md
+
+
+def test_quality_task_sharing_anothers_models_reuses_its_data_teacher_and_tokens(tmp_path):
+    """detection_clutter_warmup: the data, teacher and tokens are detection_clutter's (its
+    folder and configs, on the same draw); only the student cells are its own, with its own
+    recipe; run_cells finds a shared cell done in the shared folder."""
+    sys.path.insert(0, str(QUALITY.parent))
+    from quality import CONFIGS, ROWS, Plan, run_cells
+
+    args = argparse.Namespace(quick=False, work=tmp_path, out=tmp_path / "out",
+                              accelerator="cpu", data_seed=1)  # fmt: skip
+    plan = Plan("detection_clutter_warmup", args)
+    shared, own = tmp_path / "detection_clutter_data1", tmp_path / "detection_clutter_warmup_data1"
+    base = Plan("detection_clutter", args)
+    assert plan.data_cell().commands == base.data_cell().commands
+    assert plan.teacher_cell().commands[0] == base.teacher_cell().commands[0]
+    assert [c.commands for c in plan.token_cells({"tokens", "tokens_nohead"})] == [
+        c.commands for c in base.token_cells({"tokens", "tokens_nohead"})
+    ]
+    assert {c.home for c in [plan.data_cell(), plan.teacher_cell()]} == {shared}
+    rows = {r.name: r for r in ROWS}
+    cmd = " ".join(
+        plan.student_cell(rows["maskd"], 0, 30.0, "maskd_w30_s0", ("val",)).commands[0][0]
+    )
+    assert f"--teacher.weights={shared / 'teacher' / 'model.pt'}" in cmd
+    assert f"--distill.tokens={shared / 'tokens' / 'tokens.pt'}" in cmd
+    assert f"--run.out={own / 'maskd_w30_s0'}" in cmd and f"--data.root={shared / 'data'}" in cmd
+    assert str(CONFIGS / "detection_clutter_warmup" / "distill.yaml") in cmd
+    assert plan.kept == tmp_path / "out" / "quality_cells" / "detection_clutter_warmup_data1"
+    assert plan.report_stem(3) == "quality_detection_clutter_warmup_data1_cpu"
+
+    (shared / "data").mkdir(parents=True)
+    (shared / "data" / "done.txt").write_text("ok\n")
+    (shared / "teacher").mkdir()
+    (shared / "teacher" / "result.json").write_text(json.dumps({"test": {"map": 0.2}}))
+    assert plan.read("teacher") == {"test": {"map": 0.2}}
+    student = plan.student_cell(rows["student"], 0, None, "student_s0", ("val",))
+    student.commands = []  # nothing to train here: finish writes the result
+    student.finish = lambda d: (d / "result.json").write_text("{}")
+    run_cells([plan.data_cell(), plan.teacher_cell(), student], plan.work, 1, plan.kept)
+    assert (own / "student_s0" / "result.json").is_file()  # the shared cells were done
+    assert not (own / "data").exists() and not (own / "teacher").exists()
+
+
+def test_spikes_reads_a_student_steps_diagnostics_own_cells(tmp_path):
+    """A report whose step count is not the recipe's is a --student-steps diagnostic: its
+    cells and spikes report carry the steps; at the recipe's own count they are the table's."""
+    sys.path.insert(0, str(QUALITY.parent))
+    import quality_spikes
+    from maskd.config_files import load_config
+    from quality import CONFIGS, ROWS
+
+    recipe = load_config(CONFIGS / "detection" / "student.yaml")["trainer"]["max_steps"]
+    student = next(r for r in ROWS if r.name == "student")
+    for steps, name, stem in [
+        (1000, "student_steps1000_s0", "quality_detection_steps1000_cpu"),
+        (recipe, "student_s0", "quality_detection_cpu"),
+        (None, "student_s0", "quality_detection_cpu"),  # reports before the key existed
+    ]:
+        report = {"task": "detection", "data": {"seed": 0}, "student_steps": steps}
+        plan = quality_spikes._plan(report, tmp_path)
+        assert plan.cell(student, None, 0) == name and plan.report_stem(3) == stem
+
+
+def test_quality_detection_clutter_warmup_changes_only_the_students_warmup():
+    """detection_clutter_warmup: its configs are detection_clutter's with the students'
+    warm-up the one quality_warmup.py chose on validation (its committed report); the task is
+    detection_clutter's but for sharing its models."""
+    sys.path.insert(0, str(QUALITY.parent))
+    from maskd.config_files import load_config
+    from quality import CONFIGS, RESULTS, TASKS
+
+    choice = json.loads((RESULTS / "quality_detection_clutter_warmup_choice_cpu.json").read_text())
+    chosen = choice["chosen"]
+    assert choice["task"] == "detection_clutter" and chosen != 50  # 50: the table's own
+    regime, base = CONFIGS / "detection_clutter_warmup", CONFIGS / "detection_clutter"
+    assert sorted(p.name for p in regime.iterdir()) == [
+        "cwd.yaml", "distill.yaml", "fgd.yaml", "fitnet.yaml", "student.yaml"
+    ]  # fmt: skip
+    for path in regime.iterdir():
+        mine, theirs = load_config(path), load_config(base / path.name)
+        if path.name in ("student.yaml", "distill.yaml"):
+            assert theirs["optim"]["warmup_steps"] == 50
+            assert mine["optim"].pop("warmup_steps") == chosen
+            theirs["optim"].pop("warmup_steps")
+        assert mine == theirs, path.name
+    spec = dict(TASKS["detection_clutter_warmup"])
+    assert spec.pop("shares") == "detection_clutter" and spec == TASKS["detection_clutter"]
