@@ -424,8 +424,8 @@ class Plan:
     def teacher_cell(self) -> Cell:
         cmd = _maskd(
             "train", "--config", str(self.shared_cfg / "teacher.yaml"),
-            f"--data.root={self.data}", f"--run.out={self.shared / 'teacher'}", *self.trainer, *self._steps("teacher"),
-            *self.resume,
+            f"--data.root={self.data}", f"--run.out={self.shared / 'teacher'}", *self.trainer,
+            *self._steps("teacher"), *self.resume,
         )  # fmt: skip
         return self._model_cell("teacher", ["data"], cmd, "teacher", ("val", "test"))
 
@@ -440,8 +440,8 @@ class Plan:
                        "--task", self.task]  # fmt: skip
             elif variant == "tokens_nohead":
                 deps = ["tokens"]
-                cmd = [sys.executable, __file__, "--without-head",
-                       str(self.shared / "tokens" / "tokens.pt"), str(out / "tokens.pt")]  # fmt: skip
+                src = self.shared / "tokens" / "tokens.pt"
+                cmd = [sys.executable, __file__, "--without-head", str(src), str(out / "tokens.pt")]
             else:
                 cmd = _maskd(
                     "learn-masks", "--config", str(self.shared_cfg / "learn_masks.yaml"),
