@@ -361,6 +361,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     spec = TASKS[args.task]
+    if "shares" in spec:
+        raise SystemExit(f"task {args.task} reuses {spec['shares']}'s teacher, tokens and data: "
+                         f"run this with --task {spec['shares']}")  # fmt: skip
     work = args.work / args.task
     if args.agnostic:
         report = {

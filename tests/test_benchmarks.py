@@ -1191,3 +1191,12 @@ def test_quality_detection_clutter_warmup_changes_only_the_students_warmup():
         assert mine == theirs, path.name
     spec = dict(TASKS["detection_clutter_warmup"])
     assert spec.pop("shares") == "detection_clutter" and spec == TASKS["detection_clutter"]
+
+
+def test_quality_diagnosis_sends_a_sharing_task_to_the_task_it_shares(tmp_path):
+    """The diagnosis reads a task's teacher and tokens: a task reusing another's names it."""
+    cmd = [sys.executable, str(QUALITY.with_name("quality_diagnosis.py")), "--task",
+           "detection_clutter_warmup", "--work", str(tmp_path), "--out", str(tmp_path)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "--task detection_clutter" in done.stderr
+    assert not any(tmp_path.iterdir())  # nothing written
