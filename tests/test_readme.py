@@ -242,3 +242,13 @@ def test_spikes_table_is_the_spikes_report():
     doc = (ROOT / "docs" / "results-detection.md").read_text()
     md = (RESULTS / "quality_detection_clutter_spikes_cpu.md").read_text()
     assert _table_text(md, "| row | cells | spiked |") in doc
+
+
+def test_clutter_warmup_choice_and_sweep_tables_are_the_reports():
+    """The warm-up chosen on validation and the weight sweep under it stand in
+    docs/results-detection.md as quality_warmup.py and quality.py --tune printed them."""
+    doc = (ROOT / "docs" / "results-detection.md").read_text()
+    for stem, header in [("quality_detection_clutter_warmup_choice_cpu", "| warm-up steps |"),
+                         ("quality_detection_clutter_warmup_tuning_cpu", "| method |")]:  # fmt: skip
+        md = (RESULTS / f"{stem}.md").read_text()
+        assert _table_text(md, header) in doc, stem
