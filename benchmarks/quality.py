@@ -142,6 +142,14 @@ TASKS["detection_clutter"] = {
 # (quality_warmup.py: the student alone at 50-200 steps) and every weight swept again under
 # it: the same data, teacher and tokens, reused (configs/quality/detection_clutter_warmup).
 TASKS["detection_clutter_warmup"] = {**TASKS["detection_clutter"], "shares": "detection_clutter"}
+# detection_clutter_warmup with the teacher warmed up over the same 100 steps (its own teacher
+# and tokens, configs/quality/detection_clutter_stable): no model trains on the recipe whose
+# early training spiked. The weights are those chosen in detection_clutter_warmup's sweep,
+# fixed before this task ran (the same student recipe; only the teacher differs).
+TASKS["detection_clutter_stable"] = {
+    **TASKS["detection_clutter"],
+    "weights_from": "detection_clutter_warmup",
+}
 # The second detector family: RetinaNet with anchors a quarter of torchvision's for the same
 # 64 px images, and the authors' RetinaNet recipe for MasKD, which adds an L1 KD term on the
 # box-regression head (configs/quality/detection_retina/distill.yaml).
@@ -721,8 +729,14 @@ def tune(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+def tuning_report(plan: Plan, args: argparse.Namespace) -> Path:
+    """The sweep whose choices the table uses: the task's own, or the one it names."""
+    task = plan.spec.get("weights_from", plan.task)
+    return args.out / f"quality_{task}_tuning_{args.tuning_device or args.accelerator}.json"
+
+
 def chosen_weights(plan: Plan, args: argparse.Namespace) -> dict[str, float]:
-    path = args.out / f"quality_{plan.task}_tuning_{args.tuning_device or args.accelerator}.json"
+    path = tuning_report(plan, args)
     if not path.is_file():
         raise SystemExit(f"no tuning results at {path}: run with --tune first")
     methods = json.loads(path.read_text())["methods"]
@@ -859,6 +873,10 @@ def _report(plan: Plan, args: argparse.Namespace, rows: list[Row], seeds: list[i
         "student_steps": steps or _config_steps(plan),
         "warmup_steps": plan.warmup_steps,
         "levels": plan.levels,
+        # a sweep of another task chose the weights (none: the task's own sweep)
+        "weights_from": tuning_report(plan, args).with_suffix(".md").name
+        if weights and "weights_from" in plan.spec
+        else None,
         "metric": f"test {key}",
         "seeds": seeds,
         "rows": out_rows,
@@ -996,6 +1014,9 @@ def main() -> None:
     if args.tune and (args.levels or args.student_steps or args.warmup_steps or args.data_seed):
         raise SystemExit("--tune picks the table's weights: run it without --levels, "
                          "--student-steps, --warmup-steps and --data-seed")  # fmt: skip
+    if args.tune and "weights_from" in plan.spec:
+        raise SystemExit(f"the {args.task} task's weights are those chosen in "
+                         f"{plan.spec['weights_from']}'s sweep: run --tune on that task")  # fmt: skip
     if args.tune:
         tune(plan, args)
     else:

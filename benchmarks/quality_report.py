@@ -130,6 +130,7 @@ def table_md(r: dict[str, Any]) -> str:
             else ""
         )
         + f"seeds {r['seeds']}. "
+        + (f"Weights: those chosen in {r['weights_from']}. " if r.get("weights_from") else "")
         + (
             f"Every distilled row distils FPN levels {r['levels']} only. "
             if r.get("levels")
