@@ -1193,6 +1193,56 @@ def test_quality_detection_clutter_warmup_changes_only_the_students_warmup():
     assert spec.pop("shares") == "detection_clutter" and spec == TASKS["detection_clutter"]
 
 
+def test_quality_detection_clutter_stable_warms_the_teacher_up_too(tmp_path):
+    """detection_clutter_stable: the teacher's config is detection_clutter's with the
+    students' chosen warm-up, the students' are detection_clutter_warmup's unchanged, and the
+    weights are read from detection_clutter_warmup's sweep (named in the report; a sweep of
+    its own is refused)."""
+    sys.path.insert(0, str(QUALITY.parent))
+    from maskd.config_files import load_config
+    from quality import CONFIGS, RESULTS, TASKS, Plan, chosen_weights, table_md
+
+    chosen = json.loads((RESULTS / "quality_detection_clutter_warmup_choice_cpu.json").read_text())
+    regime = CONFIGS / "detection_clutter_stable"
+    teacher, base = (
+        load_config(regime / "teacher.yaml"),
+        load_config(CONFIGS / "detection_clutter" / "teacher.yaml"),
+    )
+    assert base["optim"].pop("warmup_steps") == 50
+    assert teacher["optim"].pop("warmup_steps") == chosen["chosen"] and teacher == base
+    same = {"learn_masks.yaml": "detection_clutter"}
+    for path in regime.iterdir():
+        if path.name != "teacher.yaml":
+            other = CONFIGS / same.get(path.name, "detection_clutter_warmup") / path.name
+            assert load_config(path) == load_config(other), path.name
+    spec = dict(TASKS["detection_clutter_stable"])
+    assert spec.pop("weights_from") == "detection_clutter_warmup"
+    assert spec == TASKS["detection_clutter"]
+
+    args = argparse.Namespace(quick=False, work=tmp_path, out=tmp_path / "out",
+                              accelerator="cpu", tuning_device=None)  # fmt: skip
+    plan = Plan("detection_clutter_stable", args)
+    assert plan.shared == plan.work == tmp_path / "detection_clutter_stable"  # its own teacher
+    (tmp_path / "out").mkdir()
+    with pytest.raises(SystemExit, match="quality_detection_clutter_warmup_tuning_cpu.json"):
+        chosen_weights(plan, args)
+    sweep = {"methods": {"cwd": {"chosen": 90.0}, "maskd": {"chosen": 10.0}}}
+    (tmp_path / "out" / "quality_detection_clutter_warmup_tuning_cpu.json").write_text(
+        json.dumps(sweep)
+    )
+    assert chosen_weights(plan, args) == {"cwd": 90.0, "maskd": 10.0}
+    cmd = [sys.executable, str(QUALITY), "--task", "detection_clutter_stable", "--tune",
+           "--work", str(tmp_path), "--out", str(tmp_path / "out")]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "run --tune on that task" in done.stderr
+    report = json.loads((RESULTS / "quality_detection_clutter_warmup_cpu.json").read_text())
+    assert "Weights:" not in table_md(report)
+    report["weights_from"] = "quality_detection_clutter_warmup_tuning_cpu.md"
+    assert "Weights: those chosen in quality_detection_clutter_warmup_tuning_cpu.md." in (
+        table_md(report)
+    )
+
+
 def test_quality_diagnosis_sends_a_sharing_task_to_the_task_it_shares(tmp_path):
     """The diagnosis reads a task's teacher and tokens: a task reusing another's names it."""
     cmd = [sys.executable, str(QUALITY.with_name("quality_diagnosis.py")), "--task",
