@@ -729,14 +729,13 @@ def tune(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-def tuning_report(plan: Plan, args: argparse.Namespace) -> Path:
-    """The sweep whose choices the table uses: the task's own, or the one it names."""
-    task = plan.spec.get("weights_from", plan.task)
-    return args.out / f"quality_{task}_tuning_{args.tuning_device or args.accelerator}.json"
+def tuning_report(task: str, out: Path, device: str) -> Path:
+    """The sweep whose choices ``task``'s table uses: its own, or the one it names."""
+    return out / f"quality_{TASKS[task].get('weights_from', task)}_tuning_{device}.json"
 
 
 def chosen_weights(plan: Plan, args: argparse.Namespace) -> dict[str, float]:
-    path = tuning_report(plan, args)
+    path = tuning_report(plan.task, args.out, args.tuning_device or args.accelerator)
     if not path.is_file():
         raise SystemExit(f"no tuning results at {path}: run with --tune first")
     methods = json.loads(path.read_text())["methods"]
@@ -856,6 +855,8 @@ def _report(plan: Plan, args: argparse.Namespace, rows: list[Row], seeds: list[i
                 "beats_student_every_seed": all(d > 0 for d in diffs),  # False with NaN
             }
         )
+    sweep = tuning_report(plan.task, args.out, args.tuning_device or args.accelerator)
+    borrowed = "weights_from" in plan.spec
     report = {
         **header("quality", plan.task, args.accelerator),
         "data": {
@@ -874,9 +875,7 @@ def _report(plan: Plan, args: argparse.Namespace, rows: list[Row], seeds: list[i
         "warmup_steps": plan.warmup_steps,
         "levels": plan.levels,
         # a sweep of another task chose the weights (none: the task's own sweep)
-        "weights_from": tuning_report(plan, args).with_suffix(".md").name
-        if weights and "weights_from" in plan.spec
-        else None,
+        "weights_from": sweep.with_suffix(".md").name if weights and borrowed else None,
         "metric": f"test {key}",
         "seeds": seeds,
         "rows": out_rows,

@@ -34,7 +34,7 @@ from maskd.losses import dice_diversity
 from maskd.models import build
 from maskd.taps import FeatureTaps
 from maskd.token_io import load_tokens
-from quality import CONFIGS, RESULTS, TASKS, TOKEN_VARIANTS
+from quality import CONFIGS, RESULTS, TASKS, TOKEN_VARIANTS, tuning_report
 from quality_report import header, write
 
 
@@ -398,7 +398,7 @@ def main() -> None:
             masks[variant] = mask_statistics(teacher, load_tokens(path), images, targets)
     train_images, train_targets = _batch(work / "data", "train", 16)
     scales = {"initialised": loss_scales(work, spec, train_images, train_targets)}
-    tuning = args.out / f"quality_{args.task}_tuning_cpu.json"
+    tuning = tuning_report(args.task, args.out, "cpu")
     curves = {}
     if tuning.is_file():
         for method, entry in json.loads(tuning.read_text())["methods"].items():
