@@ -140,7 +140,7 @@ def test_readme_overview_is_the_reports_summary():
     from quality_report import summary_md
 
     block, links = _overview()
-    assert len(links) == 13
+    assert len(links) == 14
     paths = [ROOT / f"{link}.json" for link in links]
     assert block == summary_md(paths, ROOT)
 
@@ -234,6 +234,20 @@ def test_pooled_tables_are_the_pooled_reports():
     for md in pooled:
         for header in ("| row | data seed", "| peer | per draw |"):
             assert _table_text(md.read_text(), header) in doc, (md.name, header)
+
+
+def test_readme_pooled_tables_are_pooled_reports():
+    """Every pooled table in the README (a column per draw, or MasKD paired by draw) is
+    printed, as written, by one of the pooled reports."""
+    text = README.read_text()
+    printed = "\n".join(md.read_text() for md in RESULTS.glob("quality_*_draws*_*.md"))
+    lines = text.splitlines()
+    starts = [i for i, ln in enumerate(lines)
+              if ln.startswith(("| row | data seed", "| peer | per draw |"))]  # fmt: skip
+    assert starts, "README shows no pooled table"
+    for i in starts:
+        block = _table_text("\n".join(lines[i:]), lines[i][:12])
+        assert block in printed, lines[i]
 
 
 def test_spikes_table_is_the_spikes_report():
