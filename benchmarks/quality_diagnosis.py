@@ -30,11 +30,11 @@ from maskd.config_files import load_config
 from maskd.data import build_dataset, detection_collate
 from maskd.distiller import Distiller
 from maskd.learner import TokenLearner
-from maskd.losses import dice_diversity
+from maskd.losses import dice_diversity, pixel_weights
 from maskd.models import build
 from maskd.taps import FeatureTaps
 from maskd.token_io import load_tokens
-from quality import CONFIGS, RESULTS, TASKS, TOKEN_VARIANTS, tuning_report
+from quality import CONFIGS, RESULTS, ROOT, TASKS, TOKEN_VARIANTS, tuning_report
 from quality_report import header, write
 
 
@@ -59,6 +59,16 @@ def _inside_boxes(targets: list[dict], image: tuple[int, int], grid: tuple[int, 
     return inside
 
 
+def weight_in_boxes(masks: torch.Tensor, weights: torch.Tensor | None, inside: torch.Tensor
+                    ) -> torch.Tensor:  # fmt: skip
+    """``[N]``: the share of MasKD's per-pixel loss weight (:func:`maskd.losses.pixel_weights`
+    of ``[N, T, H, W]`` masks, ``[N, T]`` token weights or none) that falls where ``inside``
+    (``[N, H, W]``, 1 in a box) is 1. FitNet weighs every pixel alike, so its share is the
+    boxes' share of the map: the distance between the two is what the masks add."""
+    a = pixel_weights(masks, 1, weights)  # [N, H*W]
+    return (a * inside.flatten(1)).sum(dim=1) / a.sum(dim=1).clamp_min(1e-12)
+
+
 def mask_statistics(teacher: torch.nn.Module, tokens: dict, images: list, targets: list) -> dict:
     """Per level: coverage, marked share, Dice, mass inside boxes, weight spread."""
     taps = FeatureTaps(teacher, list(tokens), stop=True)
@@ -76,7 +86,9 @@ def mask_statistics(teacher: torch.nn.Module, tokens: dict, images: list, target
             m = tok(x)  # [N, T, H, W]
             weights = tok.token_weights(x)  # [N, T] or None
         inside = _inside_boxes(tgts, (h_in, w_in), (n, h, w))
-        mass_in = (m * inside[:, None]).sum(dim=(2, 3)) / m.sum(dim=(2, 3)).clamp_min(1e-12)
+        area = m.sum(dim=(2, 3)).clamp_min(1e-12)  # [N, T]
+        mass_in = (m * inside[:, None]).sum(dim=(2, 3)) / area
+        heaviest = None if weights is None else int(weights.mean(dim=0).argmax())
         out[name] = {
             "size": [h, w],
             "coverage": m.mean(dim=(0, 2, 3)).tolist(),
@@ -85,6 +97,8 @@ def mask_statistics(teacher: torch.nn.Module, tokens: dict, images: list, target
             "mass_in_boxes": mass_in.mean(dim=0).tolist(),
             "box_share": float(inside.mean()),
             "weights": None if weights is None else weights.mean(dim=0).tolist(),
+            "heaviest": heaviest,
+            "loss_weight_in_boxes": float(weight_in_boxes(m, weights, inside).mean()),
         }
     return out
 
@@ -352,6 +366,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/quality"))
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--data-seed", type=int, default=0,
+                        help="another draw of the task's data: its work folder "
+                        "(<task>_data<seed>, as quality.py --data-seed) and reports")  # fmt: skip
     parser.add_argument("--levels", action="store_true",
                         help="only the per-level values and gradient shares "
                         "(quality_<task>_levels_cpu.{json,md})")  # fmt: skip
@@ -364,14 +381,21 @@ def main() -> None:
     if "shares" in spec:
         raise SystemExit(f"task {args.task} reuses {spec['shares']}'s teacher, tokens and data: "
                          f"run this with --task {spec['shares']}")  # fmt: skip
-    work = args.work / args.task
+    if args.data_seed < 0:
+        raise SystemExit(f"--data-seed must be >= 0, got {args.data_seed}")
+    drawn = f"{args.task}_data{args.data_seed}" if args.data_seed else args.task
+    work = args.work / drawn
+    if not (work / "teacher" / "model.pt").is_file():
+        raise SystemExit(f"no trained teacher at {work / 'teacher' / 'model.pt'}: run "
+                         f"benchmarks/quality.py --task {args.task} --data-seed {args.data_seed} "
+                         "first")  # fmt: skip
     if args.agnostic:
         report = {
             **header("quality_agnostic", args.task, "cpu"),
             "split": "val",
             "cells": class_agnostic(work, spec, args.agnostic),
         }
-        write(args.out, f"quality_{args.task}_agnostic_cpu", report, _agnostic_md(report))
+        write(args.out, f"quality_{drawn}_agnostic_cpu", report, _agnostic_md(report))
         return
     if args.levels:
         train_images, train_targets = _batch(work / "data", "train", 16)
@@ -387,7 +411,7 @@ def main() -> None:
             ),
             "coverage": _trained_coverage(work, spec, *_batch(work / "data", "val", args.images)),
         }
-        write(args.out, f"quality_{args.task}_levels_cpu", report, _levels_md(report))
+        write(args.out, f"quality_{drawn}_levels_cpu", report, _levels_md(report))
         return
     images, targets = _batch(work / "data", "val", args.images)
     teacher = _teacher(work, spec)[0].eval()
@@ -403,24 +427,43 @@ def main() -> None:
     if tuning.is_file():
         for method, entry in json.loads(tuning.read_text())["methods"].items():
             if entry["chosen"] is not None:
-                cell = work / f"{method}_w{entry['chosen']:g}_s0"
-                curves[method] = {"weight": entry["chosen"], **_curve(cell, f"loss_{method}")}
+                curve = _curve(work / f"{method}_w{entry['chosen']:g}_s0", f"loss_{method}")
+                if curve:  # a draw whose cells live elsewhere, or are not trained yet
+                    curves[method] = {"weight": entry["chosen"], **curve}
     curves["student"] = _curve(work / "student_s0", None)
     report = {
         **header("quality_diagnosis", args.task, "cpu"),
-        "configs": str(CONFIGS / args.task),
+        "data_seed": args.data_seed,
+        "images": args.images,
+        "configs": str((CONFIGS / args.task).relative_to(ROOT)),
         "masks": masks,
         "loss_scales": scales,
         "training": curves,
     }
-    write(args.out, f"quality_{args.task}_diagnosis_cpu", report, _md(report))
+    write(args.out, f"quality_{drawn}_diagnosis_cpu", report, _md(report))
+
+
+def _heaviest(v: dict[str, Any]) -> str:
+    """The marked share and mass in boxes of the token with the largest mean weight; blank
+    without a weighting head, or in a report written before this was kept."""
+    k = v.get("heaviest")
+    return "" if k is None else f"{v['marked'][k]:.2f}, {v['mass_in_boxes'][k]:.2f}"
+
+
+def _weight_in_boxes(v: dict[str, Any]) -> str:
+    share = v.get("loss_weight_in_boxes")
+    return "" if share is None else f"{share:.2f}"
 
 
 def _md(r: dict[str, Any]) -> str:
-    lines = ["Masks of the teacher's tokens on 32 validation images, per FPN level "
+    draw = f" of data seed {r['data_seed']}" if r.get("data_seed") else ""
+    lines = [f"Masks of the teacher's tokens on {r.get('images', 32)} validation images{draw}, "
+             "per FPN level "
              "(means over tokens; per-token values in the JSON):", "",
              "| tokens | level | coverage | marked > 0.5 | pairwise Dice | mass in boxes | "
-             "boxes' share | max token weight |", "|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+             "boxes' share | max token weight | heaviest token: marked, mass in boxes | "
+             "MasKD's pixel weight in boxes |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for variant, levels in r["masks"].items():
         for level, v in levels.items():
             mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
@@ -429,7 +472,7 @@ def _md(r: dict[str, Any]) -> str:
             lines.append(
                 f"| {variant} | {level.split(':')[-1]} | {mean(v['coverage']):.2f} | "
                 f"{mean(v['marked']):.2f} | {dice} | {mean(v['mass_in_boxes']):.2f} | "
-                f"{v['box_share']:.2f} | {wmax} |"
+                f"{v['box_share']:.2f} | {wmax} | {_heaviest(v)} | {_weight_in_boxes(v)} |"
             )
     lines += ["", "Loss values at weight 1 and gradient norms on the student's parameters "
               "(one training batch of 16):", "", "| student | term | value | gradient norm |",

@@ -410,6 +410,32 @@ def test_inside_boxes_marks_the_cells_a_box_reaches():
     assert torch.equal(inside, want)
 
 
+@pytest.mark.parametrize("weighted", [True, False])
+def test_weight_in_boxes_is_maskd_loss_on_the_boxes_over_its_loss_everywhere(weighted):
+    """quality_diagnosis.weight_in_boxes: per sample, MasKD's loss when the student differs
+    from the teacher by 1 in every channel inside the boxes and nowhere else, over its loss
+    when it differs by 1 everywhere; all-ones masks give the boxes' share (FitNet's)."""
+    sys.path.insert(0, str(QUALITY.parent))
+    from maskd.losses import masked_distillation_loss
+    from quality_diagnosis import weight_in_boxes
+
+    g = torch.Generator().manual_seed(0)
+    n, t, c, h, w = 3, 4, 5, 6, 7
+    masks = torch.rand(n, t, h, w, generator=g, dtype=torch.float64) ** 3
+    weights = torch.rand(n, t, generator=g, dtype=torch.float64).softmax(1) if weighted else None
+    inside = (torch.rand(n, h, w, generator=g) > 0.7).double()
+    got = weight_in_boxes(masks, weights, inside)
+    zero = torch.zeros(1, c, h, w, dtype=torch.float64)
+    for i in range(n):
+        wi = None if weights is None else weights[i : i + 1]
+        on_boxes = inside[i].expand(1, c, h, w)
+        loss_in = masked_distillation_loss(on_boxes, zero, masks[i : i + 1], wi)
+        loss_all = masked_distillation_loss(torch.ones_like(zero), zero, masks[i : i + 1], wi)
+        assert float(got[i]) == pytest.approx(float(loss_in / loss_all), rel=1e-9)
+    ones = weight_in_boxes(torch.ones(n, t, h, w, dtype=torch.float64), weights, inside)
+    assert torch.allclose(ones, inside.mean(dim=(1, 2)))
+
+
 def test_quality_sweep_runs_the_centres_first():
     sys.path.insert(0, str(QUALITY.parent))
     from quality import centre_first
@@ -1250,3 +1276,18 @@ def test_quality_diagnosis_sends_a_sharing_task_to_the_task_it_shares(tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "--task detection_clutter" in done.stderr
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_quality_diagnosis_of_a_draw_without_its_teacher_says_how_to_make_it(tmp_path):
+    """--data-seed reads <task>_data<seed>: with no teacher there, the error names the path
+    and the quality.py command that trains it, and nothing is written."""
+    cmd = [sys.executable, str(QUALITY.with_name("quality_diagnosis.py")), "--task",
+           "detection_clutter", "--data-seed", "3", "--work", str(tmp_path / "work"),
+           "--out", str(tmp_path / "out")]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert (
+        str(tmp_path / "work" / "detection_clutter_data3" / "teacher" / "model.pt") in done.stderr
+    )
+    assert "quality.py --task detection_clutter --data-seed 3" in done.stderr
+    assert not (tmp_path / "out").exists()
