@@ -3,6 +3,7 @@ in docs/results-detection.md shows its report's numbers."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -248,6 +249,26 @@ def test_readme_pooled_tables_are_pooled_reports():
     for i in starts:
         block = _table_text("\n".join(lines[i:]), lines[i][:12])
         assert block in printed, lines[i]
+
+
+def test_clutter_pixel_weight_table_is_the_diagnosis_reports():
+    """The table of MasKD's per-pixel loss weight inside the boxes on clutter's draws, in
+    docs/results-detection.md: every cell is quality_diagnosis.py's value for that draw and
+    FPN level (P3 is the FPN's output 0)."""
+    doc = (ROOT / "docs" / "results-detection.md").read_text()
+    lines = _table_text(doc, "| FPN level | data seed | boxes' share |").splitlines()[2:]
+    assert len(lines) == 6
+    for line in lines:
+        level, seed, share, heaviest, head, free = (c.strip() for c in line.strip("|").split("|"))
+        stem = f"quality_detection_clutter_data{seed}_diagnosis_cpu.json"
+        masks = json.loads((RESULTS / stem).read_text())["masks"]
+        name = f"backbone.fpn:{int(level[1]) - 3}"
+        h, u = masks["tokens"][name], masks["tokens_unweighted"][name]
+        k = h["heaviest"]
+        assert share == f"{h['box_share']:.2f}", line
+        assert heaviest == f"{h['marked'][k]:.2f}, {h['mass_in_boxes'][k]:.2f}", line
+        assert head == f"{h['loss_weight_in_boxes']:.2f}", line
+        assert free == f"{u['loss_weight_in_boxes']:.2f}", line
 
 
 def test_spikes_table_is_the_spikes_report():
