@@ -294,6 +294,12 @@ def _run(cmd: list[str], log: Path) -> None:
         subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT, env=env)
 
 
+def drawn(task: str, data_seed: int) -> str:
+    """The work folder's name of ``task`` on the draw of its data made with ``data_seed``
+    (seed 0: the task's own name)."""
+    return f"{task}_data{data_seed}" if data_seed else task
+
+
 class Plan:
     """The cells of one task and the settings they share."""
 
@@ -306,15 +312,16 @@ class Plan:
         # another draw of the same kind of data: every model is new, so its own work folder,
         # kept cells and report; the weights stay those chosen on the data of seed 0
         self.data_seed: int = getattr(args, "data_seed", 0)
-        drawn = f"{task}_data{self.data_seed}" if self.data_seed else task
-        self.work = args.work / drawn
+        self.work = args.work / drawn(task, self.data_seed)
         # a task that only changes the students' recipe reuses another's data, teacher and
         # tokens (their folder and configs): the same models, not trained again
         shares = self.spec.get("shares", task)
-        self.shared = args.work / (f"{shares}_data{self.data_seed}" if self.data_seed else shares)
+        self.shared = args.work / drawn(shares, self.data_seed)
         self.shared_cfg = CONFIGS / shares
         self.data = self.shared / "data"
-        self.kept = args.out / "quality_cells" / drawn  # committed results of student cells
+        self.kept = (
+            args.out / "quality_cells" / self.work.name
+        )  # committed results of student cells
         self.cfg = CONFIGS / task
         self.trainer = [
             f"--trainer.accelerator={args.accelerator}",

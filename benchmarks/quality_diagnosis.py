@@ -34,7 +34,7 @@ from maskd.losses import dice_diversity, pixel_weights
 from maskd.models import build
 from maskd.taps import FeatureTaps
 from maskd.token_io import load_tokens
-from quality import CONFIGS, RESULTS, ROOT, TASKS, TOKEN_VARIANTS, tuning_report
+from quality import CONFIGS, RESULTS, ROOT, TASKS, TOKEN_VARIANTS, drawn, tuning_report
 from quality_report import header, write
 
 
@@ -383,8 +383,8 @@ def main() -> None:
                          f"run this with --task {spec['shares']}")  # fmt: skip
     if args.data_seed < 0:
         raise SystemExit(f"--data-seed must be >= 0, got {args.data_seed}")
-    drawn = f"{args.task}_data{args.data_seed}" if args.data_seed else args.task
-    work = args.work / drawn
+    name = drawn(args.task, args.data_seed)
+    work = args.work / name
     if not (work / "teacher" / "model.pt").is_file():
         raise SystemExit(f"no trained teacher at {work / 'teacher' / 'model.pt'}: run "
                          f"benchmarks/quality.py --task {args.task} --data-seed {args.data_seed} "
@@ -395,7 +395,7 @@ def main() -> None:
             "split": "val",
             "cells": class_agnostic(work, spec, args.agnostic),
         }
-        write(args.out, f"quality_{drawn}_agnostic_cpu", report, _agnostic_md(report))
+        write(args.out, f"quality_{name}_agnostic_cpu", report, _agnostic_md(report))
         return
     if args.levels:
         train_images, train_targets = _batch(work / "data", "train", 16)
@@ -411,7 +411,7 @@ def main() -> None:
             ),
             "coverage": _trained_coverage(work, spec, *_batch(work / "data", "val", args.images)),
         }
-        write(args.out, f"quality_{drawn}_levels_cpu", report, _levels_md(report))
+        write(args.out, f"quality_{name}_levels_cpu", report, _levels_md(report))
         return
     images, targets = _batch(work / "data", "val", args.images)
     teacher = _teacher(work, spec)[0].eval()
@@ -440,7 +440,7 @@ def main() -> None:
         "loss_scales": scales,
         "training": curves,
     }
-    write(args.out, f"quality_{drawn}_diagnosis_cpu", report, _md(report))
+    write(args.out, f"quality_{name}_diagnosis_cpu", report, _md(report))
 
 
 def _heaviest(v: dict[str, Any]) -> str:
