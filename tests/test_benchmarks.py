@@ -1291,3 +1291,44 @@ def test_quality_diagnosis_of_a_draw_without_its_teacher_says_how_to_make_it(tmp
     )
     assert "quality.py --task detection_clutter --data-seed 3" in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_detection_sparse_is_the_stable_clutter_recipe_at_128_px_on_sparser_objects(tmp_path):
+    """detection_sparse: every config is detection_clutter_stable's (teacher) or
+    detection_clutter_warmup's (students) with both models at 128 px and nothing else
+    changed (the 64 px scale ranges kept); its data are the clutter scenes drawn at half
+    scale, and its weights are read from detection_clutter_warmup's sweep."""
+    sys.path.insert(0, str(QUALITY.parent))
+    from maskd.config_files import load_config
+    from quality import CONFIGS, RANGES, TASKS, Plan
+
+    regime = CONFIGS / "detection_sparse"
+    bases = {"teacher.yaml": "detection_clutter_stable", "learn_masks.yaml": "detection_clutter"}
+    names = sorted(p.name for p in regime.iterdir())
+    assert names == sorted(p.name for p in (CONFIGS / "detection_clutter").iterdir())
+    for path in regime.iterdir():
+        got = load_config(path)
+        want = load_config(CONFIGS / bases.get(path.name, "detection_clutter_warmup") / path.name)
+        for role in ("model", "student", "teacher"):
+            if role in want:
+                assert want[role]["options"]["min_size"] == 64, (path.name, role)
+                assert got[role]["options"]["regress_ranges"] == RANGES
+                want[role]["options"].update(min_size=128, max_size=128)
+        assert got == want, path.name
+    spec = dict(TASKS["detection_sparse"])
+    options = spec.pop("options")
+    assert options["teacher"] == load_config(regime / "teacher.yaml")["model"]["options"]
+    student = load_config(regime / "student.yaml")["model"]["options"]
+    student.pop("box_regression_bias")  # an initial value: evaluation loads the weights
+    assert options["student"] == student
+    assert (spec.pop("data"), spec.pop("object_scale")) == ((1500, 200, 300, 128), 0.5)
+    assert spec.pop("weights_from") == "detection_clutter_warmup"
+    clutter = {k: v for k, v in TASKS["detection_clutter"].items() if k not in ("data", "options")}
+    assert spec == clutter
+    args = argparse.Namespace(quick=False, work=tmp_path, out=tmp_path / "out",
+                              accelerator="cpu", tuning_device=None)  # fmt: skip
+    cmd = Plan("detection_sparse", args).data_cell().commands[0][0]
+    assert cmd[cmd.index("--object_scale") + 1] == "0.5"
+    assert cmd[cmd.index("--size") + 1] == "128" and cmd[cmd.index("--difficulty") + 1] == "clutter"
+    cmd = Plan("detection_clutter", args).data_cell().commands[0][0]
+    assert "--object_scale" not in cmd

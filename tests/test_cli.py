@@ -179,6 +179,16 @@ def test_data_synth_detection_counts(tmp_path, capsys):
     assert (tmp_path / "d" / "preview.png").is_file()
 
 
+def test_data_synth_passes_object_scale_and_names_a_bad_one(tmp_path, capsys):
+    args = ["data", "synth", "--out", tmp_path / "d", "--train", "2", "--val", "1"]
+    args += ["--difficulty", "clutter", "--size", "64", "--preview", "0"]
+    code, _, _ = run_cli([*args, "--object_scale", "0.5"], capsys)
+    assert code == 0
+    assert json.loads((tmp_path / "d" / "synth_meta.json").read_text())["object_scale"] == 0.5
+    code, _, err = run_cli([*args, "--object_scale", "2", "--overwrite", "true"], capsys)
+    assert code != 0 and "object_scale must be in (0, 1], got 2.0" in err
+
+
 def test_train_writes_resolved_config_and_override_wins(pipeline):
     cfg = yaml.safe_load((pipeline / "teacher" / "config.yaml").read_text())
     assert cfg["trainer"]["max_steps"] == 2 and cfg["model"]["name"] == "deeplabv3_resnet18"

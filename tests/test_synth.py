@@ -147,6 +147,10 @@ def test_refuses_to_mix_with_existing_files(tmp_path: Path) -> None:
         ({"test": -1}, "must be >= 0"),
         ({"difficulty": "medium"}, "difficulty must be one of"),
         ({"image_format": "bmp"}, "image_format"),
+        ({"difficulty": "clutter", "object_scale": 0.0}, "object_scale must be in"),
+        ({"difficulty": "clutter", "object_scale": 1.5}, "object_scale must be in"),
+        ({"difficulty": "easy", "object_scale": float("nan")}, "object_scale must be in"),
+        ({"object_scale": 0.5}, "not 'hard'"),
     ],
 )
 def test_bad_arguments(tmp_path: Path, kwargs: dict, message: str) -> None:
@@ -267,3 +271,51 @@ def test_clutter_setting_adds_background_distractors_to_the_easy_scenes(tmp_path
     assert max(plain) == 0.0  # noise of std 38 is never flat over 3x3
     assert min(cluttered) > 0.005  # at least one distractor in every scene
     assert EASY_CLUTTER == (1, 4)
+
+
+def test_object_scale_draws_full_scale_objects_on_more_background(tmp_path: Path) -> None:
+    """object_scale 0.5 at 128 px: objects and distractors the size they have at 64 px
+    (boxes measured from the written annotations), distractors four times as many (their
+    number per area kept), objects still 1-3, so objects cover a quarter of the share they
+    cover at full scale; 1.0 is the full-scale scene, draw for draw."""
+    from maskd.data.synth_scene import clutter_count, render_easy_scene
+
+    assert clutter_count(1.0) == (1, 4) and clutter_count(0.5) == (4, 16)
+    n = 24
+    root = synth.generate(
+        tmp_path / "s", "detection", n, 1, 128, seed=0, difficulty="clutter", object_scale=0.5
+    )
+    full = synth.generate(tmp_path / "f", "detection", n, 1, 128, seed=0, difficulty="clutter")
+    small = json.loads((root / "annotations" / "instances_train.json").read_text())
+    large = json.loads((full / "annotations" / "instances_train.json").read_text())
+    side = [max(a["bbox"][2:]) for a in small["annotations"]]
+    # an object's outer radius is 8-25 % of the side it is drawn for (64 px here): a box
+    # side of at most 2 x 16 px (+1 for the anti-aliased edge); at full scale up to 64 px
+    assert max(side) <= 33 and max(max(a["bbox"][2:]) for a in large["annotations"]) > 33
+    per_image = np.bincount([a["image_id"] for a in small["annotations"]], minlength=n + 1)
+    assert per_image[1:].min() >= 1 and per_image.max() <= 3
+    share = [sum(a["area"] for a in d["annotations"]) / (n * 128 * 128) for d in (small, large)]
+    assert 0.15 < share[0] / share[1] < 0.4  # about a quarter (0.5²)
+    meta = json.loads((root / "synth_meta.json").read_text())
+    assert meta["object_scale"] == 0.5 and "object_scale" not in json.loads(
+        (full / "synth_meta.json").read_text()
+    )
+    # distractor pixels (flat colour outside every object) cover about as much of the image
+    # as at full scale, since their number per area is kept
+    flat = {}
+    for scale in (0.5, 1.0):
+        fractions = []
+        for index in range(8):
+            scene = render_easy_scene(synth._scene_rng(0, "train", index), 128, True, scale)
+            img = scene.image.astype(float)
+            local = (
+                np.stack([np.roll(img, (dy, dx), (0, 1)) for dy in (-1, 0, 1) for dx in (-1, 0, 1)])
+                .std(axis=0)
+                .max(axis=-1)
+            )
+            fractions.append(((local < 2.0) & ~_dilate(scene.instances > 0, 2)).mean())
+        flat[scale] = float(np.mean(fractions))
+    assert 0.5 < flat[0.5] / flat[1.0] < 2.0
+    same = render_easy_scene(synth._scene_rng(0, "train", 0), 64, True, 1.0)
+    again = render_easy_scene(synth._scene_rng(0, "train", 0), 64, True)
+    assert np.array_equal(same.image, again.image)

@@ -138,6 +138,13 @@ def _synth_parser() -> ArgumentParser:
         "plus object-sized distractors",
     )
     p.add_argument("--size", type=int, default=128, help="image side in pixels")
+    p.add_argument(
+        "--object_scale",
+        type=float,
+        default=1.0,
+        help="easy/clutter: draw objects and distractors as in an image of side "
+        "object_scale * size (0 < s <= 1); objects stay 1-3, so background grows",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", type=bool, default=False)
     p.add_argument("--preview", type=int, default=8, help="samples in preview.png (0: none)")
@@ -346,6 +353,7 @@ def _cmd_data(parser: ArgumentParser, raw: Namespace, c: Namespace) -> int:
         overwrite=s.overwrite,
         test=s.test,
         difficulty=s.difficulty,
+        object_scale=s.object_scale,
     )
     tail = f" and {s.test} test" if s.test else ""
     print(f"wrote {s.train} training, {s.val} validation{tail} images to {out}")

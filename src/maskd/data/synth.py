@@ -44,10 +44,12 @@ def classes(difficulty: str = "hard") -> tuple[str, ...]:
     return CLASSES if difficulty == "hard" else EASY_SHAPES
 
 
-def _render(rng: np.random.Generator, size: int, difficulty: str) -> Scene:
+def _render(
+    rng: np.random.Generator, size: int, difficulty: str, object_scale: float = 1.0
+) -> Scene:
     if difficulty == "hard":
         return render_scene(rng, size)
-    return render_easy_scene(rng, size, clutter=difficulty == "clutter")
+    return render_easy_scene(rng, size, clutter=difficulty == "clutter", object_scale=object_scale)
 
 
 def _palette() -> list[int]:
@@ -125,6 +127,7 @@ def generate(
     overwrite: bool = False,
     test: int = 0,
     difficulty: str = "hard",
+    object_scale: float = 1.0,
 ) -> Path:
     """Render `train` + `val` (+ `test`) scenes of size×size px and write them under `out`.
 
@@ -136,6 +139,9 @@ def generate(
     (independent of the other two; the train and val images do not change with it).
     difficulty: "hard" (the default scenes), "easy" or "clutter" (the easy scenes with
     distractors; see `synth_scene.render_easy_scene`).
+    object_scale (0, 1], easy and clutter only: objects and distractors are drawn at the
+    size they have in an image of side ``object_scale * size``; distractors keep their
+    number per area and objects stay 1-3 per image, so background covers more of it.
     Returns `out`.
     """
     if difficulty not in DIFFICULTIES:
@@ -146,6 +152,10 @@ def generate(
         raise UserValueError(f"image_format must be 'png' or 'jpg', got {image_format!r}")
     if task == "segmentation" and image_format != "png":
         raise UserValueError("segmentation images are written as PNG (lossless, like the masks)")
+    if not 0.0 < object_scale <= 1.0:  # also refuses NaN
+        raise UserValueError(f"object_scale must be in (0, 1], got {object_scale}")
+    if object_scale != 1.0 and difficulty == "hard":
+        raise UserValueError("object_scale applies to the easy and clutter settings, not 'hard'")
     if size < 32:
         raise UserValueError(f"size must be at least 32 px, got {size}")
     if train < 0 or val < 0 or test < 0 or train + val + test == 0:
@@ -162,9 +172,13 @@ def generate(
         if split == "test" and not test:
             continue
         if task == "detection":
-            _write_detection_split(out, split, counts[split], size, seed, image_format, difficulty)
+            _write_detection_split(
+                out, split, counts[split], size, seed, image_format, difficulty, object_scale
+            )
         else:
-            _write_segmentation_split(out, split, counts[split], size, seed, difficulty)
+            _write_segmentation_split(
+                out, split, counts[split], size, seed, difficulty, object_scale
+            )
     _write_json(
         out / "synth_meta.json",
         {
@@ -180,20 +194,29 @@ def generate(
             "image_format": image_format,
             "classes": list(names),
             "backgrounds": [name for name, _ in photos()] if difficulty == "hard" else [],
+            # only when set: full-scale datasets keep the bytes (and fingerprints) they had
+            **({"object_scale": object_scale} if object_scale != 1.0 else {}),
         },
     )
     return out
 
 
 def _write_detection_split(
-    out: Path, split: str, count: int, size: int, seed: int, image_format: str, difficulty: str
+    out: Path,
+    split: str,
+    count: int,
+    size: int,
+    seed: int,
+    image_format: str,
+    difficulty: str,
+    object_scale: float,
 ) -> None:
     image_dir = out / split
     image_dir.mkdir(parents=True, exist_ok=True)
     (out / "annotations").mkdir(exist_ok=True)
     images, annotations = [], []
     for index in range(count):
-        scene = _render(_scene_rng(seed, split, index), size, difficulty)
+        scene = _render(_scene_rng(seed, split, index), size, difficulty, object_scale)
         name = f"{index:06d}.{image_format}"
         _save_image(scene.image, image_dir / name, image_format)
         image_id = index + 1
@@ -217,14 +240,14 @@ def _write_detection_split(
 
 
 def _write_segmentation_split(
-    out: Path, split: str, count: int, size: int, seed: int, difficulty: str
+    out: Path, split: str, count: int, size: int, seed: int, difficulty: str, object_scale: float
 ) -> None:
     image_dir, mask_dir = out / split / "images", out / split / "masks"
     image_dir.mkdir(parents=True, exist_ok=True)
     mask_dir.mkdir(parents=True, exist_ok=True)
     palette = _palette()
     for index in range(count):
-        scene = _render(_scene_rng(seed, split, index), size, difficulty)
+        scene = _render(_scene_rng(seed, split, index), size, difficulty, object_scale)
         lut = np.asarray([0, *scene.labels], dtype=np.uint8)
         mask = Image.fromarray(lut[scene.instances])  # mode L
         mask.putpalette(palette)  # L → P, indices unchanged

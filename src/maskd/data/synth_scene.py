@@ -280,7 +280,16 @@ EASY_CLUTTER = (1, 4)  # distractors per scene in the "clutter" setting (inclusi
 EASY_CLUTTER_RADIUS = (0.06, 0.2)  # a blob's radius, as a fraction of the side: object-sized
 
 
-def render_easy_scene(rng: np.random.Generator, size: int, clutter: bool = False) -> Scene:
+def clutter_count(object_scale: float) -> tuple[int, int]:
+    """How many distractors a cluttered scene draws (inclusive range): EASY_CLUTTER, times
+    1 / object_scale² so that their number per area stays that of a full-scale scene."""
+    lo, hi = EASY_CLUTTER
+    return round(lo / object_scale**2), round(hi / object_scale**2)
+
+
+def render_easy_scene(
+    rng: np.random.Generator, size: int, clutter: bool = False, object_scale: float = 1.0
+) -> Scene:
     """The easy setting: 1-3 upright, flat-coloured circles, triangles or squares on
     per-pixel Gaussian noise around mid-grey; no clutter, photos, strokes or blur.
 
@@ -289,17 +298,25 @@ def render_easy_scene(rng: np.random.Generator, size: int, clutter: bool = False
     do not tell an object from background and only shape does (the "clutter" setting).
     Objects may overlap (a later one hides an earlier one, or a distractor); each keeps at
     least MIN_VISIBLE of its pixels, as in `render_scene`.
+    object_scale (0, 1]: objects and distractors are drawn as in a scene of side
+    ``object_scale * size`` (a stroke spans a window of that side); distractors keep their
+    number per area (`clutter_count`), objects stay 1-3 per scene, so background takes a
+    larger share of the image. 1 draws exactly the full-scale scenes.
     """
     canvas = 127.5 + rng.normal(0, EASY_NOISE, size=(size, size, 3)).astype(np.float32)
     instances = np.zeros((size, size), dtype=np.int32)
+    side = object_scale * size  # the side of the full-scale scene objects are drawn for
     if clutter:
-        for _ in range(int(rng.integers(EASY_CLUTTER[0], EASY_CLUTTER[1] + 1))):
+        lo, hi = clutter_count(object_scale)
+        for _ in range(int(rng.integers(lo, hi + 1))):
             if rng.random() < 0.5:
-                radius = rng.uniform(*EASY_CLUTTER_RADIUS) * size
+                radius = rng.uniform(*EASY_CLUTTER_RADIUS) * side
                 alpha = blob_alpha(rng, size, size, *rng.uniform(0, size, 2), radius)
             else:
                 points = rng.uniform(0, size, size=(int(rng.integers(2, 4)), 2))
-                alpha = segment_alpha(size, size, points, rng.uniform(0.04, 0.1) * size)
+                if object_scale != 1.0:  # the stroke within a window of side `side`
+                    points = points * object_scale + rng.uniform(0, size - side, 2)
+                alpha = segment_alpha(size, size, points, rng.uniform(0.04, 0.1) * side)
             canvas *= 1 - alpha[..., None]
             canvas += alpha[..., None] * random_colour(rng)
     labels: list[int] = []
@@ -308,7 +325,7 @@ def render_easy_scene(rng: np.random.Generator, size: int, clutter: bool = False
         label = int(rng.integers(len(EASY_SHAPES)))
         colour = random_colour(rng)
         for _ in range(15):
-            radius = rng.uniform(*EASY_RADIUS) * size
+            radius = rng.uniform(*EASY_RADIUS) * side
             cx, cy = rng.uniform(radius * 0.6, size - radius * 0.6, 2)
             alpha = shape_alpha(EASY_SHAPES[label], size, size, cx, cy, radius)
             mask = alpha >= 0.5
