@@ -385,10 +385,12 @@ def main() -> None:
         raise SystemExit(f"--data-seed must be >= 0, got {args.data_seed}")
     name = drawn(args.task, args.data_seed)
     work = args.work / name
-    if not (work / "teacher" / "model.pt").is_file():
-        raise SystemExit(f"no trained teacher at {work / 'teacher' / 'model.pt'}: run "
-                         f"benchmarks/quality.py --task {args.task} --data-seed {args.data_seed} "
-                         "first")  # fmt: skip
+    # the cells this run reads: --agnostic names its own; every other report needs the teacher
+    for cell in args.agnostic or ["teacher"]:
+        if not (work / cell / "model.pt").is_file():
+            raise SystemExit(f"no trained {cell} at {work / cell / 'model.pt'}: run "
+                             f"benchmarks/quality.py --task {args.task} --data-seed "
+                             f"{args.data_seed} first")  # fmt: skip
     if args.agnostic:
         report = {
             **header("quality_agnostic", args.task, "cpu"),

@@ -1291,6 +1291,12 @@ def test_quality_diagnosis_of_a_draw_without_its_teacher_says_how_to_make_it(tmp
     )
     assert "quality.py --task detection_clutter --data-seed 3" in done.stderr
     assert not (tmp_path / "out").exists()
+    # --agnostic reads only the cells it names: a missing one is named, not the teacher
+    cmd += ["--agnostic", "student_s0"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    missing = tmp_path / "work" / "detection_clutter_data3" / "student_s0" / "model.pt"
+    assert done.returncode != 0 and f"no trained student_s0 at {missing}" in done.stderr
+    assert "teacher" not in done.stderr and not (tmp_path / "out").exists()
 
 
 def test_detection_sparse_is_the_stable_clutter_recipe_at_128_px_on_sparser_objects(tmp_path):
