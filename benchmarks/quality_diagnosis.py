@@ -335,11 +335,13 @@ def _levels_md(r: dict[str, Any]) -> str:
 
 
 def _curve(cell: Path, key: str | None) -> dict[str, Any]:
-    """Task and (weighted) distillation loss over the first and last 50 logged steps."""
+    """Task and (weighted) distillation loss over the first and last five logged steps of a
+    finished cell (its ``result.json`` written); {} for one still training, whose last steps
+    are not its last."""
     import csv
 
     logs = sorted(cell.glob("csv/version_*/metrics.csv"))
-    if not logs:
+    if not logs or not (cell / "result.json").is_file():
         return {}
     rows = [r for r in csv.DictReader(logs[-1].open()) if r.get("train/loss")]
     task = ("classification", "bbox_regression", "bbox_ctrness")

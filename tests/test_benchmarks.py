@@ -1338,3 +1338,28 @@ def test_detection_sparse_is_the_stable_clutter_recipe_at_128_px_on_sparser_obje
     assert cmd[cmd.index("--size") + 1] == "128" and cmd[cmd.index("--difficulty") + 1] == "clutter"
     cmd = Plan("detection_clutter", args).data_cell().commands[0][0]
     assert "--object_scale" not in cmd
+
+
+def test_diagnosis_curves_read_only_finished_cells(tmp_path):
+    """quality_diagnosis._curve: the means of the first and last five logged steps of a
+    finished cell; nothing for a cell still training (no result.json)."""
+    sys.path.insert(0, str(QUALITY.parent))
+    from quality_diagnosis import _curve
+
+    log = tmp_path / "cell" / "csv" / "version_0" / "metrics.csv"
+    log.parent.mkdir(parents=True)
+    parts = ("classification", "bbox_regression", "bbox_ctrness")
+    header = ["step", "train/loss", *(f"train/{p}" for p in parts), "train/loss_cwd"]
+    lines = [",".join(header)]
+    for step in range(12):
+        lines.append(",".join(map(str, [step, 1.0, step, 1.0, 2.0, 10.0 * step])))
+        lines.append(f"{step},,,,,")  # a row of other metrics (no train/loss): skipped
+    log.write_text("\n".join(lines) + "\n")
+    assert _curve(tmp_path / "cell", "loss_cwd") == {}
+    (tmp_path / "cell" / "result.json").write_text("{}")
+    got = _curve(tmp_path / "cell", "loss_cwd")
+    first, last = range(5), range(7, 12)
+    assert got["task_first"] == pytest.approx(sum(s + 3.0 for s in first) / 5)
+    assert got["task_last"] == pytest.approx(sum(s + 3.0 for s in last) / 5)
+    assert got["distill_first"] == pytest.approx(sum(10.0 * s for s in first) / 5)
+    assert got["distill_last"] == pytest.approx(sum(10.0 * s for s in last) / 5)

@@ -258,13 +258,34 @@ def test_clutter_pixel_weight_table_is_the_diagnosis_reports():
         level, seed, share, heaviest, head, free = (c.strip() for c in line.strip("|").split("|"))
         stem = f"quality_detection_clutter_data{seed}_diagnosis_cpu.json"
         masks = json.loads((RESULTS / stem).read_text())["masks"]
-        name = f"backbone.fpn:{int(level[1]) - 3}"
-        h, u = masks["tokens"][name], masks["tokens_unweighted"][name]
-        k = h["heaviest"]
-        assert share == f"{h['box_share']:.2f}", line
-        assert heaviest == f"{h['marked'][k]:.2f}, {h['mass_in_boxes'][k]:.2f}", line
-        assert head == f"{h['loss_weight_in_boxes']:.2f}", line
-        assert free == f"{u['loss_weight_in_boxes']:.2f}", line
+        _check_pixel_weight_row(masks, level, (share, heaviest, head, free))
+
+
+def _check_pixel_weight_row(masks: dict, level: str, cells: tuple[str, ...]) -> None:
+    """One row of a pixel-weight table against a diagnosis report's masks: the boxes'
+    share, the head's heaviest token, MasKD's weight in the boxes with the head's tokens
+    and with tokens learned without it (level "P3" is the FPN's output 0)."""
+    name = f"backbone.fpn:{int(level[1]) - 3}"
+    h, u = masks["tokens"][name], masks["tokens_unweighted"][name]
+    k = h["heaviest"]
+    assert cells == (
+        f"{h['box_share']:.2f}",
+        f"{h['marked'][k]:.2f}, {h['mass_in_boxes'][k]:.2f}",
+        f"{h['loss_weight_in_boxes']:.2f}",
+        f"{u['loss_weight_in_boxes']:.2f}",
+    ), level
+
+
+def test_sparse_pixel_weight_table_is_the_diagnosis_report():
+    """detection_sparse's table of MasKD's per-pixel loss weight inside the boxes, in
+    docs/results-detection.md: every cell is quality_diagnosis.py's value for that level."""
+    doc = (ROOT / "docs" / "results-detection.md").read_text()
+    lines = _table_text(doc, "| FPN level | boxes' share |").splitlines()[2:]
+    masks = json.loads((RESULTS / "quality_detection_sparse_diagnosis_cpu.json").read_text())
+    assert len(lines) == 3
+    for line in lines:
+        level, *cells = (c.strip() for c in line.strip("|").split("|"))
+        _check_pixel_weight_row(masks["masks"], level, tuple(cells))
 
 
 def test_spikes_table_is_the_spikes_report():
