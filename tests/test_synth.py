@@ -151,6 +151,7 @@ def test_refuses_to_mix_with_existing_files(tmp_path: Path) -> None:
         ({"difficulty": "clutter", "object_scale": 1.5}, "object_scale must be in"),
         ({"difficulty": "easy", "object_scale": float("nan")}, "object_scale must be in"),
         ({"object_scale": 0.5}, "not 'hard'"),
+        ({"difficulty": "clutter", "object_scale": 0.25}, "at least 32 px, got 0.25 \\* 64"),
     ],
 )
 def test_bad_arguments(tmp_path: Path, kwargs: dict, message: str) -> None:

@@ -139,7 +139,7 @@ def generate(
     (independent of the other two; the train and val images do not change with it).
     difficulty: "hard" (the default scenes), "easy" or "clutter" (the easy scenes with
     distractors; see `synth_scene.render_easy_scene`).
-    object_scale (0, 1], easy and clutter only: objects and distractors are drawn at the
+    object_scale (0, 1], easy and clutter only, with object_scale * size >= 32: objects and distractors are drawn at the
     size they have in an image of side ``object_scale * size``; distractors keep their
     number per area and objects stay 1-3 per image, so background covers more of it.
     Returns `out`.
@@ -158,6 +158,10 @@ def generate(
         raise UserValueError("object_scale applies to the easy and clutter settings, not 'hard'")
     if size < 32:
         raise UserValueError(f"size must be at least 32 px, got {size}")
+    if size * object_scale < 32:  # the side objects are drawn for, as small as size may be
+        raise UserValueError(
+            f"object_scale * size must be at least 32 px, got {object_scale} * {size}"
+        )
     if train < 0 or val < 0 or test < 0 or train + val + test == 0:
         raise UserValueError(
             f"train, val and test must be >= 0 and not all 0, got {train}, {val}, {test}"
