@@ -336,9 +336,8 @@ class Plan:
         self.shared = args.work / drawn(shares, self.data_seed)
         self.shared_cfg = CONFIGS / shares
         self.data = self.shared / "data"
-        self.kept = (
-            args.out / "quality_cells" / self.work.name
-        )  # committed results of student cells
+        # committed results of student cells
+        self.kept = args.out / "quality_cells" / self.work.name
         self.cfg = CONFIGS / task
         self.trainer = [
             f"--trainer.accelerator={args.accelerator}",

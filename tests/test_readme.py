@@ -82,7 +82,6 @@ def test_result_docs_images_exist():
 def test_readme_quality_tables_show_the_reports_numbers():
     """Every seed's score and every mean in the README's tables is the report's, row for row
     (matched by the per-seed values, which no two rows share)."""
-
     tables = _quality_tables()
     assert len(tables) >= 5
     for rows, stem in tables:
@@ -103,7 +102,6 @@ def test_readme_quality_tables_show_the_reports_numbers():
 def test_readme_128px_sweep_table_is_the_tuning_report():
     """The 128 px sweep table: every weight tried, its validation AP and the weight chosen
     are the tuning report's, method for method."""
-
     rows = _table_rows("| method | validation AP per weight tried | chosen |")
     tuning = json.loads((RESULTS / "quality_detection_ranges128_tuning_cpu.json").read_text())
     methods = tuning["methods"]
@@ -179,7 +177,6 @@ def test_readme_ablation_tables_are_the_reports():
 def test_gradient_table_is_the_levels_report():
     """The 128 px table of where each term's gradient lands: every share is the levels
     report's (P5-P7 summed), and every test AP the 128 px table report's mean."""
-
     levels = json.loads((RESULTS / "quality_detection_ranges128_levels_cpu.json").read_text())
     lv = levels["levels"]
     table = json.loads((RESULTS / "quality_detection_ranges128_cpu.json").read_text())

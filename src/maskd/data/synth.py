@@ -139,9 +139,10 @@ def generate(
     (independent of the other two; the train and val images do not change with it).
     difficulty: "hard" (the default scenes), "easy" or "clutter" (the easy scenes with
     distractors; see `synth_scene.render_easy_scene`).
-    object_scale (0, 1], easy and clutter only, with object_scale * size >= 32: objects and distractors are drawn at the
-    size they have in an image of side ``object_scale * size``; distractors keep their
-    number per area and objects stay 1-3 per image, so background covers more of it.
+    object_scale (0, 1], easy and clutter only, with object_scale * size >= 32: objects and
+    distractors are drawn at the size they have in an image of side ``object_scale * size``;
+    distractors keep their number per area and objects stay 1-3 per image, so background
+    covers more of it.
     Returns `out`.
     """
     if difficulty not in DIFFICULTIES:
