@@ -99,6 +99,11 @@ def mask_statistics(teacher: torch.nn.Module, tokens: dict, images: list, target
             "weights": None if weights is None else weights.mean(dim=0).tolist(),
             "heaviest": heaviest,
             "loss_weight_in_boxes": float(weight_in_boxes(m, weights, inside).mean()),
+            # the same tokens weighted equally (distill.token_weights=equal): what head_notes
+            # suggests when the head settles on one token
+            "loss_weight_in_boxes_equal": (
+                None if weights is None else float(weight_in_boxes(m, None, inside).mean())
+            ),
         }
     return out
 
@@ -454,8 +459,8 @@ def _heaviest(v: dict[str, Any]) -> str:
     return "" if k is None else f"{v['marked'][k]:.2f}, {v['mass_in_boxes'][k]:.2f}"
 
 
-def _weight_in_boxes(v: dict[str, Any]) -> str:
-    share = v.get("loss_weight_in_boxes")
+def _weight_in_boxes(v: dict[str, Any], key: str = "loss_weight_in_boxes") -> str:
+    share = v.get(key)
     return "" if share is None else f"{share:.2f}"
 
 
@@ -466,8 +471,8 @@ def _md(r: dict[str, Any]) -> str:
              "(means over tokens; per-token values in the JSON):", "",
              "| tokens | level | coverage | marked > 0.5 | pairwise Dice | mass in boxes | "
              "boxes' share | max token weight | heaviest token: marked, mass in boxes | "
-             "MasKD's pixel weight in boxes |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+             "MasKD's pixel weight in boxes | the same, tokens weighted equally |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for variant, levels in r["masks"].items():
         for level, v in levels.items():
             mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
@@ -476,7 +481,8 @@ def _md(r: dict[str, Any]) -> str:
             lines.append(
                 f"| {variant} | {level.split(':')[-1]} | {mean(v['coverage']):.2f} | "
                 f"{mean(v['marked']):.2f} | {dice} | {mean(v['mass_in_boxes']):.2f} | "
-                f"{v['box_share']:.2f} | {wmax} | {_heaviest(v)} | {_weight_in_boxes(v)} |"
+                f"{v['box_share']:.2f} | {wmax} | {_heaviest(v)} | {_weight_in_boxes(v)} | "
+                f"{_weight_in_boxes(v, 'loss_weight_in_boxes_equal')} |"
             )
     lines += ["", "Loss values at weight 1 and gradient norms on the student's parameters "
               "(one training batch of 16):", "", "| student | term | value | gradient norm |",

@@ -436,6 +436,63 @@ def test_weight_in_boxes_is_maskd_loss_on_the_boxes_over_its_loss_everywhere(wei
     assert torch.allclose(ones, inside.mean(dim=(1, 2)))
 
 
+def test_mask_statistics_weight_in_boxes_with_the_heads_weights_and_equal_ones():
+    """quality_diagnosis.mask_statistics on a one-level stand-in teacher: MasKD's pixel weight
+    in the boxes with the head's token weights and with every token weighted equally, each
+    summed by hand from the masks (a_p = sum_k w_k m_k(p)^2 / sum_q m_k(q)); a head-free token
+    set has no equal-weight value of its own."""
+    from collections import OrderedDict
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(QUALITY.parent))
+    from maskd.tokens import ReceptiveTokens
+    from quality_diagnosis import _inside_boxes, mask_statistics
+
+    class FPN(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 4, stride=4)
+
+        def forward(self, x: torch.Tensor) -> OrderedDict:
+            return OrderedDict([("0", self.conv(x))])
+
+    class Teacher(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = torch.nn.Module()
+            self.backbone.fpn = FPN()
+
+        def transform(self, images: list, targets: list) -> tuple:
+            return SimpleNamespace(tensors=torch.stack(images)), targets
+
+        def forward(self, images: list) -> OrderedDict:
+            return self.backbone.fpn(torch.stack(images))
+
+    torch.manual_seed(0)
+    teacher = Teacher().eval()
+    images = [torch.rand(3, 32, 32) for _ in range(2)]
+    targets = [{"boxes": torch.tensor([[4.0, 4.0, 12.0, 16.0]])},
+               {"boxes": torch.tensor([[16.0, 8.0, 32.0, 20.0]])}]  # fmt: skip
+    head, free = ReceptiveTokens(8, 3, weighted=True), ReceptiveTokens(8, 3, weighted=False)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0, 1)  # a head far from equal weights
+        x = teacher(images)["0"]
+        masks, weights = head(x), head.token_weights(x)  # [2, 3, 8, 8], [2, 3]
+    inside = _inside_boxes(targets, (32, 32), (2, 8, 8))
+
+    def by_hand(w: torch.Tensor) -> float:
+        a = (w[:, :, None, None] * masks**2 / masks.sum(dim=(2, 3), keepdim=True)).sum(1)
+        return float(((a * inside).sum(dim=(1, 2)) / a.sum(dim=(1, 2))).mean())
+
+    v = mask_statistics(teacher, {"backbone.fpn": [head]}, images, targets)["backbone.fpn:0"]
+    assert v["loss_weight_in_boxes"] == pytest.approx(by_hand(weights), rel=1e-5)
+    assert v["loss_weight_in_boxes_equal"] == pytest.approx(by_hand(torch.ones(2, 3)), rel=1e-5)
+    assert abs(v["loss_weight_in_boxes"] - v["loss_weight_in_boxes_equal"]) > 1e-3
+    u = mask_statistics(teacher, {"backbone.fpn": [free]}, images, targets)["backbone.fpn:0"]
+    assert u["weights"] is None and u["loss_weight_in_boxes_equal"] is None
+
+
 def test_quality_sweep_runs_the_centres_first():
     sys.path.insert(0, str(QUALITY.parent))
     from quality import centre_first

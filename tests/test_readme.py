@@ -275,14 +275,17 @@ def _check_pixel_weight_row(masks: dict, level: str, cells: tuple[str, ...]) -> 
 
 def test_sparse_pixel_weight_table_is_the_diagnosis_report():
     """detection_sparse's table of MasKD's per-pixel loss weight inside the boxes, in
-    docs/results-detection.md: every cell is quality_diagnosis.py's value for that level."""
+    docs/results-detection.md: every cell is quality_diagnosis.py's value for that level,
+    the last one the head's tokens weighted equally."""
     doc = (ROOT / "docs" / "results-detection.md").read_text()
     lines = _table_text(doc, "| FPN level | boxes' share |").splitlines()[2:]
     masks = json.loads((RESULTS / "quality_detection_sparse_diagnosis_cpu.json").read_text())
     assert len(lines) == 3
     for line in lines:
-        level, *cells = (c.strip() for c in line.strip("|").split("|"))
+        level, *cells, equal = (c.strip() for c in line.strip("|").split("|"))
         _check_pixel_weight_row(masks["masks"], level, tuple(cells))
+        head = masks["masks"]["tokens"][f"backbone.fpn:{int(level[1]) - 3}"]
+        assert equal == f"{head['loss_weight_in_boxes_equal']:.2f}", level
 
 
 def test_spikes_table_is_the_spikes_report():
