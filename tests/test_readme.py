@@ -258,11 +258,16 @@ def test_clutter_pixel_weight_table_is_the_diagnosis_reports():
         _check_pixel_weight_row(masks, level, (share, heaviest, head, free))
 
 
+def _fpn_output(level: str) -> str:
+    """The diagnosis report's level name of a docs table's FPN level ("P3" -> output 0)."""
+    return f"backbone.fpn:{int(level[1]) - 3}"
+
+
 def _check_pixel_weight_row(masks: dict, level: str, cells: tuple[str, ...]) -> None:
     """One row of a pixel-weight table against a diagnosis report's masks: the boxes'
     share, the head's heaviest token, MasKD's weight in the boxes with the head's tokens
-    and with tokens learned without it (level "P3" is the FPN's output 0)."""
-    name = f"backbone.fpn:{int(level[1]) - 3}"
+    and with tokens learned without it."""
+    name = _fpn_output(level)
     h, u = masks["tokens"][name], masks["tokens_unweighted"][name]
     k = h["heaviest"]
     assert cells == (
@@ -284,7 +289,7 @@ def test_sparse_pixel_weight_table_is_the_diagnosis_report():
     for line in lines:
         level, *cells, equal = (c.strip() for c in line.strip("|").split("|"))
         _check_pixel_weight_row(masks["masks"], level, tuple(cells))
-        head = masks["masks"]["tokens"][f"backbone.fpn:{int(level[1]) - 3}"]
+        head = masks["masks"]["tokens"][_fpn_output(level)]
         assert equal == f"{head['loss_weight_in_boxes_equal']:.2f}", level
 
 

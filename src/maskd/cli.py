@@ -143,7 +143,8 @@ def _synth_parser() -> ArgumentParser:
         type=float,
         default=1.0,
         help="easy/clutter: draw objects and distractors as in an image of side "
-        "object_scale * size (0 < s <= 1); objects stay 1-3, so background grows",
+        "object_scale * size (0 < s <= 1, s * size >= 32); objects stay 1-3, so background "
+        "grows",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", type=bool, default=False)
