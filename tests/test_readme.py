@@ -99,6 +99,23 @@ def test_readme_quality_tables_show_the_reports_numbers():
         assert teacher[2] == f"{report['teacher']['test']:.1f}", stem.name
 
 
+def test_peer_tables_are_the_reports():
+    """Each table of MasKD paired by seed with the peers (``| peer | per seed |``) is the one
+    printed by the report whose plot follows it, row for row as written."""
+    checked = 0
+    for doc in RESULT_DOCS:
+        lines = doc.read_text().splitlines()
+        for i, line in enumerate(lines):
+            if not line.startswith("| peer | per seed |"):
+                continue
+            block = _table_text("\n".join(lines[i:]), "| peer | per seed |")
+            plot = next(ln for ln in lines[i:] if ln.startswith("!["))
+            png = re.search(r"\((?:\.\./)?(benchmarks/results/[^)]+)\.png\)", plot).group(1)
+            assert block in (ROOT / f"{png}.md").read_text(), (doc.name, png)
+            checked += 1
+    assert checked >= 5
+
+
 def test_readme_128px_sweep_table_is_the_tuning_report():
     """The 128 px sweep table: every weight tried, its validation AP and the weight chosen
     are the tuning report's, method for method."""
@@ -137,7 +154,7 @@ def test_readme_overview_is_the_reports_summary():
     from quality_report import summary_md
 
     block, links = _overview()
-    assert len(links) == 15
+    assert len(links) == 16
     paths = [ROOT / f"{link}.json" for link in links]
     assert block == summary_md(paths, ROOT)
 
