@@ -45,6 +45,14 @@ def _rows_at(lines: list[str], header: int) -> list[list[str]]:
     return rows
 
 
+def _report_plotted_after(lines: list[str], start: int) -> Path:
+    """The report (path without suffix) whose plot is the first image after ``lines[start]``
+    (a link from docs/ starts with ``../``)."""
+    plot = next(ln for ln in lines[start:] if ln.startswith("!["))
+    png = re.search(r"\((?:\.\./)?(benchmarks/results/[^)]+)\.png\)", plot).group(1)
+    return ROOT / png
+
+
 def _quality_tables() -> list[tuple[list[list[str]], Path]]:
     """Each quality table (``| row | weight | ...``) of the result documents, with the report
     its plot names (a link from docs/ starts with ``../``)."""
@@ -55,9 +63,7 @@ def _quality_tables() -> list[tuple[list[list[str]], Path]]:
             if not line.startswith("| row | weight | test "):
                 continue
             rows = _rows_at(lines, i)
-            plot = next(ln for ln in lines[i + 2 + len(rows) :] if ln.startswith("!["))
-            png = re.search(r"\((?:\.\./)?(benchmarks/results/[^)]+\.png)\)", plot).group(1)
-            out.append((rows, ROOT / png.removesuffix(".png")))
+            out.append((rows, _report_plotted_after(lines, i + 2 + len(rows))))
     return out
 
 
@@ -109,9 +115,8 @@ def test_peer_tables_are_the_reports():
             if not line.startswith("| peer | per seed |"):
                 continue
             block = _table_text("\n".join(lines[i:]), "| peer | per seed |")
-            plot = next(ln for ln in lines[i:] if ln.startswith("!["))
-            png = re.search(r"\((?:\.\./)?(benchmarks/results/[^)]+)\.png\)", plot).group(1)
-            assert block in (ROOT / f"{png}.md").read_text(), (doc.name, png)
+            report = _report_plotted_after(lines, i)
+            assert block in report.with_suffix(".md").read_text(), (doc.name, report.name)
             checked += 1
     assert checked >= 5
 
