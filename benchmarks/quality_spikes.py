@@ -6,8 +6,10 @@ steps), then recover. This reads each table cell's training log (``csv/version_*
 metrics.csv`` under the benchmark's work folder) and measures its *peak ratio*: the largest
 logged classification loss in the first ``--window`` steps over its first logged value (a
 non-finite loss in the window counts as an infinite ratio). A cell with a ratio of at least
-``--threshold`` spiked. Per row it reports how many cells spiked and the test score of the
-spiked cells against the same row's other cells on the same draw; with ``--tuning`` also
+``--threshold`` spiked. Per row it reports how many cells spiked, the test score of the
+spiked cells against the same row's other cells on the same draw, and the row's paired gain
+over the student alone split by whether the student alone's cell on that seed spiked (how
+much of a gain is the distilled row not spiking); with ``--tuning`` also
 the seed-0 cells of the validation weight sweep, whose ratio shows how the spike depends on
 a term's weight.
 
@@ -19,7 +21,8 @@ Writes ``quality_<task>_spikes_cpu.{json,md}`` (``quality_<task>_warmup<N>_spike
 the reports of a ``--warmup-steps`` diagnostic, ``..._steps<N>_...`` of a ``--student-steps``
 one; ``..._data<N>_spikes_cpu`` for one draw
 other than data seed 0's). It needs the work folder the cells trained
-in (the logs are not kept under ``benchmarks/results``).
+in (the logs are not kept under ``benchmarks/results``); ``--rerender SPIKES_JSON`` rewrites
+a spikes report's rows and .md from the cells it stored, without the logs.
 """
 
 from __future__ import annotations
@@ -121,9 +124,15 @@ def sweep(tuning: dict[str, Any], work: Path, window: int) -> list[dict[str, Any
     return out
 
 
-def summarise(cells: list[dict[str, Any]], threshold: float) -> list[dict[str, Any]]:
+def summarise(
+    cells: list[dict[str, Any]], threshold: float, baseline: str = "student"
+) -> list[dict[str, Any]]:
     """Per row, in first-seen order: cells, cells spiked, and on every draw where the row has
-    both kinds, the mean test score of its spiked cells minus that of its other cells."""
+    both kinds, the mean test score of its spiked cells minus that of its other cells. Every
+    other row than ``baseline`` also gets its paired differences to ``baseline`` (same draw,
+    same seed), split by whether ``baseline``'s cell spiked: how much of a row's gain comes
+    from the seeds on which the student alone spiked."""
+    base = {(c["draw"], c["seed"]): c for c in cells if c["row"] == baseline}
     out = []
     for name in dict.fromkeys(c["row"] for c in cells):
         mine = [c for c in cells if c["row"] == name]
@@ -133,13 +142,28 @@ def summarise(cells: list[dict[str, Any]], threshold: float) -> list[dict[str, A
             other = [c["test"] for c in mine if c["draw"] == draw and c["ratio"] < threshold]
             if spiked and other:
                 diffs.append(statistics.fmean(spiked) - statistics.fmean(other))
+        split: dict[str, list[float]] = {"over_baseline_spiked": [], "over_baseline_other": []}
+        for c in mine if name != baseline else []:
+            b = base.get((c["draw"], c["seed"]))
+            if b is not None:
+                key = "over_baseline_spiked" if b["ratio"] >= threshold else "over_baseline_other"
+                split[key].append(c["test"] - b["test"])
         out.append({
             "row": name, "label": mine[0]["label"], "cells": len(mine),
             "spiked": sum(c["ratio"] >= threshold for c in mine),
             "median_ratio": statistics.median(c["ratio"] for c in mine),
-            "spiked_minus_other": diffs,
+            "spiked_minus_other": diffs, **split,
         })  # fmt: skip
     return out
+
+
+def _gain(diffs: list[float]) -> str:
+    """``+2.1 ± 0.4 (3)``: mean ± sample std of paired differences and how many; blank if
+    none."""
+    if not diffs:
+        return ""
+    spread = f" ± {statistics.stdev(diffs):.1f}" if len(diffs) > 1 else ""
+    return f"{statistics.fmean(diffs):+.1f}{spread} ({len(diffs)})"
 
 
 def spikes_md(r: dict[str, Any]) -> str:
@@ -148,19 +172,24 @@ def spikes_md(r: dict[str, Any]) -> str:
         f"Peak ratio: the largest classification loss logged in a cell's first {r['window']} "
         f"steps over its first logged value; a cell spiked if it is at least "
         f"{r['threshold']:g}. Draws (data seeds): "
-        f"{', '.join(str(d) for d in r['draws'])}. Test scores in percent.",
+        f"{', '.join(str(d) for d in r['draws'])}. Test scores in percent. The last two "
+        "columns: the row's test score minus the student alone's on the same draw and seed, "
+        "mean ± std (how many), over the seeds on which the student alone spiked, then over "
+        "the others.",
         "",
         "| row | cells | spiked | median peak ratio | test score, spiked − other cells of "
-        "the row on the same draw |",
-        "|---|---:|---:|---:|---|",
+        "the row on the same draw | − student alone, its spiked seeds | − student alone, "
+        "its other seeds |",
+        "|---|---:|---:|---:|---|---|---|",
     ]
     for s in r["rows"]:
         diffs = s["spiked_minus_other"]
         paired = ", ".join(f"{d:+.1f}" for d in diffs)
         if diffs:
             paired += f" (mean {statistics.fmean(diffs):+.1f}, {len(diffs)} draws)"
+        split = [_gain(s.get(k, [])) for k in ("over_baseline_spiked", "over_baseline_other")]
         lines.append(f"| {s['label']} | {s['cells']} | {s['spiked']} | "
-                     f"{s['median_ratio']:.2f} | {paired} |")  # fmt: skip
+                     f"{s['median_ratio']:.2f} | {paired} | {split[0]} | {split[1]} |")  # fmt: skip
     if r["sweep"]:
         lines += [
             "",
@@ -182,15 +211,33 @@ def spikes_md(r: dict[str, Any]) -> str:
     return f"Machine: {r['machine']}\n\nCommand: `{r['command']}`\n\n" + "\n".join(lines) + "\n"
 
 
+def rerender(path: Path) -> None:
+    """Write ``path``'s rows and .md again from the spikes report's stored cells (their peak
+    ratios and test scores), with what this version derives from them; the logs are not
+    needed."""
+    report = json.loads(path.read_text())
+    if report.get("benchmark") != "quality_spikes" or "cells" not in report:
+        raise SystemExit(f"{path}: not a quality_spikes report (no 'cells')")
+    report["rows"] = summarise(report["cells"], report["threshold"])
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    path.with_suffix(".md").write_text(spikes_md(report))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("reports", nargs="+", type=Path, help="draws' table reports (JSON)")
+    parser.add_argument("reports", nargs="*", type=Path, help="draws' table reports (JSON)")
+    parser.add_argument("--rerender", type=Path, metavar="JSON",
+                        help="write a spikes report's rows and .md again from its cells")  # fmt: skip
     parser.add_argument("--tuning", type=Path, help="the task's weight-sweep report (JSON)")
     parser.add_argument("--work", type=Path, default=Path("runs/quality"))
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--window", type=int, default=150, help="steps (default: 150)")
     parser.add_argument("--threshold", type=float, default=1.5, help="peak ratio (1.5)")
     args = parser.parse_args()
+    if args.rerender:
+        return rerender(args.rerender)
+    if not args.reports:
+        parser.error("give the table reports (JSON), or --rerender a spikes report")
     reports = [json.loads(p.read_text()) for p in args.reports]
     tasks = {r["task"] for r in reports}
     draws = [draw_seed(r) for r in reports]

@@ -1083,7 +1083,47 @@ def test_spikes_summary_pairs_spiked_cells_with_the_rows_others_on_their_draw(tm
     md = quality_spikes.spikes_md({"machine": {}, "command": "c", "window": 150,
                                    "threshold": 1.5, "draws": [0, 1],
                                    "rows": [student, cwd], "sweep": [], "cells": cells})  # fmt: skip
-    assert "| CWD | 4 | 2 | 1.35 | -4.0, -1.0 (mean -2.5, 2 draws) |" in md
+    # CWD minus the student alone, paired by draw and seed: the student alone spiked on
+    # (0, s0), (1, s0), (1, s1); not on (0, s1)
+    assert cwd["over_baseline_spiked"] == [20.0 - 10.0, 19.0 - 11.0, 18.0 - 12.0]
+    assert cwd["over_baseline_other"] == [16.0 - 14.0]
+    assert student["over_baseline_spiked"] == student["over_baseline_other"] == []
+    assert (
+        "| CWD | 4 | 2 | 1.35 | -4.0, -1.0 (mean -2.5, 2 draws) | +8.0 ± 2.0 (3) | +2.0 (1) |" in md
+    )
+    assert "| student alone | 4 | 3 | 3.50 | -4.0 (mean -4.0, 1 draws) |  |  |" in md
+
+
+def test_spikes_rerender_splits_a_committed_reports_gains_by_the_student_alones_spikes(tmp_path):
+    """--rerender rewrites a committed spikes report from its stored cells: the counts stay,
+    and each row's gain over the student alone is split by whether the student alone's cell
+    on that draw and seed spiked; a file of another benchmark is refused by name."""
+    src = QUALITY.parent / "results" / "quality_detection_clutter_spikes_cpu.json"
+    report = json.loads(src.read_text())
+    path = tmp_path / src.name
+    path.write_text(json.dumps(report))
+    script = QUALITY.parent / "quality_spikes.py"
+    subprocess.run([sys.executable, str(script), "--rerender", str(path)], check=True)
+    back = json.loads(path.read_text())
+    assert back["cells"] == report["cells"] and back["command"] == report["command"]
+    student = {(c["draw"], c["seed"]): c for c in report["cells"] if c["row"] == "student"}
+    spiked = {k for k, c in student.items() if c["ratio"] >= report["threshold"]}
+    assert 0 < len(spiked) < len(student)  # both kinds, so both columns are exercised
+    for old, new in zip(report["rows"], back["rows"], strict=True):
+        assert {k: new[k] for k in old} == old
+        mine = [c for c in report["cells"] if c["row"] == old["row"]]
+        if old["row"] == "student":
+            assert new["over_baseline_spiked"] == new["over_baseline_other"] == []
+            continue
+        for key, on_spiked in (("over_baseline_spiked", True), ("over_baseline_other", False)):
+            want = [c["test"] - student[c["draw"], c["seed"]]["test"] for c in mine
+                    if ((c["draw"], c["seed"]) in spiked) == on_spiked]  # fmt: skip
+            assert new[key] == pytest.approx(want), (old["row"], key)
+    assert path.with_suffix(".md").read_text().count("± ") >= len(back["rows"]) - 1
+    path.write_text(json.dumps({"benchmark": "quality"}))
+    bad = subprocess.run([sys.executable, str(script), "--rerender", str(path)],
+                         capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode != 0 and "not a quality_spikes report" in bad.stderr
 
 
 def test_quality_diagnostic_warmup_gives_every_cell_its_own_name_and_the_warmup(tmp_path):
