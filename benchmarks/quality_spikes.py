@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from maskd.config_files import load_config
 from quality import CONFIGS, RESULTS, ROWS, SEEDS, Plan
 from quality_pool import draw_seed
-from quality_report import header, write
+from quality_report import header, stats, write
 
 ROW = {r.name: r for r in ROWS}
 
@@ -162,8 +162,9 @@ def _gain(diffs: list[float]) -> str:
     none."""
     if not diffs:
         return ""
-    spread = f" ± {statistics.stdev(diffs):.1f}" if len(diffs) > 1 else ""
-    return f"{statistics.fmean(diffs):+.1f}{spread} ({len(diffs)})"
+    mean, std = stats(diffs)
+    spread = f" ± {std:.1f}" if len(diffs) > 1 else ""
+    return f"{mean:+.1f}{spread} ({len(diffs)})"
 
 
 def spikes_md(r: dict[str, Any]) -> str:
