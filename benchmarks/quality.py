@@ -167,6 +167,10 @@ TASKS["detection_sparse"] = {
     },
     "weights_from": "detection_clutter_warmup",
 }
+# detection_sparse with the students' warm-up chosen on its own validation split by the student
+# alone (quality_warmup.py, fixed before it ran): the same data, teacher and tokens, reused,
+# and the same weights (configs/quality/detection_sparse_warmup).
+TASKS["detection_sparse_warmup"] = {**TASKS["detection_sparse"], "shares": "detection_sparse"}
 # The second detector family: RetinaNet with anchors a quarter of torchvision's for the same
 # 64 px images, and the authors' RetinaNet recipe for MasKD, which adds an L1 KD term on the
 # box-regression head (configs/quality/detection_retina/distill.yaml).

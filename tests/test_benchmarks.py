@@ -1437,6 +1437,45 @@ def test_detection_sparse_is_the_stable_clutter_recipe_at_128_px_on_sparser_obje
     assert "--object_scale" not in cmd
 
 
+def test_detection_sparse_warmup_changes_only_the_students_warmup(tmp_path):
+    """detection_sparse_warmup: its configs are detection_sparse's with the students' warm-up
+    the one quality_warmup.py chose on validation (its committed report); the task is
+    detection_sparse's but for sharing its data, teacher and tokens, and its cells' commands
+    read them from detection_sparse's folder."""
+    sys.path.insert(0, str(QUALITY.parent))
+    from maskd.config_files import load_config
+    from quality import CONFIGS, RESULTS, ROWS, TASKS, Plan
+
+    choice = json.loads((RESULTS / "quality_detection_sparse_warmup_choice_cpu.json").read_text())
+    chosen = choice["chosen"]
+    assert choice["task"] == "detection_sparse" and chosen != 100  # 100: the table's own
+    regime, base = CONFIGS / "detection_sparse_warmup", CONFIGS / "detection_sparse"
+    assert sorted(p.name for p in regime.iterdir()) == [
+        "cwd.yaml", "distill.yaml", "fgd.yaml", "fitnet.yaml", "student.yaml"
+    ]  # fmt: skip
+    for path in regime.iterdir():
+        mine, theirs = load_config(path), load_config(base / path.name)
+        if path.name in ("student.yaml", "distill.yaml"):
+            assert theirs["optim"]["warmup_steps"] == 100
+            assert mine["optim"].pop("warmup_steps") == chosen
+            theirs["optim"].pop("warmup_steps")
+        assert mine == theirs, path.name
+    spec = dict(TASKS["detection_sparse_warmup"])
+    assert spec.pop("shares") == "detection_sparse" and spec == TASKS["detection_sparse"]
+
+    args = argparse.Namespace(quick=False, work=tmp_path, out=tmp_path / "out",
+                              accelerator="cpu", tuning_device=None)  # fmt: skip
+    plan = Plan("detection_sparse_warmup", args)
+    row = next(r for r in ROWS if r.name == "maskd_nohead")
+    cell = plan.student_cell(row, 0, 10.0, plan.cell(row, 10.0, 0), ("val", "test"))
+    cmd = " ".join(cell.commands[0][0])
+    shared = tmp_path / "detection_sparse"
+    assert f"--distill.tokens={shared / 'tokens_nohead' / 'tokens.pt'}" in cmd
+    assert f"--teacher.weights={shared / 'teacher' / 'model.pt'}" in cmd
+    assert f"--run.out={tmp_path / 'detection_sparse_warmup'}" in cmd
+    assert str(regime / "distill.yaml") in cmd
+
+
 def test_diagnosis_curves_read_only_finished_cells(tmp_path):
     """quality_diagnosis._curve: the means of the first and last five logged steps of a
     finished cell; nothing for a cell still training (no result.json)."""
