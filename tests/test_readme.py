@@ -323,11 +323,13 @@ def test_spikes_table_is_the_spikes_report():
     assert _table_text(md, "| row | cells | spiked |") in doc
 
 
-def test_clutter_warmup_choice_and_sweep_tables_are_the_reports():
-    """The warm-up chosen on validation and the weight sweep under it stand in
-    docs/results-detection.md as quality_warmup.py and quality.py --tune printed them."""
+def test_warmup_choice_and_sweep_tables_are_the_reports():
+    """The warm-ups chosen on validation (clutter, sparse) and the weight sweep under
+    clutter's stand in docs/results-detection.md as quality_warmup.py and quality.py --tune
+    printed them."""
     doc = (ROOT / "docs" / "results-detection.md").read_text()
     for stem, header in [("quality_detection_clutter_warmup_choice_cpu", "| warm-up steps |"),
+                         ("quality_detection_sparse_warmup_choice_cpu", "| warm-up steps |"),
                          ("quality_detection_clutter_warmup_tuning_cpu", "| method |")]:  # fmt: skip
         md = (RESULTS / f"{stem}.md").read_text()
         assert _table_text(md, header) in doc, stem
