@@ -333,3 +333,19 @@ def test_warmup_choice_and_sweep_tables_are_the_reports():
                          ("quality_detection_clutter_warmup_tuning_cpu", "| method |")]:  # fmt: skip
         md = (RESULTS / f"{stem}.md").read_text()
         assert _table_text(md, header) in doc, stem
+
+
+def test_sparse_warmup_students_reproduce_the_choices_cells():
+    """docs section 6: detection_sparse_warmup's student-alone cells on seeds 0 and 1 have the
+    recipe and seeds of the warm-up choice's 200-step cells and reproduce their scores
+    exactly (CPU training is deterministic per seed)."""
+    cells = RESULTS / "quality_cells"
+    for seed in (0, 1):
+        table = json.loads(
+            (cells / "detection_sparse_warmup" / f"student_s{seed}.json").read_text()
+        )
+        choice = json.loads(
+            (cells / "detection_sparse" / f"student_warmup200_s{seed}.json").read_text()
+        )
+        for split in ("val", "test"):
+            assert table[split] == choice[split], (seed, split)
