@@ -1294,26 +1294,34 @@ def test_quality_detection_clutter_warmup_changes_only_the_students_warmup():
     """detection_clutter_warmup: its configs are detection_clutter's with the students'
     warm-up the one quality_warmup.py chose on validation (its committed report); the task is
     detection_clutter's but for sharing its models."""
+    _assert_only_the_students_warmup_differs("detection_clutter", table_warmup=50)
+
+
+def _assert_only_the_students_warmup_differs(base_task: str, table_warmup: int) -> None:
+    """<base_task>_warmup's configs are base_task's with the students' warm-up the one
+    quality_warmup.py chose on validation (its committed report, never the table's own), and
+    its task is base_task's but for sharing base_task's models."""
     sys.path.insert(0, str(QUALITY.parent))
     from maskd.config_files import load_config
     from quality import CONFIGS, RESULTS, TASKS
 
-    choice = json.loads((RESULTS / "quality_detection_clutter_warmup_choice_cpu.json").read_text())
+    task = f"{base_task}_warmup"
+    choice = json.loads((RESULTS / f"quality_{task}_choice_cpu.json").read_text())
     chosen = choice["chosen"]
-    assert choice["task"] == "detection_clutter" and chosen != 50  # 50: the table's own
-    regime, base = CONFIGS / "detection_clutter_warmup", CONFIGS / "detection_clutter"
+    assert choice["task"] == base_task and chosen != table_warmup
+    regime, base = CONFIGS / task, CONFIGS / base_task
     assert sorted(p.name for p in regime.iterdir()) == [
         "cwd.yaml", "distill.yaml", "fgd.yaml", "fitnet.yaml", "student.yaml"
     ]  # fmt: skip
     for path in regime.iterdir():
         mine, theirs = load_config(path), load_config(base / path.name)
         if path.name in ("student.yaml", "distill.yaml"):
-            assert theirs["optim"]["warmup_steps"] == 50
+            assert theirs["optim"]["warmup_steps"] == table_warmup
             assert mine["optim"].pop("warmup_steps") == chosen
             theirs["optim"].pop("warmup_steps")
         assert mine == theirs, path.name
-    spec = dict(TASKS["detection_clutter_warmup"])
-    assert spec.pop("shares") == "detection_clutter" and spec == TASKS["detection_clutter"]
+    spec = dict(TASKS[task])
+    assert spec.pop("shares") == base_task and spec == TASKS[base_task]
 
 
 def test_quality_detection_clutter_stable_warms_the_teacher_up_too(tmp_path):
@@ -1442,27 +1450,10 @@ def test_detection_sparse_warmup_changes_only_the_students_warmup(tmp_path):
     the one quality_warmup.py chose on validation (its committed report); the task is
     detection_sparse's but for sharing its data, teacher and tokens, and its cells' commands
     read them from detection_sparse's folder."""
-    sys.path.insert(0, str(QUALITY.parent))
-    from maskd.config_files import load_config
-    from quality import CONFIGS, RESULTS, ROWS, TASKS, Plan
+    _assert_only_the_students_warmup_differs("detection_sparse", table_warmup=100)
+    from quality import CONFIGS, ROWS, Plan
 
-    choice = json.loads((RESULTS / "quality_detection_sparse_warmup_choice_cpu.json").read_text())
-    chosen = choice["chosen"]
-    assert choice["task"] == "detection_sparse" and chosen != 100  # 100: the table's own
-    regime, base = CONFIGS / "detection_sparse_warmup", CONFIGS / "detection_sparse"
-    assert sorted(p.name for p in regime.iterdir()) == [
-        "cwd.yaml", "distill.yaml", "fgd.yaml", "fitnet.yaml", "student.yaml"
-    ]  # fmt: skip
-    for path in regime.iterdir():
-        mine, theirs = load_config(path), load_config(base / path.name)
-        if path.name in ("student.yaml", "distill.yaml"):
-            assert theirs["optim"]["warmup_steps"] == 100
-            assert mine["optim"].pop("warmup_steps") == chosen
-            theirs["optim"].pop("warmup_steps")
-        assert mine == theirs, path.name
-    spec = dict(TASKS["detection_sparse_warmup"])
-    assert spec.pop("shares") == "detection_sparse" and spec == TASKS["detection_sparse"]
-
+    regime = CONFIGS / "detection_sparse_warmup"
     args = argparse.Namespace(quick=False, work=tmp_path, out=tmp_path / "out",
                               accelerator="cpu", tuning_device=None)  # fmt: skip
     plan = Plan("detection_sparse_warmup", args)
