@@ -13,7 +13,9 @@ synthetic dataset with three splits (train / val / test), and writes
 
 Every trained model is a *cell* with its own folder and ``result.json``; a re-run skips
 finished cells, so a run stopped midway (or split over several sittings) ends with the same
-table. ``--workers 2`` runs two cells at once, each on one torch thread. The reports
+table. The student cells' results and the teacher's scores are also kept under
+``results/quality_cells/``: from a fresh work folder the teacher and tokens are trained again
+only while a student cell still needs them. ``--workers 2`` runs two cells at once, each on one torch thread. The reports
 (statistics, pairings, markdown, plot) are ``quality_report.py``'s.
 
     python benchmarks/quality.py --tune          # the validation sweep (writes *_tuning_*)
@@ -340,8 +342,9 @@ class Plan:
         self.shared = args.work / drawn(shares, self.data_seed)
         self.shared_cfg = CONFIGS / shares
         self.data = self.shared / "data"
-        # committed results of student cells
+        # committed results of student cells, and the teacher's scores (of the shared folder's)
         self.kept = args.out / "quality_cells" / self.work.name
+        self.shared_kept = args.out / "quality_cells" / self.shared.name
         self.cfg = CONFIGS / task
         self.trainer = [
             f"--trainer.accelerator={args.accelerator}",
@@ -393,6 +396,26 @@ class Plan:
         """A cell's result, from the work folder or from the kept copy."""
         path = self.home(name) / name / "result.json"
         return json.loads((path if path.is_file() else self.kept / f"{name}.json").read_text())
+
+    def teacher_record(self) -> Path:
+        """Where the teacher's scores and fingerprints are kept beside the student cells."""
+        return self.shared_kept / "teacher.json"
+
+    def teacher_result(self) -> dict[str, Any]:
+        """The teacher's scores, with the fingerprints of its data and its own weights.
+
+        Read from its folder where it is there (and kept: :meth:`teacher_record`), else
+        from the kept record, so a table whose student cells are all kept is reported from
+        a fresh work folder without training the teacher again."""
+        folder, record = self.shared / "teacher", self.teacher_record()
+        if (folder / "result.json").is_file() and (folder / "model.pt").is_file():
+            result = json.loads((folder / "result.json").read_text())
+            result["inputs"] = self.fingerprints(["teacher"])
+            record.parent.mkdir(parents=True, exist_ok=True)
+            record.write_text(json.dumps(result, indent=1) + "\n")
+        if not record.is_file():
+            raise SystemExit(f"no teacher scores in {folder} or {record}: train the teacher first")
+        return json.loads(record.read_text())
 
     # ---- the shared parts -------------------------------------------------------------
     def _steps(self, kind: str) -> list[str]:
@@ -464,7 +487,15 @@ class Plan:
             f"--data.root={self.data}", f"--run.out={self.shared / 'teacher'}", *self.trainer,
             *self._steps("teacher"), *self.resume,
         )  # fmt: skip
-        return self._model_cell("teacher", ["data"], cmd, "teacher", ("val", "test"))
+        cell = self._model_cell("teacher", ["data"], cmd, "teacher", ("val", "test"))
+        scores = cell.finish
+
+        def finish(d: Path) -> None:
+            scores(d)
+            self.teacher_result()  # kept at once, beside the student cells
+
+        cell.finish = finish
+        return cell
 
     def token_cells(self, variants: set[str]) -> list[Cell]:
         cells = []
@@ -539,6 +570,15 @@ class Plan:
 
 
 # ---- scheduling -----------------------------------------------------------------------------
+def is_done(cell: Cell, work: Path, kept: Path) -> bool:
+    """Whether ``cell`` is finished: its marker in its folder, or (a student cell) its kept
+    result."""
+    folder = (cell.home or work) / cell.name
+    return (folder / cell.done_file).is_file() or (
+        cell.keep and (kept / f"{cell.name}.json").is_file()
+    )
+
+
 def run_cells(
     cells: list[Cell],
     work: Path,
@@ -573,7 +613,7 @@ def run_cells(
                 # finished before results were kept
                 kept.mkdir(parents=True, exist_ok=True)
                 kept_file.write_text(result.read_text())
-            if (folder / cell.done_file).is_file() or (cell.keep and kept_file.is_file()):
+            if is_done(cell, work, kept):
                 done.add(cell.name)
             else:
                 pending.append(cell)
@@ -788,15 +828,25 @@ def table(plan: Plan, args: argparse.Namespace) -> dict[str, Any] | None:
         weights = chosen_weights(plan, args)
         weights["ones"] = weights["maskd"]
     variants = {r.tokens for r in rows if r.method == "maskd"}
-    cells = [plan.data_cell()]
-    if any(r.method for r in rows) or not args.rows:  # the report reads the teacher's scores
-        cells += [plan.teacher_cell(), *plan.token_cells(variants)]
+    students = []
     for row in rows:
         for seed in seeds:
             w = weights.get(row.method) if row.method else None
             name = plan.cell(row, w, seed)
-            cells.append(plan.student_cell(row, seed, w, name, ("val", "test")))
-    run_cells(cells, plan.work, args.workers, plan.kept)
+            students.append(plan.student_cell(row, seed, w, name, ("val", "test")))
+    # the data, teacher and tokens are made where a cell still needs them; the report reads
+    # the teacher's scores, from its kept record once every cell that needs it is kept
+    waiting = [c for c in students if not is_done(c, plan.work, plan.kept)]
+    reads_teacher = any(r.method for r in rows) or not args.rows
+    train_teacher = any("teacher" in c.deps for c in waiting) or (
+        reads_teacher and not plan.teacher_record().is_file()
+    )
+    cells = [plan.data_cell()] if waiting or train_teacher else []
+    if train_teacher:
+        cells += [plan.teacher_cell(), *plan.token_cells(variants)]
+    run_cells(cells + students, plan.work, args.workers, plan.kept)
+    if reads_teacher:
+        plan.teacher_result()  # keeps the record of a teacher trained before it was kept
     main_rows = {r.name for r in task_rows(plan.spec) if not r.ablation}
     partial = args.rows and not main_rows <= set(args.rows)
     if partial and not (plan.diagnostic and any(r.method for r in rows)):
@@ -846,7 +896,7 @@ def _check_inputs(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
 def _report(plan: Plan, args: argparse.Namespace, rows: list[Row], seeds: list[int],
             weights: dict[str, float]) -> dict[str, Any]:  # fmt: skip
     key, second = METRIC[plan.kind], SECOND[plan.kind]
-    teacher_result = plan.read("teacher")
+    teacher_result = plan.teacher_result()
     teacher, teacher_val = teacher_result["test"], teacher_result["val"][key]
     sizes = QUICK["data"] if plan.quick else plan.spec["data"]
     steps = plan.student_steps
@@ -856,7 +906,7 @@ def _report(plan: Plan, args: argparse.Namespace, rows: list[Row], seeds: list[i
     gap = 100 * teacher[key] - base_mean
     cells = {plan.cell(r, weights.get(r.method) if r.method else None, s): None
              for r in rows for s in seeds}  # fmt: skip
-    inputs = _check_inputs({name: plan.read(name) for name in cells})
+    inputs = _check_inputs({"teacher": teacher_result, **{name: plan.read(name) for name in cells}})
     out_rows = []
     for row in rows:
         w = weights.get(row.method) if row.method else None

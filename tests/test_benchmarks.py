@@ -75,13 +75,18 @@ def test_quality_quick_runs_every_kind_of_cell_and_resumes(tmp_path):
     assert (out / "quality_detection_cpu.png").stat().st_size > 1000
     md = (out / "quality_detection_cpu.md").read_text()
     assert "| MasKD, untrained (random) tokens |" in md and "teacher (fcos_resnet50_fpn)" in md
-    # a second run finds every cell finished and trains nothing; so does a fresh work folder
-    # for the students whose results were kept (teacher and tokens are trained again)
+    # a second run finds every cell finished and trains nothing; so does a fresh work folder,
+    # the students' results and the teacher's scores being kept
     again = subprocess.run(base, check=True, capture_output=True, text=True, timeout=120)
     assert " done in " not in again.stdout
-    shutil.rmtree(work / "detection" / "fitnet_w1_s0")
+    teacher_record = json.loads((kept / "teacher.json").read_text())
+    fingerprints = report["inputs"]["fingerprints"]
+    assert teacher_record["inputs"] == {k: fingerprints[k] for k in ("data", "teacher")}
+    assert 100 * teacher_record["test"]["map"] == pytest.approx(report["teacher"]["test"])
+    shutil.rmtree(work)
     again = subprocess.run(base, check=True, capture_output=True, text=True, timeout=120)
-    assert " done in " not in again.stdout
+    assert " done in " not in again.stdout and not (work / "detection" / "teacher").exists()
+    assert json.loads((out / "quality_detection_cpu.json").read_text())["rows"] == report["rows"]
     # --rows: some rows' cells only; every main row plus some ablations: the report with those
     report_file = out / "quality_detection_cpu.json"
     some = [*base, "--rows", "student", "maskd"]
@@ -1490,3 +1495,82 @@ def test_diagnosis_curves_read_only_finished_cells(tmp_path):
     assert got["task_last"] == pytest.approx(sum(s + 3.0 for s in last) / 5)
     assert got["distill_first"] == pytest.approx(sum(10.0 * s for s in first) / 5)
     assert got["distill_last"] == pytest.approx(sum(10.0 * s for s in last) / 5)
+
+
+def test_a_table_whose_cells_are_all_kept_is_reported_without_training_its_teacher(
+    tmp_path, monkeypatch
+):
+    """The teacher's scores and fingerprints are kept beside the student cells (in the
+    shared task's folder); the teacher and tokens are trained only while a cell still needs
+    them, and a kept record of another teacher than the cells' is refused."""
+    sys.path.insert(0, str(QUALITY.parent))
+    import quality
+
+    args = argparse.Namespace(quick=False, work=tmp_path / "w", out=tmp_path / "o",
+                              accelerator="cpu", tuning_device=None, seeds=3, workers=1,
+                              ablations=False, rows=["student", "fitnet", "cwd", "fgd", "maskd"])  # fmt: skip
+    plan = quality.Plan("detection_sparse_warmup", args)
+    weights = {"fitnet": 9.0, "cwd": 90.0, "fgd": 9.0, "maskd": 10.0}
+    monkeypatch.setattr(quality, "chosen_weights", lambda plan, args: dict(weights))
+    given: list[list[str]] = []
+
+    def run_cells(cells, work, workers, kept, **kw):  # a cell left to train: as its first seed
+        given.append([c.name for c in cells])
+        for c in cells:
+            if c.keep and not (kept / f"{c.name}.json").is_file():
+                (kept / f"{c.name}.json").write_text((kept / f"{names[0]}.json").read_text())
+
+    monkeypatch.setattr(quality, "run_cells", run_cells)
+
+    # the teacher as trained: its folder with weights and scores, on data with one file
+    data, teacher = tmp_path / "w" / "detection_sparse" / "data", plan.shared / "teacher"
+    data.mkdir(parents=True)
+    (data / "a.txt").write_text("pixels")
+    teacher.mkdir()
+    (teacher / "model.pt").write_bytes(b"weights")
+    (teacher / "result.json").write_text(json.dumps(
+        {"val": {"map": 0.25}, "test": {"map": 0.26, "map_50": 0.4}}))  # fmt: skip
+
+    def digest(*files: Path) -> str:
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f.name.encode() + f.read_bytes())
+        return h.hexdigest()[:16]
+
+    inputs = {"data": digest(data / "a.txt"), "teacher": digest(teacher / "model.pt")}
+    rows = {r.name: r for r in quality.ROWS}
+    names = [plan.cell(rows[r], weights.get(rows[r].method), s) for r in args.rows for s in (0, 1, 2)]  # fmt: skip
+    plan.kept.mkdir(parents=True)
+    for i, name in enumerate(names[:-1]):  # every cell kept but MasKD's seed 2
+        score = {"map": 0.15 + i / 1000, "map_50": 0.3}
+        (plan.kept / f"{name}.json").write_text(json.dumps(
+            {"val": score, "test": score, "inputs": inputs}))  # fmt: skip
+
+    # a cell still needs the teacher: it and the tokens train (done in their folder)
+    assert quality.table(plan, args)["teacher"] == {"model": "fcos_resnet50_fpn",
+                                                    "test": 26.0, "val": 25.0}  # fmt: skip
+    assert {"teacher", "tokens"} <= set(given[-1])
+    record = json.loads(plan.teacher_record().read_text())
+    assert (
+        plan.teacher_record()
+        == tmp_path / "o" / "quality_cells" / "detection_sparse" / "teacher.json"
+    )
+    assert record["inputs"] == inputs and record["test"]["map"] == 0.26
+
+    # every cell kept, a fresh work folder: the report reads the kept record
+    assert (plan.kept / f"{names[-1]}.json").is_file()
+    shutil.rmtree(tmp_path / "w")
+    report = quality.table(plan, args)
+    assert "teacher" not in given[-1] and "tokens" not in given[-1]
+    assert report["teacher"]["test"] == pytest.approx(26.0)
+    assert report["inputs"]["fingerprints"] == inputs
+
+    # a record of another teacher than the cells' is refused
+    plan.teacher_record().write_text(json.dumps({**record, "inputs": {**inputs, "teacher": "t2"}}))
+    with pytest.raises(SystemExit, match="different inputs"):
+        quality.table(plan, args)
+    # no record and no teacher: the teacher trains to be read
+    plan.teacher_record().unlink()
+    with pytest.raises(SystemExit, match="train the teacher first"):
+        quality.table(plan, args)
+    assert "teacher" in given[-1]
