@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from maskd.config_files import load_config
+from quality_logs import train_log
 from quality_pool import pool, pooled_md
 from quality_report import (
     header,
@@ -360,7 +361,10 @@ class Plan:
         if self.levels and "fpn" not in self.spec:
             raise SystemExit(f"--levels selects FPN levels; the {task} task has no FPN")
         if self.quick:
-            self.trainer += ["--trainer.checkpoint_every_n_steps=1"]
+            self.trainer += [
+                "--trainer.checkpoint_every_n_steps=1",
+                "--trainer.log_every_n_steps=1",
+            ]
 
     @property
     def diagnostic(self) -> bool:
@@ -446,6 +450,8 @@ class Plan:
         def finish(d: Path) -> None:
             result: dict[str, Any] = {s: json.loads((d / f"{s}.json").read_text()) for s in splits}
             result["inputs"] = self.fingerprints(deps)
+            if name != "teacher":  # kept: the analyses of its losses outlive the work folder
+                result["train_log"] = train_log(d)
             (d / "result.json").write_text(json.dumps(result, indent=1) + "\n")
 
         return Cell(name, deps, cmds, finish=finish, keep=name != "teacher", home=self.home(name))

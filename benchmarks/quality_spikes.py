@@ -28,7 +28,6 @@ a spikes report's rows and .md from the cells it stored, without the logs.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import statistics
@@ -39,6 +38,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from maskd.config_files import load_config
 from quality import CONFIGS, RESULTS, ROWS, SEEDS, Plan
+from quality_logs import curve
 from quality_pool import draw_seed
 from quality_report import header, stats, write
 
@@ -47,22 +47,14 @@ ROW = {r.name: r for r in ROWS}
 KEY = "train/classification"
 
 
-def curve(cell: Path, key: str = KEY) -> list[tuple[int, float]]:
-    """``[(step, value)]`` of one logged metric, steps ascending, over every CSV log version
-    of ``cell`` (a resumed cell starts a new version; where two versions log the same step,
-    the later one's value stands)."""
-    logs = sorted(cell.glob("csv/version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:]))
-    if not logs:
-        raise FileNotFoundError(f"{cell}: no training log (csv/version_*/metrics.csv)")
-    points: dict[int, float] = {}
-    for log in logs:
-        with log.open(newline="") as f:
-            for row in csv.DictReader(f):
-                if row.get(key):
-                    points[int(row["step"])] = float(row[key])
-    if not points:
-        raise ValueError(f"{cell}: its training log has no {key!r} values")
-    return sorted(points.items())
+def cell_curve(plan: Plan, name: str, key: str = KEY) -> list[tuple[int, float]]:
+    """Cell ``name``'s curve of ``key``: its log in the plan's work folder, or the losses
+    kept in its result where the folder is gone."""
+    try:
+        kept = plan.read(name)
+    except FileNotFoundError:
+        kept = None
+    return curve(plan.work / name, key, kept)
 
 
 def peak_ratio(points: list[tuple[int, float]], window: int) -> float:
@@ -104,7 +96,7 @@ def collect(reports: list[dict[str, Any]], work: Path, window: int) -> list[dict
                 cells.append({
                     "draw": draw_seed(report), "row": row["row"], "label": row["label"],
                     "weight": row["weight"], "seed": seed, "cell": name,
-                    "ratio": peak_ratio(curve(plan.work / name), window), "test": test,
+                    "ratio": peak_ratio(cell_curve(plan, name), window), "test": test,
                 })  # fmt: skip
     return cells
 
@@ -119,7 +111,7 @@ def sweep(tuning: dict[str, Any], work: Path, window: int) -> list[dict[str, Any
             name = plan.cell(ROW[method], float(weight), 0)
             out.append({
                 "row": method, "weight": float(weight), "chosen": float(weight) == entry["chosen"],
-                "ratio": peak_ratio(curve(plan.work / name), window), "val": 100 * val,
+                "ratio": peak_ratio(cell_curve(plan, name), window), "val": 100 * val,
             })  # fmt: skip
     return out
 

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from maskd.config_files import load_config
 from quality import CONFIGS, METRIC, RESULTS, ROWS, TASKS, Plan, run_cells
 from quality_report import header, write
-from quality_spikes import curve, peak_ratio
+from quality_spikes import cell_curve, peak_ratio
 
 STUDENT = next(r for r in ROWS if r.method is None)
 SEEDS = 2
@@ -44,10 +44,10 @@ def _args(args: argparse.Namespace, warmup: int | None) -> argparse.Namespace:
     return argparse.Namespace(**{**vars(args), "warmup_steps": warmup})
 
 
-def _ratio(cell: Path) -> float | None:
+def _ratio(plan: Plan, name: str) -> float | None:
     """The cell's early-loss peak ratio; None where its log is gone or too short."""
     try:
-        return peak_ratio(curve(cell), WINDOW)
+        return peak_ratio(cell_curve(plan, name), WINDOW)
     except (FileNotFoundError, ValueError):
         return None
 
@@ -78,7 +78,7 @@ def run(task: str, args: argparse.Namespace) -> dict[str, Any]:
             name = plan.cell(STUDENT, None, seed)
             result = plan.read(name)
             val.append(math.nan if "error" in result else float(result["val"][metric]))
-            ratio.append(_ratio(plan.work / name))
+            ratio.append(_ratio(plan, name))
         rows[str(n)] = {"cells": [plan.cell(STUDENT, None, s) for s in range(args.seeds)],
                         "val": val, "peak_ratio": ratio}  # fmt: skip
     chosen = choose({int(n): v["val"] for n, v in rows.items()})

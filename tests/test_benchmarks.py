@@ -63,6 +63,13 @@ def test_quality_quick_runs_every_kind_of_cell_and_resumes(tmp_path):
         assert (work / "detection" / cell / "model.pt").is_file()
         assert not (work / "detection" / cell / "checkpoints").exists()
         assert row["test"] == [100 * result["test"]["map"]]
+        # its losses are kept with it: the log's, step for step
+        log = next((work / "detection" / cell).glob("csv/version_*/metrics.csv")).read_text()
+        logged = [ln.split(",") for ln in log.splitlines()]
+        col = logged[0].index("train/loss")
+        assert [float(r[col]) for r in logged[1:] if r[col]] == [
+            v for v in result["train_log"]["train/loss"] if v is not None
+        ]
         assert row["diff_to_student"] == [row["test"][0] - rows["student"]["test"][0]]
     assert rows["maskd"]["weight"] == tuning["methods"]["maskd"]["chosen"]
     # every cell names what it was trained from; the report checks they agree
@@ -1030,23 +1037,64 @@ def _log(path: Path, rows: list[tuple[int, float | None]]) -> None:
 
 
 def test_spikes_peak_ratio_reads_every_log_version_and_flags_a_diverged_loss(tmp_path):
-    """quality_spikes.curve merges a resumed cell's logs (the later version's value stands
+    """quality_logs.curve merges a resumed cell's logs (the later version's value stands
     where both log a step, versions ordered by number, not name); peak_ratio is the largest
     value before the window over the first; a NaN in the window is an infinite ratio."""
     sys.path.insert(0, str(QUALITY.parent))
     import quality_spikes
+    from quality_logs import curve
 
     cell = tmp_path / "cwd_w27_s1"
     _log(cell / "csv/version_0/metrics.csv", [(9, 0.5), (19, None), (29, 0.9), (39, 0.8)])
     _log(cell / "csv/version_10/metrics.csv", [(39, 1.6), (49, 0.4), (159, 9.0)])
     _log(cell / "csv/version_2/metrics.csv", [(39, 7.0), (149, 0.2)])
-    points = quality_spikes.curve(cell)
+    points = curve(cell, quality_spikes.KEY)
     assert points == [(9, 0.5), (29, 0.9), (39, 1.6), (49, 0.4), (149, 0.2), (159, 9.0)]
     assert quality_spikes.peak_ratio(points, 150) == pytest.approx(1.6 / 0.5)
     assert quality_spikes.peak_ratio(points, 160) == pytest.approx(9.0 / 0.5)
     assert quality_spikes.peak_ratio([(9, 0.5), (19, float("nan"))], 150) == float("inf")
     with pytest.raises(FileNotFoundError, match="student_s0"):
-        quality_spikes.curve(tmp_path / "student_s0")
+        curve(tmp_path / "student_s0", quality_spikes.KEY)
+
+
+def test_a_kept_train_log_stands_in_for_a_cells_gone_log(tmp_path):
+    """train_log keeps every train/* loss but the per-layer ones, aligned on the logged
+    steps (a resumed cell's later version standing); once the cell's folder is gone the
+    spikes analysis reads the kept copy and finds the same peak ratio."""
+    sys.path.insert(0, str(QUALITY.parent))
+    import quality_spikes
+    from quality import Plan
+    from quality_logs import train_log
+
+    args = argparse.Namespace(quick=False, work=tmp_path / "w", out=tmp_path / "o",
+                              accelerator="cpu")  # fmt: skip
+    plan = Plan("detection", args)
+    cell = plan.work / "cwd_w27_s0"
+    (cell / "csv/version_0").mkdir(parents=True)
+    (cell / "csv/version_0/metrics.csv").write_text(
+        "epoch,step,lr-SGD/pg1,train/classification,train/loss_cwd,train/cwd/fpn:0\n"
+        "0,9,0.01,0.5,3.0,1.0\n0,19,,2.0,,\n0,29,,0.7,2.0,0.5\n"
+    )
+    (cell / "csv/version_1").mkdir()
+    (cell / "csv/version_1/metrics.csv").write_text(
+        "epoch,step,train/classification,train/loss_cwd\n0,29,0.6,2.5\n0,39,0.4,\n"
+    )
+    kept = train_log(cell)
+    assert kept == {
+        "step": [9, 19, 29, 39],
+        "train/classification": [0.5, 2.0, 0.6, 0.4],
+        "train/loss_cwd": [3.0, None, 2.5, None],
+    }
+    from_log = quality_spikes.cell_curve(plan, "cwd_w27_s0")
+    assert from_log == [(9, 0.5), (19, 2.0), (29, 0.6), (39, 0.4)]
+    plan.kept.mkdir(parents=True)
+    (plan.kept / "cwd_w27_s0.json").write_text(json.dumps({"train_log": kept}))
+    shutil.rmtree(cell)
+    assert quality_spikes.cell_curve(plan, "cwd_w27_s0") == from_log
+    assert quality_spikes.peak_ratio(from_log, 150) == pytest.approx(4.0)
+    (plan.kept / "cwd_w27_s0.json").write_text(json.dumps({"test": {}}))  # kept before logs
+    with pytest.raises(FileNotFoundError, match="nor one kept in its result"):
+        quality_spikes.cell_curve(plan, "cwd_w27_s0")
 
 
 def test_spikes_summary_pairs_spiked_cells_with_the_rows_others_on_their_draw(tmp_path):
