@@ -20,9 +20,10 @@ a term's weight.
 Writes ``quality_<task>_spikes_cpu.{json,md}`` (``quality_<task>_warmup<N>_spikes_cpu`` for
 the reports of a ``--warmup-steps`` diagnostic, ``..._steps<N>_...`` of a ``--student-steps``
 one; ``..._data<N>_spikes_cpu`` for one draw
-other than data seed 0's). It needs the work folder the cells trained
-in (the logs are not kept under ``benchmarks/results``); ``--rerender SPIKES_JSON`` rewrites
-a spikes report's rows and .md from the cells it stored, without the logs.
+other than data seed 0's). It reads each cell's log in the work folder the cells trained in,
+or, where that folder is gone, the losses kept in the cell's result under
+``benchmarks/results/quality_cells/`` (cells kept before results kept them need the folder);
+``--rerender SPIKES_JSON`` rewrites a spikes report's rows and .md from the cells it stored.
 """
 
 from __future__ import annotations
