@@ -35,6 +35,7 @@ from maskd.models import build
 from maskd.taps import FeatureTaps
 from maskd.token_io import load_tokens
 from quality import CONFIGS, RESULTS, ROOT, TASKS, TOKEN_VARIANTS, drawn, tuning_report
+from quality_logs import read_log
 from quality_report import header, write
 
 
@@ -343,22 +344,22 @@ def _curve(cell: Path, key: str | None) -> dict[str, Any]:
     """Task and (weighted) distillation loss over the first and last five logged steps of a
     finished cell (its ``result.json`` written); {} for one still training, whose last steps
     are not its last."""
-    import csv
-
-    logs = sorted(cell.glob("csv/version_*/metrics.csv"))
-    if not logs or not (cell / "result.json").is_file():
+    if not (cell / "result.json").is_file():
         return {}
-    rows = [r for r in csv.DictReader(logs[-1].open()) if r.get("train/loss")]
+    log = {name: dict(points) for name, points in read_log(cell).items()}
+    steps = sorted(log.get("train/loss", {}))
     task = ("classification", "bbox_regression", "bbox_ctrness")
 
-    def mean(part: list[dict], name: str | None) -> float | None:
+    def mean(part: list[int], name: str | None) -> float | None:
         if name is None:
-            vals = [sum(float(r[f"train/{t}"]) for t in task) for r in part]
+            vals = [sum(log[f"train/{t}"][s] for t in task) for s in part]
         else:
-            vals = [float(r[f"train/{name}"]) for r in part if r.get(f"train/{name}")]
+            vals = [log[f"train/{name}"][s] for s in part if s in log.get(f"train/{name}", {})]
         return sum(vals) / len(vals) if vals else None
 
-    first, last = rows[:5], rows[-5:]
+    if not steps:
+        return {}
+    first, last = steps[:5], steps[-5:]
     return {
         "task_first": mean(first, None),
         "task_last": mean(last, None),

@@ -18,7 +18,6 @@ measured is exactly what a user gets.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -27,6 +26,9 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality_logs import read_log
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -48,15 +50,10 @@ def _maskd(*args: str, log: Path) -> None:
 
 def _curve(run: Path, metric: str) -> list[tuple[int, float]]:
     """``(step, value)`` of every validation the run logged, from Lightning's CSV log."""
-    files = sorted(run.glob("csv/version_*/metrics.csv"))
-    if not files:
+    log = read_log(run)
+    if not log:
         raise FileNotFoundError(f"no CSV log under {run}")
-    points = []
-    with files[-1].open() as f:
-        for row in csv.DictReader(f):
-            if row.get(metric):
-                points.append((int(row["step"]), float(row[metric])))
-    return points
+    return log.get(metric, [])
 
 
 def _machine(accelerator: str) -> dict:
