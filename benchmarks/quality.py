@@ -15,8 +15,9 @@ Every trained model is a *cell* with its own folder and ``result.json``; a re-ru
 finished cells, so a run stopped midway (or split over several sittings) ends with the same
 table. The student cells' results and the teacher's scores are also kept under
 ``results/quality_cells/``: from a fresh work folder the teacher and tokens are trained again
-only while a student cell still needs them. ``--workers 2`` runs two cells at once, each on one torch thread. The reports
-(statistics, pairings, markdown, plot) are ``quality_report.py``'s.
+only while a student cell still needs them. ``--workers 2`` runs two cells at once, each on
+one torch thread. The reports (statistics, pairings, markdown, plot) are
+``quality_report.py``'s.
 
     python benchmarks/quality.py --tune          # the validation sweep (writes *_tuning_*)
     python benchmarks/quality.py                 # the table, with the tuned weights
