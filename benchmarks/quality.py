@@ -852,13 +852,15 @@ def table(plan: Plan, args: argparse.Namespace) -> dict[str, Any] | None:
     if train_teacher:
         cells += [plan.teacher_cell(), *plan.token_cells(variants)]
     run_cells(cells + students, plan.work, args.workers, plan.kept)
-    if reads_teacher:
-        plan.teacher_result()  # keeps the record of a teacher trained before it was kept
+    # read once (it hashes the teacher's weights); also keeps the record of a teacher
+    # trained before records were kept
+    teacher = plan.teacher_result() if reads_teacher else None
     main_rows = {r.name for r in task_rows(plan.spec) if not r.ablation}
     partial = args.rows and not main_rows <= set(args.rows)
     if partial and not (plan.diagnostic and any(r.method for r in rows)):
         return None  # part of the table: its cells are trained, the report waits for the rest
-    return _report(plan, args, rows, seeds, weights)
+    assert teacher is not None  # a report has a distilled row, so it read the teacher
+    return _report(plan, args, rows, seeds, weights, teacher)
 
 
 def _score(result: dict[str, Any], split: str, metric: str) -> float:
@@ -901,9 +903,10 @@ def _check_inputs(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def _report(plan: Plan, args: argparse.Namespace, rows: list[Row], seeds: list[int],
-            weights: dict[str, float]) -> dict[str, Any]:  # fmt: skip
+            weights: dict[str, float],
+            teacher_result: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """The table's report; ``teacher_result``: :meth:`Plan.teacher_result`."""
     key, second = METRIC[plan.kind], SECOND[plan.kind]
-    teacher_result = plan.teacher_result()
     teacher, teacher_val = teacher_result["test"], teacher_result["val"][key]
     sizes = QUICK["data"] if plan.quick else plan.spec["data"]
     steps = plan.student_steps
