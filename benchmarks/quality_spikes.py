@@ -22,8 +22,10 @@ the reports of a ``--warmup-steps`` diagnostic, ``..._steps<N>_...`` of a ``--st
 one; ``..._data<N>_spikes_cpu`` for one draw
 other than data seed 0's). It reads each cell's log in the work folder the cells trained in,
 or, where that folder is gone, the losses kept in the cell's result under
-``benchmarks/results/quality_cells/`` (cells kept before results kept them need the folder);
-``--rerender SPIKES_JSON`` rewrites a spikes report's rows and .md from the cells it stored.
+``benchmarks/results/quality_cells/`` (a cell kept before results kept its losses, whose
+folder is gone, has no ratio: the report counts and lists it, and leaves it out of the
+spike counts and splits); ``--rerender SPIKES_JSON`` rewrites a spikes report's rows and .md
+from the cells it stored.
 """
 
 from __future__ import annotations
@@ -85,9 +87,19 @@ def _plan(report: dict[str, Any], work: Path, data_seed: int | None = None) -> P
     return Plan(report["task"], args)
 
 
+def _ratio(plan: Plan, name: str, window: int) -> float | None:
+    """Cell ``name``'s peak ratio; ``None`` if neither its folder nor its kept result has
+    its log."""
+    try:
+        return peak_ratio(cell_curve(plan, name), window)
+    except FileNotFoundError as err:
+        print(f"no peak ratio: {err}", file=sys.stderr)
+        return None
+
+
 def collect(reports: list[dict[str, Any]], work: Path, window: int) -> list[dict[str, Any]]:
-    """One entry per table cell of every report: its draw, row, weight, seed, peak ratio and
-    test score (percent, the report's own)."""
+    """One entry per table cell of every report: its draw, row, weight, seed, peak ratio
+    (``None`` without a log) and test score (percent, the report's own)."""
     cells = []
     for report in reports:
         plan = _plan(report, work)
@@ -97,7 +109,7 @@ def collect(reports: list[dict[str, Any]], work: Path, window: int) -> list[dict
                 cells.append({
                     "draw": draw_seed(report), "row": row["row"], "label": row["label"],
                     "weight": row["weight"], "seed": seed, "cell": name,
-                    "ratio": peak_ratio(cell_curve(plan, name), window), "test": test,
+                    "ratio": _ratio(plan, name, window), "test": test,
                 })  # fmt: skip
     return cells
 
@@ -124,11 +136,15 @@ def summarise(
     both kinds, the mean test score of its spiked cells minus that of its other cells. Every
     other row than ``baseline`` also gets its paired differences to ``baseline`` (same draw,
     same seed), split by whether ``baseline``'s cell spiked: how much of a row's gain comes
-    from the seeds on which the student alone spiked."""
-    base = {(c["draw"], c["seed"]): c for c in cells if c["row"] == baseline}
+    from the seeds on which the student alone spiked. A cell without a ratio (no log) counts
+    in ``cells`` and ``no_log`` only, a baseline cell without one pairs with nothing."""
+    base = {
+        (c["draw"], c["seed"]): c for c in cells if c["row"] == baseline and c["ratio"] is not None
+    }
     out = []
     for name in dict.fromkeys(c["row"] for c in cells):
-        mine = [c for c in cells if c["row"] == name]
+        every = [c for c in cells if c["row"] == name]
+        mine = [c for c in every if c["ratio"] is not None]
         diffs = []
         for draw in dict.fromkeys(c["draw"] for c in mine):
             spiked = [c["test"] for c in mine if c["draw"] == draw and c["ratio"] >= threshold]
@@ -136,15 +152,16 @@ def summarise(
             if spiked and other:
                 diffs.append(statistics.fmean(spiked) - statistics.fmean(other))
         split: dict[str, list[float]] = {"over_baseline_spiked": [], "over_baseline_other": []}
-        for c in mine if name != baseline else []:
+        for c in every if name != baseline else []:
             b = base.get((c["draw"], c["seed"]))
             if b is not None:
                 key = "over_baseline_spiked" if b["ratio"] >= threshold else "over_baseline_other"
                 split[key].append(c["test"] - b["test"])
         out.append({
-            "row": name, "label": mine[0]["label"], "cells": len(mine),
+            "row": name, "label": every[0]["label"], "cells": len(every),
+            "no_log": len(every) - len(mine),
             "spiked": sum(c["ratio"] >= threshold for c in mine),
-            "median_ratio": statistics.median(c["ratio"] for c in mine),
+            "median_ratio": statistics.median(c["ratio"] for c in mine) if mine else None,
             "spiked_minus_other": diffs, **split,
         })  # fmt: skip
     return out
@@ -182,8 +199,10 @@ def spikes_md(r: dict[str, Any]) -> str:
         if diffs:
             paired += f" (mean {statistics.fmean(diffs):+.1f}, {len(diffs)} draws)"
         split = [_gain(s.get(k, [])) for k in ("over_baseline_spiked", "over_baseline_other")]
-        lines.append(f"| {s['label']} | {s['cells']} | {s['spiked']} | "
-                     f"{s['median_ratio']:.2f} | {paired} | {split[0]} | {split[1]} |")  # fmt: skip
+        cells = f"{s['cells']} ({s['no_log']} without a log)" if s.get("no_log") else s["cells"]
+        median = "n/a" if s["median_ratio"] is None else f"{s['median_ratio']:.2f}"
+        lines.append(f"| {s['label']} | {cells} | {s['spiked']} | "
+                     f"{median} | {paired} | {split[0]} | {split[1]} |")  # fmt: skip
     if r["sweep"]:
         lines += [
             "",
@@ -199,9 +218,14 @@ def spikes_md(r: dict[str, Any]) -> str:
     lines += ["", "Spiked table cells:", "", "| data seed | row | seed | peak ratio | test |",
               "|---:|---|---:|---:|---:|"]  # fmt: skip
     for c in r["cells"]:
-        if c["ratio"] >= r["threshold"]:
+        if c["ratio"] is not None and c["ratio"] >= r["threshold"]:
             lines.append(f"| {c['draw']} | {c['label']} | {c['seed']} | {c['ratio']:.2f} | "
                          f"{c['test']:.1f} |")  # fmt: skip
+    no_log = [c for c in r["cells"] if c["ratio"] is None]
+    if no_log:
+        lines += ["", "Cells without a training log (kept before results kept their losses, "
+                  "their folders gone; no ratio): "
+                  + ", ".join(f"{c['cell']} (data seed {c['draw']})" for c in no_log) + "."]  # fmt: skip
     return f"Machine: {r['machine']}\n\nCommand: `{r['command']}`\n\n" + "\n".join(lines) + "\n"
 
 

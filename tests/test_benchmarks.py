@@ -1147,6 +1147,44 @@ def test_spikes_summary_pairs_spiked_cells_with_the_rows_others_on_their_draw(tm
     assert "| student alone | 4 | 3 | 3.50 | -4.0 (mean -4.0, 1 draws) |  |  |" in md
 
 
+def test_spikes_counts_a_cell_without_a_log_apart_and_pairs_nothing_with_it(tmp_path, capsys):
+    """A cell kept before results kept their losses, its folder gone, has no peak ratio: it
+    counts in its row's cells and is listed by name, but not in the spike counts, the
+    median or the split by the student alone's spikes; the report still gets written."""
+    sys.path.insert(0, str(QUALITY.parent))
+    import quality_spikes
+
+    folder = tmp_path / "detection_sparse"
+    peaks = {"student_s1": 3.0, "student_s2": 1.0,
+             "cwd_w27_s0": 2.0, "cwd_w27_s1": 1.0, "cwd_w27_s2": 1.2}  # fmt: skip
+    for name, peak in peaks.items():  # student_s0: no folder and nothing kept
+        _log(folder / name / "csv/version_0/metrics.csv", [(9, 0.5), (59, 0.5 * peak)])
+    rows = [{"row": "student", "label": "student alone", "weight": None, "test": [10.0, 11.0, 14.0]},
+            {"row": "cwd", "label": "CWD", "weight": 27.0, "test": [20.0, 16.0, 18.0]}]  # fmt: skip
+    report = {"task": "detection_sparse", "data": {}, "seeds": [0, 1, 2], "rows": rows}
+    cells = quality_spikes.collect([report], tmp_path, window=150)
+    assert "student_s0" in capsys.readouterr().err
+    assert [c["ratio"] for c in cells][:3] == [None, pytest.approx(3.0), pytest.approx(1.0)]
+    student, cwd = quality_spikes.summarise(cells, threshold=1.5)
+    assert (student["cells"], student["no_log"], student["spiked"]) == (3, 1, 1)
+    assert student["median_ratio"] == pytest.approx(2.0)
+    assert student["spiked_minus_other"] == [11.0 - 14.0]
+    assert (cwd["cells"], cwd["no_log"], cwd["spiked"]) == (3, 0, 1)
+    # seed 0's student alone has no ratio: CWD's seed 0 goes in neither column
+    assert cwd["over_baseline_spiked"] == [16.0 - 11.0]
+    assert cwd["over_baseline_other"] == [18.0 - 14.0]
+    md = quality_spikes.spikes_md({"machine": {}, "command": "c", "window": 150,
+                                   "threshold": 1.5, "draws": [0],
+                                   "rows": [student, cwd], "sweep": [], "cells": cells})  # fmt: skip
+    assert "| student alone | 3 (1 without a log) | 1 | 2.00 |" in md
+    assert "| CWD | 3 | 1 | 1.20 |" in md
+    assert "their folders gone; no ratio): student_s0 (data seed 0)." in md
+    none = quality_spikes.summarise([c for c in cells if c["cell"] == "student_s0"], 1.5)
+    assert none[0]["median_ratio"] is None and "| n/a |" in quality_spikes.spikes_md(
+        {"machine": {}, "command": "c", "window": 150, "threshold": 1.5, "draws": [0],
+         "rows": none, "sweep": [], "cells": cells[:1]})  # fmt: skip
+
+
 def test_spikes_rerender_splits_a_committed_reports_gains_by_the_student_alones_spikes(tmp_path):
     """--rerender rewrites a committed spikes report from its stored cells: the counts stay,
     and each row's gain over the student alone is split by whether the student alone's cell
