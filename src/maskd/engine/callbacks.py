@@ -1,5 +1,5 @@
-"""Callbacks: stage-1 token-mask images in TensorBoard, standalone token files, and the
-training time of a run over every sitting it took."""
+"""Callbacks: stage-1 token-mask images in TensorBoard, standalone token files, the
+training time of a run over every sitting it took, and the channels-last memory layout."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from torch import Tensor
 from maskd.token_io import save_tokens
 from maskd.visualize import mask_grid, summary_report, token_masks, token_summary
 
-__all__ = ["FitClock", "MaskImageLogger", "TokenSaver"]
+__all__ = ["ChannelsLast", "FitClock", "MaskImageLogger", "TokenSaver"]
 
 
 class MaskImageLogger(Callback):
@@ -126,3 +126,21 @@ class FitClock(Callback):
 
     def load_state_dict(self, state_dict: dict[str, float]) -> None:
         self.before = float(state_dict["seconds"])
+
+
+class ChannelsLast(Callback):
+    """Hold the module's 4-D weights in channels-last (NHWC) layout while a trainer runs it.
+
+    Convolutions then take the NHWC kernels of oneDNN on CPU (and of cuDNN's tensor cores
+    on GPU), and their outputs stay NHWC from the first layer on; the inputs need no change.
+    Values differ from the default layout only by floating-point rounding. The layout is set
+    in ``setup``, before the strategy moves the module and builds its optimizer (so DDP's
+    gradient buckets see the final strides), and set back in ``teardown``: weights saved
+    after training, and the module a caller keeps, are in the default layout.
+    """
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        pl_module.to(memory_format=torch.channels_last)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        pl_module.to(memory_format=torch.contiguous_format)

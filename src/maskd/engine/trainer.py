@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelChec
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from maskd._checks import check_number
+from maskd.engine.callbacks import ChannelsLast
 from maskd.engine.checkpoint import AtomicCheckpointIO
 from maskd.errors import UserTypeError
 
@@ -49,6 +50,10 @@ class TrainerSpec:
             so batch statistics span all processes (Lightning's ``sync_batchnorm``; the
             authors' segmentation with 2 images per GPU). Frozen / eval-mode BatchNorm
             layers keep their running statistics either way.
+        channels_last: run every model (student, teacher, connectors) with its 4-D weights
+            and activations in channels-last layout (:class:`~maskd.engine.callbacks.
+            ChannelsLast`): faster convolutions on CPU and on tensor-core GPUs, the same
+            values up to rounding (benchmarks/memory_format.py measures it).
     """
 
     max_steps: int = -1
@@ -68,6 +73,7 @@ class TrainerSpec:
     progress_bar: bool = True
     limit_val_batches: float | int = 1.0
     sync_batchnorm: bool = False
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         if self.max_steps != -1:
@@ -84,10 +90,11 @@ class TrainerSpec:
             check_number(getattr(self, name), f"trainer.{name}", low=0, integer=True)
         check_number(self.log_every_n_steps, "trainer.log_every_n_steps", low=1, integer=True)
         check_number(self.limit_val_batches, "trainer.limit_val_batches", low=0, low_open=True)
-        if not isinstance(self.sync_batchnorm, bool):
-            raise UserTypeError(
-                f"trainer.sync_batchnorm must be true or false, got {self.sync_batchnorm!r}"
-            )
+        for name in ("sync_batchnorm", "channels_last"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserTypeError(
+                    f"trainer.{name} must be true or false, got {getattr(self, name)!r}"
+                )
 
 
 # MaskdDataModule restores the position inside an epoch itself (see its state_dict),
@@ -108,6 +115,8 @@ def build_trainer(
     ``evaluation_only``: no loggers, checkpoints or progress bar (``maskd evaluate``).
     """
     run_dir = Path(run_dir)
+    if spec.channels_last:
+        callbacks = [ChannelsLast(), *(callbacks or [])]
     if evaluation_only:
         return L.Trainer(
             default_root_dir=str(run_dir),

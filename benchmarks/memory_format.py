@@ -1,0 +1,180 @@
+"""What ``trainer.channels_last`` saves on the training steps of the detection quality table.
+
+Setting: the models and batch of ``benchmarks/quality.py``'s ``detection_sparse_warmup`` task
+(FCOS ResNet-50 FPN teacher, FCOS ResNet-18 FPN student, 128 px, batch 16, scale ranges ÷ 4,
+``maskd data synth --difficulty clutter --object_scale 0.5`` scenes), one thread per process
+as the table runs them. Three steps, each in the default (NCHW) layout and in channels-last
+(NHWC), the layout ``trainer.channels_last`` gives every model (``module.to(memory_format=
+torch.channels_last)``, :class:`maskd.engine.callbacks.ChannelsLast`):
+
+- ``teacher``: one training step of the teacher (forward with losses, backward, SGD step);
+- ``student``: the same for the student alone;
+- ``maskd``: one MasKD distillation step (teacher up to the FPN, student, align connectors,
+  masks with the custom student-side mask on, T = 6 weighted tokens per level, backward, SGD).
+
+Each pair runs on two copies of the same initial weights, interleaved step by step in one
+process so that a busy machine slows both alike; the ratio of a pair is the median of its
+per-step ratios (NCHW / NHWC: above 1 means channels-last is faster), and the losses of each
+pair's first step are compared (the same values up to rounding).
+
+    python benchmarks/memory_format.py [--steps 6] [--warmup 1] [--threads 1]
+
+Writes benchmarks/results/memory_format_cpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from maskd import Distiller, ReceptiveTokens, total_loss
+from maskd.data.synth import classes
+from maskd.data.synth_scene import render_easy_scene
+from maskd.models import build
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SIZE, BATCH, TOKENS, LAYER = 128, 16, 6, "backbone.fpn"
+RANGES = [[0, 16], [16, 32], [32, 64], [64, 128], [128, float("inf")]]
+OPTIONS = {"min_size": SIZE, "max_size": SIZE, "regress_ranges": RANGES}
+STUDENT = ("fcos_resnet18_fpn", {**OPTIONS, "box_regression_bias": 0.5})
+TEACHER = ("fcos_resnet50_fpn", OPTIONS)
+LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+STEPS = ("teacher", "student", "maskd")
+
+
+def scenes(n: int, seed: int = 0) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """``n`` clutter scenes at 128 px with objects drawn at half scale, as the table's data."""
+    rng = np.random.default_rng(seed)
+    images, targets = [], []
+    for _ in range(n):
+        scene = render_easy_scene(rng, SIZE, clutter=True, object_scale=0.5)
+        boxes = []
+        for k in range(1, len(scene.labels) + 1):
+            ys, xs = np.nonzero(scene.instances == k)
+            boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+        images.append(torch.from_numpy(scene.image).permute(2, 0, 1).float() / 255)
+        targets.append(
+            {
+                "boxes": torch.tensor(boxes, dtype=torch.float32),
+                "labels": torch.tensor(scene.labels, dtype=torch.int64),
+            }
+        )
+    return images, targets
+
+
+def model(name_options: tuple[str, dict], num_classes: int) -> nn.Module:
+    torch.manual_seed(0)
+    return build(name_options[0], num_classes, **name_options[1])[0]
+
+
+class Step:
+    """One training step of one kind in one layout, on its own copy of the weights."""
+
+    def __init__(self, kind: str, layout: torch.memory_format, num_classes: int, dry) -> None:
+        if kind == "maskd":
+            student, teacher = model(STUDENT, num_classes), model(TEACHER, num_classes)
+            torch.manual_seed(1)
+            tokens = {LAYER: [ReceptiveTokens(256, TOKENS, weighted=True) for _ in range(5)]}
+            term = {"kind": "maskd", "student": LAYER, "teacher": LAYER, "tokens": tokens,
+                    "weight": 10.0, "align": True, "custom_mask_warmup": 0}  # fmt: skip
+            self.net: nn.Module = Distiller(student, teacher, [term], example_input=dry).train()
+        else:
+            self.net = model(TEACHER if kind == "teacher" else STUDENT, num_classes).train()
+        self.net.to(memory_format=layout)
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        self.opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9, weight_decay=1e-4)
+
+    def __call__(self, images, targets) -> dict[str, float]:
+        self.opt.zero_grad(set_to_none=True)
+        losses = self.net(images, targets)
+        total_loss(losses).backward()
+        self.opt.step()
+        return {k: float(v.detach()) for k, v in losses.items() if "/" not in k}
+
+
+def measure(steps: int, warmup: int) -> dict[str, dict]:
+    images, targets = scenes(BATCH)
+    num_classes = len(classes("clutter"))
+    dry = ([images[0]],)
+    out: dict[str, dict] = {}
+    for kind in STEPS:
+        runs = {name: Step(kind, layout, num_classes, dry) for name, layout in LAYOUTS.items()}
+        times: dict[str, list[float]] = {name: [] for name in LAYOUTS}
+        first: dict[str, dict[str, float]] = {}
+        for i in range(warmup + steps):
+            for name, run in runs.items():
+                start = time.perf_counter()
+                losses = run(images, targets)
+                elapsed = time.perf_counter() - start
+                if i == 0:
+                    first[name] = losses
+                if i >= warmup:
+                    times[name].append(elapsed)
+        ratios = [a / b for a, b in zip(times["nchw"], times["nhwc"], strict=True)]
+        rel = max(abs(first["nhwc"][k] - v) / max(abs(v), 1e-12) for k, v in first["nchw"].items())
+        out[kind] = {
+            "median_step_s": {n: statistics.median(t) for n, t in times.items()},
+            "all_step_s": times,
+            "paired_median_speedup": statistics.median(ratios),
+            "first_step_losses": first,
+            "first_step_max_relative_loss_difference": rel,
+        }
+        print(f"{kind}: NCHW {out[kind]['median_step_s']['nchw']:.3f} s, NHWC "
+              f"{out[kind]['median_step_s']['nhwc']:.3f} s, speed-up "
+              f"{out[kind]['paired_median_speedup']:.3f}, first-step losses differ by "
+              f"{rel:.1e} (relative)", flush=True)  # fmt: skip
+        del runs
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    results = measure(args.steps, args.warmup)
+    report = {
+        "benchmark": "memory_format",
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "processor": platform.processor() or platform.machine(),
+        },
+        "setting": {
+            "teacher": TEACHER[0],
+            "student": STUDENT[0],
+            "image_size": SIZE,
+            "batch": BATCH,
+            "maskd": f"T = {TOKENS} weighted tokens on 5 FPN levels, custom mask on, align",
+            "steps": args.steps,
+            "warmup": args.warmup,
+        },
+        "steps": results,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "memory_format_cpu.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
