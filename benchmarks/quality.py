@@ -175,6 +175,12 @@ TASKS["detection_sparse"] = {
 # alone (quality_warmup.py, fixed before it ran): the same data, teacher and tokens, reused,
 # and the same weights (configs/quality/detection_sparse_warmup).
 TASKS["detection_sparse_warmup"] = {**TASKS["detection_sparse"], "shares": "detection_sparse"}
+# detection_sparse_warmup on the cheaper trainer settings (every model in channels-last
+# layout, the distilled rows' teacher trunk cached per sample; values equal up to rounding):
+# its own data, teacher and tokens, the same weights (configs/quality/detection_sparse_fast).
+TASKS["detection_sparse_fast"] = {
+    k: v for k, v in TASKS["detection_sparse_warmup"].items() if k != "shares"
+}
 # The second detector family: RetinaNet with anchors a quarter of torchvision's for the same
 # 64 px images, and the authors' RetinaNet recipe for MasKD, which adds an L1 KD term on the
 # box-regression head (configs/quality/detection_retina/distill.yaml).
@@ -732,7 +738,8 @@ def tune(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
     more ×3 step that way, at most ``MAX_EXTENSIONS`` times: the same rule for every method.
     A task with ``refine`` then tries the best's neighbours ×√3 each way, once. These cells
     are also the table's seed-0 cells at the chosen weight (the test split is evaluated too,
-    and never read here).
+    and never read here). The data, teacher and tokens are made only once a cell still has to
+    train: a sweep whose cells are all kept is reported again without training its teacher.
     """
     rows = {r.method: r for r in task_rows(plan.spec) if r.method and not r.ablation}
     factors = (1.0,) if plan.quick else TUNE_FACTORS
@@ -747,6 +754,10 @@ def tune(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
     def cell(method: str, w: float) -> Cell:
         name = cell_name(rows[method], w, 0)
         return plan.student_cell(rows[method], 0, w, name, ("val", "test"))
+
+    def with_base(new: list[Cell]) -> list[Cell]:
+        waiting = any(not is_done(c, plan.work, plan.kept) for c in new)
+        return [*base, *new] if waiting else new
 
     grown = dict.fromkeys(grid, 0)
     refine = bool(plan.spec.get("refine")) and not plan.quick
@@ -774,10 +785,10 @@ def tune(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
         # one weight of every method before a second of any
         methods = list(grid)
         rounds = max(map(len, new), default=0)
-        return [cell(methods[i], ws[k]) for k in range(rounds) for i, ws in enumerate(new)
-                if k < len(ws)]  # fmt: skip
+        return with_base([cell(methods[i], ws[k]) for k in range(rounds)
+                          for i, ws in enumerate(new) if k < len(ws)])  # fmt: skip
 
-    cells = [*base, *(cell(m, w) for m, w in centre_first(grid, plan.spec["defaults"]))]
+    cells = with_base([cell(m, w) for m, w in centre_first(grid, plan.spec["defaults"])])
     run_cells(cells, plan.work, args.workers, plan.kept, more=extend)
     results: dict[str, Any] = {}
     for method in grid:

@@ -1558,6 +1558,39 @@ def test_detection_sparse_warmup_changes_only_the_students_warmup(tmp_path):
     assert str(regime / "distill.yaml") in cmd
 
 
+def test_detection_sparse_fast_is_detection_sparse_warmup_on_cheaper_settings(tmp_path):
+    """detection_sparse_fast: every config resolves to detection_sparse_warmup's (its
+    teacher's and stage 1's to detection_sparse's) with the trainer in channels-last layout
+    and, in the distilled rows, the teacher's trunk cached; nothing else. The task trains its
+    own data, teacher and tokens, and its distilled cells pass the cache on."""
+    sys.path.insert(0, str(QUALITY.parent))
+    from maskd.config_files import load_config
+    from quality import CONFIGS, ROWS, TASKS, Plan
+
+    regime = CONFIGS / "detection_sparse_fast"
+    bases = {"teacher.yaml": "detection_sparse", "learn_masks.yaml": "detection_sparse"}
+    names = sorted(p.name for p in regime.iterdir())
+    assert names == sorted(["cwd.yaml", "distill.yaml", "fgd.yaml", "fitnet.yaml",
+                            "learn_masks.yaml", "student.yaml", "teacher.yaml"])  # fmt: skip
+    for name in names:
+        mine = load_config(regime / name)
+        theirs = load_config(CONFIGS / bases.get(name, "detection_sparse_warmup") / name)
+        if "trainer" in theirs:  # a whole recipe, not a row's terms
+            assert mine["trainer"].pop("channels_last") is True, name
+        if name == "distill.yaml":
+            assert mine["distill"].pop("teacher_cache") == "backbone.body"
+        assert mine == theirs, name
+    spec = dict(TASKS["detection_sparse_warmup"])
+    assert spec.pop("shares") == "detection_sparse" and TASKS["detection_sparse_fast"] == spec
+    args = argparse.Namespace(quick=False, work=tmp_path, out=tmp_path / "out",
+                              accelerator="cpu", tuning_device=None)  # fmt: skip
+    plan = Plan("detection_sparse_fast", args)
+    assert plan.shared == tmp_path / "detection_sparse_fast"
+    row = next(r for r in ROWS if r.name == "cwd")
+    cmd = " ".join(plan.student_cell(row, 0, 90.0, "cwd_w90_s0", ("val",)).commands[0][0])
+    assert str(regime / "distill.yaml") in cmd and "--distill.tokens=null" in cmd
+
+
 def test_diagnosis_curves_read_only_finished_cells(tmp_path):
     """quality_diagnosis._curve: the means of the first and last five logged steps of a
     finished cell; nothing for a cell still training (no result.json)."""
@@ -1581,6 +1614,75 @@ def test_diagnosis_curves_read_only_finished_cells(tmp_path):
     assert got["task_last"] == pytest.approx(sum(s + 3.0 for s in last) / 5)
     assert got["distill_first"] == pytest.approx(sum(10.0 * s for s in first) / 5)
     assert got["distill_last"] == pytest.approx(sum(10.0 * s for s in last) / 5)
+
+
+def test_a_sweep_whose_cells_are_all_kept_trains_no_teacher(tmp_path):
+    """``tune`` over kept cells writes its report without making the data, teacher or
+    tokens; once one cell is missing they are made first, then that cell trains."""
+    import argparse
+    import math
+
+    sys.path.insert(0, str(QUALITY.parent))
+    import quality
+    from quality import Cell
+
+    peaks = {"fitnet": 3.0, "maskd": 10.0}  # each inside its first grid: no extension
+    ran: list[str] = []
+
+    def score(method: str, w: float) -> float:
+        return -(math.log(w / peaks[method]) ** 2)
+
+    def made(name: str) -> Cell:
+        def finish(d: Path) -> None:
+            ran.append(name)
+            (d / "result.json").write_text("{}")
+
+        return Cell(name, [] if name == "data" else ["data"], [], finish=finish)
+
+    class StandIn:
+        task, kind, quick = "standin", "detection", False
+        work, kept = tmp_path / "work", tmp_path / "kept"
+
+        def __init__(self) -> None:
+            self.spec = {"peers": ("fitnet",), "defaults": dict(peaks), "ablations": False}
+
+        def data_cell(self) -> Cell:
+            return made("data")
+
+        def teacher_cell(self) -> Cell:
+            return made("teacher")
+
+        def token_cells(self, variants: set[str]) -> list[Cell]:
+            return [made("tokens")]
+
+        def read(self, name: str) -> dict:
+            path = self.work / name / "result.json"
+            return json.loads((path if path.is_file() else self.kept / f"{name}.json").read_text())
+
+        def student_cell(self, row, seed, w, name, splits) -> Cell:
+            def finish(d: Path) -> None:
+                ran.append(name)
+                v = score(row.method, w)
+                (d / "result.json").write_text(json.dumps({"val": {"map": v}}))
+
+            return Cell(name, ["teacher", "tokens"], [], finish=finish, keep=True)
+
+    rows = {r.method: r for r in quality.ROWS if r.method and not r.ablation}
+    StandIn.kept.mkdir()
+    names = []
+    for method, peak in peaks.items():
+        for w in (0.3 * peak, peak, 3 * peak):
+            names.append(quality.cell_name(rows[method], w, 0))
+            value = {"val": {"map": score(method, w)}}
+            (StandIn.kept / f"{names[-1]}.json").write_text(json.dumps(value))
+    args = argparse.Namespace(workers=1, out=tmp_path / "out", accelerator="cpu")
+    report = quality.tune(StandIn(), args)
+    assert ran == []
+    assert {m: v["chosen"] for m, v in report["methods"].items()} == pytest.approx(peaks)
+    (StandIn.kept / f"{names[0]}.json").unlink()  # fitnet at 0.9 was never kept
+    report = quality.tune(StandIn(), args)
+    assert sorted(ran[:3]) == ["data", "teacher", "tokens"] and ran[3:] == [names[0]]
+    assert {m: v["chosen"] for m, v in report["methods"].items()} == pytest.approx(peaks)
 
 
 def test_a_table_whose_cells_are_all_kept_is_reported_without_training_its_teacher(

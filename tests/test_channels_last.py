@@ -78,13 +78,17 @@ def test_training_runs_in_nhwc_and_matches_the_default_layout(tmp_path) -> None:
     assert not torch.allclose(Seg().head.weight, nhwc.head.weight)
 
 
-def distill_module(num_tokens: int = 3) -> tuple[DistillModule, Seg, Seg]:
+def distill_module(
+    num_tokens: int = 3, teacher_cache: str | None = None
+) -> tuple[DistillModule, Seg, Seg]:
     torch.manual_seed(0)
     teacher, student = Seg(width=16), Seg(width=8)
     tokens = {"body": [ReceptiveTokens(16, num_tokens, weighted=True)]}
     terms = [{"kind": "maskd", "student": "body", "teacher": "body", "tokens": tokens,
               "weight": 1.0}]  # fmt: skip
-    distiller = Distiller(student, teacher, terms, example_input=torch.rand(2, 3, 16, 16))
+    distiller = Distiller(
+        student, teacher, terms, example_input=torch.rand(2, 3, 16, 16), teacher_cache=teacher_cache
+    )
     optim = OptimSpec(name="sgd", lr=0.1, momentum=0.9, schedule="constant")
     module = DistillModule(distiller, "segmentation", 3, optim=optim, seed=3,
                            metrics_factory=PixelAccuracy)  # fmt: skip

@@ -302,6 +302,48 @@ def test_distill_checkpoint_and_student(pipeline):
     assert "train/loss_maskd" in csv and "train/maskd/model.classifier.4" in csv
 
 
+def _train_log(run: Path) -> list[dict[str, float]]:
+    rows = next((run / "csv").glob("version_*/metrics.csv")).read_text().splitlines()
+    head = rows[0].split(",")
+    values = [dict(zip(head, r.split(","), strict=True)) for r in rows[1:]]
+    return [{k: float(v) for k, v in r.items() if v} for r in values if r.get("train/loss")]
+
+
+def test_distill_with_a_teacher_cache_logs_the_uncached_losses(pipeline, seg_data, capsys):
+    """The pipeline's distill run again with the teacher's trunk cached: the same losses up
+    to rounding, and its hits logged; a cache holding the recorded layer is refused."""
+    args = [
+        "distill",
+        "--teacher.name=deeplabv3_resnet18",
+        f"--teacher.weights={pipeline / 'teacher.pt'}",
+        "--student.name=fcn_resnet18",
+        f"--distill.tokens={pipeline / 'masks' / 'tokens.pt'}",
+        "--distill.loss_weight=0.5",
+        "--distill.eps=1e-5",
+        f"--data.root={seg_data}",
+        "--data.kind=folder",
+        "--data.size=64",
+        "--data.batch_size=2",
+        "--trainer.max_steps=2",
+        "--trainer.log_every_n_steps=1",
+        *TRAINER,
+    ]
+    out = pipeline / "distill_cached"
+    code, _, err = run_cli([*args, f"--run.out={out}", "--distill.teacher_cache=model"], capsys)
+    assert code == 1 and "holds the teacher layers ['model.classifier.4']" in err, err
+    code, _, err = run_cli(
+        [*args, f"--run.out={out}", "--run.overwrite=true",
+         "--distill.teacher_cache=model.backbone"], capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    plain, cached = _train_log(pipeline / "distill"), _train_log(out)
+    assert len(plain) == len(cached) == 2
+    for want, got in zip(plain, cached, strict=True):
+        assert got["train/teacher_cache/hits"] == 0.0  # 2 steps of 2 of 6 images: all new
+        for key in ("train/loss", "train/loss_maskd"):
+            assert got[key] == pytest.approx(want[key], rel=1e-4), key
+
+
 def test_evaluate_matches_an_independent_miou(pipeline, seg_data, tmp_path, capsys):
     from maskd.data import build_dataset, build_transforms
     from maskd.models import build

@@ -10,9 +10,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from maskd._checks import check_number
 from maskd.errors import UserTypeError, UserValueError
 from maskd.learner import freeze
-from maskd.recorder import Record, Recorder
+from maskd.output_cache import OutputCache
+from maskd.recorder import Record, Recorder, _module_path, resolve_layers
 from maskd.taps import (
     ResizedBatch,
     detection_transform,
@@ -109,6 +111,16 @@ class Distiller(nn.Module):
             "tokens": learner.tokens(), "weight": 7.0}]``. Names (default: the kind) must
             differ.
         example_input: dry-run input for both models; a tuple is unpacked into arguments.
+        teacher_cache: a teacher layer path (e.g. ``"backbone.body"``, a detector's trunk)
+            whose output is kept per training sample (:class:`~maskd.output_cache.
+            OutputCache`): a sample seen before skips that layer's work. The layer must map
+            each sample on its own (a frozen convolutional trunk in eval mode does) and hold
+            none of the layers the terms record. Each new sample runs through it alone, so
+            the run is reproducible and resumes exactly; the features differ from an
+            uncached teacher's by rounding only. The training output then also has
+            ``teacher_cache/hits``, the fraction of the batch served from the cache (logged).
+        teacher_cache_bytes: the most bytes of outputs the cache holds; later samples are
+            computed and not kept.
     """
 
     def __init__(
@@ -117,6 +129,8 @@ class Distiller(nn.Module):
         teacher: nn.Module,
         terms: Sequence[Mapping[str, Any] | Term],
         example_input: Any = None,
+        teacher_cache: str | None = None,
+        teacher_cache_bytes: int = 4 * 2**30,
     ) -> None:
         super().__init__()
         for name, model in (("student", student), ("teacher", teacher)):
@@ -149,8 +163,29 @@ class Distiller(nn.Module):
             _merge_records([*(t.teacher_records() for t in built), resize_records(teacher)]),
             stop=True,
         )
+        self.teacher_cache: OutputCache | None = None
+        if teacher_cache is not None:
+            self.teacher_cache = self._teacher_cache(teacher_cache, teacher_cache_bytes)
         self.register_load_state_dict_pre_hook(_upgrade_state_dict)
         self.train(self.training)
+
+    def _teacher_cache(self, path: str, max_bytes: int) -> OutputCache:
+        if not isinstance(path, str):
+            raise UserTypeError(f"teacher_cache must be a teacher layer path, got {path!r}")
+        if not path:
+            raise UserValueError("teacher_cache must name a layer inside the teacher, not ''")
+        check_number(max_bytes, "teacher_cache_bytes", low=0, integer=True)
+        module = resolve_layers(self.teacher, [path])[path]
+        recorded = [_module_path(r) for r in self._teacher_recorder.records.values()]
+        inside = [layer for layer in recorded if layer.startswith(path + ".")]
+        if inside:
+            raise UserValueError(
+                f"teacher_cache {path!r} holds the teacher layers {inside} that the terms "
+                "record, which a cached forward would skip; cache a layer before them"
+            )
+        cache = OutputCache(module, max_bytes, name=path)
+        cache.attach()
+        return cache
 
     @staticmethod
     def _build_terms(terms: object) -> list[Term]:
@@ -202,6 +237,8 @@ class Distiller(nn.Module):
 
     def _distill(self, images: Any, targets: Any) -> dict[str, Tensor]:
         t_rec, s_rec = self._teacher_recorder, self._student_recorder
+        cache = self.teacher_cache
+        before = (cache.hits, cache.misses) if cache is not None else (0, 0)
         with torch.no_grad(), self._teacher_sizes_like_student():
             t_rec.run(images)
         out = s_rec.run(images, targets)
@@ -225,6 +262,9 @@ class Distiller(nn.Module):
         inputs = TermInputs(s_rec, t_rec, _term_context(s_batch))
         for term in self.terms:
             losses.update(term(inputs))
+        if cache is not None:
+            hits, misses = cache.hits - before[0], cache.misses - before[1]
+            losses["teacher_cache/hits"] = torch.tensor(hits / max(hits + misses, 1))
         return losses
 
     @contextmanager

@@ -26,6 +26,7 @@ import lightning as L
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
+from maskd._checks import check_number
 from maskd.atomic import remove_stale_temporaries
 from maskd.engine.callbacks import FitClock, MaskImageLogger, TokenSaver
 from maskd.engine.checkpoint import atomic_save, find_last_checkpoint
@@ -131,6 +132,11 @@ class DistillArgs:
             retinanet_l1|rcnn_smoothl1, student: layer, teacher: layer, weight: w,
             ...options}``; ``student`` / ``teacher`` default to the first pair's, a
             ``maskd`` term's ``tokens`` (a file) to ``distill.tokens``.
+        teacher_cache: a teacher layer whose output is kept in memory per training sample,
+            so that a sample seen before skips it (``backbone.body``: a detector's trunk;
+            ``backbone``: a segmenter's); ``null``: off (``maskd.Distiller``'s
+            ``teacher_cache`` says what the layer must satisfy).
+        teacher_cache_gib: the most GiB the cache holds.
     """
 
     tokens: str | None = "tokens.pt"
@@ -147,6 +153,8 @@ class DistillArgs:
     layer_weights: dict[str, float] | None = None
     levels: dict[str, list[str]] | None = None
     terms: list[dict[str, Any]] | None = None
+    teacher_cache: str | None = None
+    teacher_cache_gib: float = 4.0
 
 
 # The shorthand options of the MasKD terms and their defaults (DistillArgs').
@@ -820,7 +828,14 @@ def run_distill(
             )
         pairs = dict(zip(s_layers, t_layers, strict=True))
     terms = _load_term_tokens(distill_terms(distill, task, student.name, pairs))
-    distiller = Distiller(s_net, t_net, terms)
+    check_number(distill.teacher_cache_gib, "distill.teacher_cache_gib", low=0)
+    distiller = Distiller(
+        s_net,
+        t_net,
+        terms,
+        teacher_cache=distill.teacher_cache,
+        teacher_cache_bytes=int(distill.teacher_cache_gib * 2**30),
+    )
     classes = _classes(student, num_classes)
     meta = {
         "job": "distill",

@@ -1,0 +1,157 @@
+"""What ``distill.teacher_cache`` saves on a distillation step of the detection quality table.
+
+Setting: the models and batch of ``benchmarks/quality.py``'s ``detection_sparse_warmup`` task
+(FCOS ResNet-50 FPN teacher, FCOS ResNet-18 FPN student, 128 px, batch 16, MasKD with T = 6
+weighted tokens on the five FPN levels and the custom mask on), one thread, as in
+``benchmarks/memory_format.py``. Four steps, interleaved step by step in one process:
+
+- ``student``: the student's training step alone (no teacher): the floor;
+- ``plain``: the MasKD step, the teacher's trunk run on the batch;
+- ``miss``: the same with ``teacher_cache="backbone.body"`` on a batch the cache has not seen
+  (every sample runs through the trunk alone, and is stored);
+- ``hit``: the same on a batch it has seen (the trunk is skipped; the FPN still runs).
+
+A table cell sees each of its 1,500 images about 5 times (500 steps of 16) in one of two
+flips, so about a third of its samples are misses and two thirds hits (its log has the
+fraction per step, ``train/teacher_cache/hits``). Reported: median step times, the median of
+the per-step ratios to ``plain``, the losses of the first ``plain`` and ``miss`` steps (the
+same batch: equal up to rounding), and the bytes the cache holds per sample.
+
+    python benchmarks/teacher_cache.py [--steps 6] [--warmup 1] [--threads 1]
+
+Writes benchmarks/results/teacher_cache_cpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from maskd import Distiller, ReceptiveTokens, total_loss
+from maskd.data.synth import classes
+from memory_format import (
+    BATCH,
+    LAYER,
+    SIZE,
+    STUDENT,
+    TEACHER,
+    TOKENS,
+    machine,
+    model,
+    scenes,
+)
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TRUNK = "backbone.body"
+VARIANTS = ("student", "plain", "miss", "hit")
+
+
+class Run:
+    """One training step of a variant on its own copy of the initial weights."""
+
+    def __init__(self, variant: str, num_classes: int, dry) -> None:
+        student = model(STUDENT, num_classes)
+        self.distiller: Distiller | None = None
+        net: nn.Module = student.train()
+        if variant != "student":
+            teacher = model(TEACHER, num_classes)
+            torch.manual_seed(1)
+            tokens = {LAYER: [ReceptiveTokens(256, TOKENS, weighted=True) for _ in range(5)]}
+            term = {"kind": "maskd", "student": LAYER, "teacher": LAYER, "tokens": tokens,
+                    "weight": 10.0, "align": True, "custom_mask_warmup": 0}  # fmt: skip
+            cache = None if variant == "plain" else TRUNK
+            net = self.distiller = Distiller(
+                student, teacher, [term], example_input=dry, teacher_cache=cache
+            ).train()
+        self.net = net
+        params = [p for p in net.parameters() if p.requires_grad]
+        self.opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9, weight_decay=1e-4)
+
+    def __call__(self, images, targets) -> dict[str, float]:
+        self.opt.zero_grad(set_to_none=True)
+        losses = self.net(images, targets)
+        total_loss(losses).backward()
+        self.opt.step()
+        return {k: float(v.detach()) for k, v in losses.items() if "/" not in k}
+
+
+def measure(steps: int, warmup: int) -> dict:
+    num_classes = len(classes("clutter"))
+    seen = scenes(BATCH)
+    dry = ([seen[0][0]],)
+    runs = {v: Run(v, num_classes, dry) for v in VARIANTS}
+    runs["hit"](*seen)  # the batch the hit steps see, stored once
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    first: dict[str, dict[str, float]] = {}
+    for i in range(warmup + steps):
+        fresh = seen if i == 0 else scenes(BATCH, seed=100 + i)  # step 0: plain and miss alike
+        batches = {"student": seen, "plain": fresh, "miss": fresh, "hit": seen}
+        for variant, run in runs.items():
+            start = time.perf_counter()
+            losses = run(*batches[variant])
+            elapsed = time.perf_counter() - start
+            if i == 0:
+                first[variant] = losses
+            if i >= warmup:
+                times[variant].append(elapsed)
+    hit_cache = runs["hit"].distiller.teacher_cache
+    miss_cache = runs["miss"].distiller.teacher_cache
+    assert hit_cache.misses == BATCH and miss_cache.hits == 0  # what each variant claims
+    rel = max(abs(first["miss"][k] - v) / max(abs(v), 1e-12) for k, v in first["plain"].items())
+    return {
+        "median_step_s": {v: statistics.median(t) for v, t in times.items()},
+        "all_step_s": times,
+        "paired_median_ratio_to_plain": {
+            v: statistics.median(a / b for a, b in zip(times[v], times["plain"], strict=True))
+            for v in VARIANTS
+        },
+        "first_step_losses": {"plain": first["plain"], "miss": first["miss"]},
+        "first_step_max_relative_loss_difference": rel,
+        "cache_bytes_per_sample": hit_cache.bytes // len(hit_cache.store),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    result = measure(args.steps, args.warmup)
+    report = {
+        "benchmark": "teacher_cache",
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "setting": {
+            "teacher": TEACHER[0],
+            "student": STUDENT[0],
+            "image_size": SIZE,
+            "batch": BATCH,
+            "cached_layer": TRUNK,
+            "steps": args.steps,
+            "warmup": args.warmup,
+        },
+        **result,
+    }
+    for v in VARIANTS:
+        print(f"{v}: {result['median_step_s'][v]:.3f} s, "
+              f"{result['paired_median_ratio_to_plain'][v]:.3f} of plain", flush=True)  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "teacher_cache_cpu.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""The speed benchmarks of the quality table's steps (memory layout, teacher cache), at a
+small size: each variant pair computes the same losses, and the cache variants do what they
+say (the hit steps are served, the miss steps computed)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def small(monkeypatch):
+    """Both benchmarks at 64 px, batch 2."""
+    sys.path.insert(0, str(BENCHMARKS))
+    import memory_format
+    import teacher_cache
+
+    for module in (memory_format, teacher_cache):
+        monkeypatch.setattr(module, "BATCH", 2)
+        monkeypatch.setattr(module, "SIZE", 64)
+    monkeypatch.setattr(
+        memory_format, "STUDENT", ("fcos_resnet18_fpn", {"min_size": 64, "max_size": 64})
+    )
+    monkeypatch.setattr(
+        memory_format, "TEACHER", ("fcos_resnet50_fpn", {"min_size": 64, "max_size": 64})
+    )
+    monkeypatch.setattr(teacher_cache, "STUDENT", memory_format.STUDENT)
+    monkeypatch.setattr(teacher_cache, "TEACHER", memory_format.TEACHER)
+    torch.set_num_threads(1)
+    return memory_format, teacher_cache
+
+
+def test_both_layouts_give_the_same_losses(small) -> None:
+    memory_format, _ = small
+    out = memory_format.measure(steps=1, warmup=0)
+    assert set(out) == {"teacher", "student", "maskd"}
+    for kind, result in out.items():
+        first = result["first_step_losses"]
+        assert first["nchw"].keys() == first["nhwc"].keys() and first["nchw"], kind
+        assert result["first_step_max_relative_loss_difference"] < 1e-4, kind
+        assert result["paired_median_speedup"] > 0
+    assert "loss_maskd" in out["maskd"]["first_step_losses"]["nhwc"]
+
+
+def test_the_cached_step_gives_the_plain_steps_losses(small) -> None:
+    _, teacher_cache = small
+    out = teacher_cache.measure(steps=1, warmup=0)
+    assert out["first_step_losses"]["plain"].keys() == out["first_step_losses"]["miss"].keys()
+    assert out["first_step_max_relative_loss_difference"] < 1e-4
+    assert out["paired_median_ratio_to_plain"]["plain"] == 1.0
+    # a sample's trunk output: C3-C5 of ResNet-50 at 64 px (8x8, 4x4, 2x2), float32
+    assert out["cache_bytes_per_sample"] == 4 * (512 * 64 + 1024 * 16 + 2048 * 4)
