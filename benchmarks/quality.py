@@ -554,6 +554,9 @@ class Plan:
             "distill", "--config", str(self.cfg / "distill.yaml"),
             f"--teacher.weights={self.shared / 'teacher' / 'model.pt'}", *common, *row.overrides,
         )  # fmt: skip
+        if load_config(self.cfg / "distill.yaml")["distill"].get("teacher_cache"):
+            # the cells of a draw share one teacher: they share its cached outputs too
+            cmd += [f"--distill.teacher_cache_dir={self.shared / 'teacher_cache'}"]
         deps = ["teacher"]
         if row.method == "maskd":
             cmd += [f"--distill.tokens={self.shared / row.tokens / 'tokens.pt'}"]

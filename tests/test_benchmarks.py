@@ -1589,6 +1589,11 @@ def test_detection_sparse_fast_is_detection_sparse_warmup_on_cheaper_settings(tm
     row = next(r for r in ROWS if r.name == "cwd")
     cmd = " ".join(plan.student_cell(row, 0, 90.0, "cwd_w90_s0", ("val",)).commands[0][0])
     assert str(regime / "distill.yaml") in cmd and "--distill.tokens=null" in cmd
+    # the draw's cells share the cached outputs of their one teacher
+    assert f"--distill.teacher_cache_dir={plan.shared / 'teacher_cache'}" in cmd
+    warm = Plan("detection_sparse_warmup", args)
+    cmd = " ".join(warm.student_cell(row, 0, 90.0, "cwd_w90_s0", ("val",)).commands[0][0])
+    assert "teacher_cache" not in cmd
 
 
 def test_diagnosis_curves_read_only_finished_cells(tmp_path):

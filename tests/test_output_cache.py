@@ -86,6 +86,42 @@ def test_the_cache_holds_at_most_max_bytes() -> None:
     assert not cache.store and cache.bytes == 0
 
 
+@torch.no_grad()
+def test_a_cache_folder_is_shared_by_caches_of_the_same_weights_only(tmp_path) -> None:
+    torch.manual_seed(0)
+    trunk = Trunk().eval()
+    first = OutputCache(trunk, max_bytes=2**20, name="backbone.body", directory=tmp_path)
+    first.attach()
+    want = trunk(images(3))
+    first.detach()
+    files = sorted(first.folder.glob("*.pt"))
+    assert len(files) == 3 and first.folder.parent == tmp_path
+    assert first.folder.name.startswith("backbone.body-")
+    # another cache of the same weights (another run) reads them: nothing computed
+    second = OutputCache(trunk, max_bytes=0, directory=tmp_path, name="backbone.body")
+    second.attach()
+    trunk.computed = 0
+    got = trunk(images(3))
+    assert trunk.computed == 0 and (second.hits, second.loaded, second.misses) == (3, 3, 0)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    second.detach()
+    # a file cut short is computed again and rewritten
+    files[0].write_bytes(files[0].read_bytes()[:10])
+    third = OutputCache(trunk, max_bytes=0, directory=tmp_path, name="backbone.body")
+    third.attach()
+    got = trunk(images(3))
+    assert (third.loaded, third.misses) == (2, 1) and all(
+        torch.equal(got[k], want[k]) for k in want
+    )
+    third.detach()
+    assert torch.load(files[0], weights_only=True).keys() == want.keys()
+    # other weights: another folder, nothing read
+    with torch.no_grad():
+        trunk.a.weight.add_(1.0)
+    other = OutputCache(trunk, max_bytes=0, directory=tmp_path, name="backbone.body")
+    assert other.folder != first.folder and not list(other.folder.glob("*.pt"))
+
+
 def test_keys_depend_on_values_dtype_and_shape_not_layout() -> None:
     x = torch.rand(4, 3, 5)
     assert sample_key(x) == sample_key(x.clone())

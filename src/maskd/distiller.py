@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -119,8 +120,11 @@ class Distiller(nn.Module):
             the run is reproducible and resumes exactly; the features differ from an
             uncached teacher's by rounding only. The training output then also has
             ``teacher_cache/hits``, the fraction of the batch served from the cache (logged).
-        teacher_cache_bytes: the most bytes of outputs the cache holds; later samples are
-            computed and not kept.
+        teacher_cache_bytes: the most bytes of outputs the cache holds in memory; later
+            samples are computed and not kept there.
+        teacher_cache_dir: a folder where the cached layer's outputs are also written and
+            looked up (keyed by the layer's weights too), so that runs of one teacher share
+            them, one after another or side by side; ``None``: memory only.
     """
 
     def __init__(
@@ -131,6 +135,7 @@ class Distiller(nn.Module):
         example_input: Any = None,
         teacher_cache: str | None = None,
         teacher_cache_bytes: int = 4 * 2**30,
+        teacher_cache_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__()
         for name, model in (("student", student), ("teacher", teacher)):
@@ -165,11 +170,15 @@ class Distiller(nn.Module):
         )
         self.teacher_cache: OutputCache | None = None
         if teacher_cache is not None:
-            self.teacher_cache = self._teacher_cache(teacher_cache, teacher_cache_bytes)
+            self.teacher_cache = self._teacher_cache(
+                teacher_cache, teacher_cache_bytes, teacher_cache_dir
+            )
         self.register_load_state_dict_pre_hook(_upgrade_state_dict)
         self.train(self.training)
 
-    def _teacher_cache(self, path: str, max_bytes: int) -> OutputCache:
+    def _teacher_cache(
+        self, path: str, max_bytes: int, directory: str | os.PathLike[str] | None
+    ) -> OutputCache:
         if not isinstance(path, str):
             raise UserTypeError(f"teacher_cache must be a teacher layer path, got {path!r}")
         if not path:
@@ -183,7 +192,7 @@ class Distiller(nn.Module):
                 f"teacher_cache {path!r} holds the teacher layers {inside} that the terms "
                 "record, which a cached forward would skip; cache a layer before them"
             )
-        cache = OutputCache(module, max_bytes, name=path)
+        cache = OutputCache(module, max_bytes, name=path, directory=directory)
         cache.attach()
         return cache
 

@@ -10,18 +10,27 @@ teacher little more than a lookup::
     cache.attach()      # teacher.backbone.body now answers from the cache where it can
     ...
     cache.detach()      # and computes everything again
+
+With a ``directory``, every computed sample is also written there (a file per sample, in a
+folder named after the layer and a hash of its weights), and a sample missing from memory is
+read from there first: runs of the same teacher, one after the other or side by side, share
+the work.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from maskd.errors import UserRuntimeError, UserTypeError
+from maskd.fingerprint import state_fingerprint
 
 __all__ = ["OutputCache"]
 
@@ -91,11 +100,21 @@ class OutputCache:
 
     Args:
         module: the sub-module to cache (its ``forward`` is wrapped while attached).
-        max_bytes: the most bytes of outputs held.
+        max_bytes: the most bytes of outputs held in memory.
         name: how errors name the module (its layer path).
+        directory: where computed samples are also written and looked up, or ``None``. The
+            files go to ``directory/<name>-<hash of the module's state>/``, so another
+            module's (or other weights') outputs are never read; a file that cannot be read
+            is computed again and rewritten.
     """
 
-    def __init__(self, module: nn.Module, max_bytes: int, name: str = "") -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        max_bytes: int,
+        name: str = "",
+        directory: str | os.PathLike[str] | None = None,
+    ) -> None:
         if not isinstance(module, nn.Module):
             raise UserTypeError(f"module must be an nn.Module, got {type(module).__name__}")
         self.module = module
@@ -103,9 +122,15 @@ class OutputCache:
         self.name = name or type(module).__name__
         self.store: dict[bytes, Output] = {}
         self.bytes = 0
-        self.hits = 0  # samples served from the store, since construction
+        self.hits = 0  # samples served from memory or from the directory
+        self.loaded = 0  # of the hits, those read from the directory
         self.misses = 0  # samples computed
         self._original: Callable[..., Any] | None = None
+        self.folder: Path | None = None
+        if directory is not None:
+            label = "".join(c if c.isalnum() or c in "._-" else "_" for c in self.name)
+            self.folder = Path(directory) / f"{label}-{state_fingerprint(module)[:16]}"
+            self.folder.mkdir(parents=True, exist_ok=True)
 
     @property
     def attached(self) -> bool:
@@ -148,13 +173,48 @@ class OutputCache:
         for i, key in enumerate(keys):
             part = self.store.get(key)
             if part is None:
-                part = _split(self._original(x[i : i + 1], *args, **kwargs), 1, self.name)[0]
-                self.misses += 1
-                size = _nbytes(part)
-                if self.bytes + size <= self.max_bytes:
-                    self.store[key] = part
-                    self.bytes += size
+                part = self._read(key, x.device)
+                if part is None:
+                    part = _split(self._original(x[i : i + 1], *args, **kwargs), 1, self.name)[0]
+                    self.misses += 1
+                    self._write(key, part)
+                else:
+                    self.hits += 1
+                    self.loaded += 1
+                self._keep(key, part)
             else:
                 self.hits += 1
             parts.append(part)
         return _join(parts)
+
+    def _keep(self, key: bytes, part: Output) -> None:
+        size = _nbytes(part)
+        if self.bytes + size <= self.max_bytes:
+            self.store[key] = part
+            self.bytes += size
+
+    def _path(self, key: bytes) -> Path | None:
+        return None if self.folder is None else self.folder / f"{key.hex()}.pt"
+
+    def _read(self, key: bytes, device: torch.device) -> Output | None:
+        path = self._path(key)
+        if path is None or not path.is_file():
+            return None
+        try:
+            return torch.load(path, map_location=device, weights_only=True)
+        except Exception:  # a file cut short (a crash between write and rename's flush)
+            return None
+
+    def _write(self, key: bytes, part: Output) -> None:
+        path = self._path(key)
+        if path is None:
+            return
+        # no fsync: a cache file lost or cut short is computed again, never trusted blindly
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(part, f)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise

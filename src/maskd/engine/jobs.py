@@ -136,7 +136,9 @@ class DistillArgs:
             so that a sample seen before skips it (``backbone.body``: a detector's trunk;
             ``backbone``: a segmenter's); ``null``: off (``maskd.Distiller``'s
             ``teacher_cache`` says what the layer must satisfy).
-        teacher_cache_gib: the most GiB the cache holds.
+        teacher_cache_gib: the most GiB the cache holds in memory.
+        teacher_cache_dir: a folder where the cached outputs are also written and read, so
+            that runs of one teacher share them (``null``: memory only).
     """
 
     tokens: str | None = "tokens.pt"
@@ -155,6 +157,7 @@ class DistillArgs:
     terms: list[dict[str, Any]] | None = None
     teacher_cache: str | None = None
     teacher_cache_gib: float = 4.0
+    teacher_cache_dir: str | None = None
 
 
 # The shorthand options of the MasKD terms and their defaults (DistillArgs').
@@ -835,6 +838,7 @@ def run_distill(
         terms,
         teacher_cache=distill.teacher_cache,
         teacher_cache_bytes=int(distill.teacher_cache_gib * 2**30),
+        teacher_cache_dir=distill.teacher_cache_dir,
     )
     classes = _classes(student, num_classes)
     meta = {

@@ -12,7 +12,6 @@ resume with different teacher weights fail loudly.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal
 
@@ -23,6 +22,7 @@ from torch import nn
 from maskd.engine.optim import OptimSpec, build_optimizer, build_scheduler
 from maskd.engine.sampling import mix_seed
 from maskd.errors import UserTypeError, UserValueError
+from maskd.fingerprint import state_fingerprint
 from maskd.terms.base import total_loss
 from maskd.tokens import ReceptiveTokens
 
@@ -40,16 +40,6 @@ def make_metrics(task: Task, num_classes: int, ignore_index: int = 255) -> nn.Mo
     if task == "segmentation":
         return metrics.SegmentationMetrics(num_classes=num_classes, ignore_index=ignore_index)
     raise UserValueError(f"unknown task {task!r} (detection, segmentation)")
-
-
-def state_fingerprint(module: nn.Module) -> str:
-    """SHA-256 over a module's state dict: every entry's name, dtype, shape and bytes."""
-    digest = hashlib.sha256()
-    for name, value in module.state_dict().items():
-        t = value.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{name}|{t.dtype}|{tuple(value.shape)}|".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def _batch_size(images: Any) -> int:
