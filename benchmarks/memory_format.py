@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -38,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from distill_step import machine
 from maskd import Distiller, ReceptiveTokens, total_loss
 from maskd.data.synth import classes
 from maskd.data.synth_scene import render_easy_scene
@@ -138,42 +137,42 @@ def measure(steps: int, warmup: int) -> dict[str, dict]:
     return out
 
 
-def machine() -> dict[str, object]:
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "processor": platform.processor() or platform.machine(),
-    }
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(doc: str) -> argparse.Namespace:
+    """The options the speed benchmarks of the table's steps share; sets the thread count."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    results = measure(args.steps, args.warmup)
-    report = {
-        "benchmark": "memory_format",
+    return args
+
+
+def header(benchmark: str, args: argparse.Namespace, **setting: object) -> dict[str, object]:
+    """What a report says of itself: the command, date, machine and setting."""
+    return {
+        "benchmark": benchmark,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": machine(),
+        "machine": machine(torch.device("cpu")),
         "setting": {
             "teacher": TEACHER[0],
             "student": STUDENT[0],
             "image_size": SIZE,
             "batch": BATCH,
-            "maskd": f"T = {TOKENS} weighted tokens on 5 FPN levels, custom mask on, align",
+            **setting,
             "steps": args.steps,
             "warmup": args.warmup,
         },
-        "steps": results,
     }
+
+
+def main() -> None:
+    args = parse_args(__doc__)
+    maskd = f"T = {TOKENS} weighted tokens on 5 FPN levels, custom mask on, align"
+    report = {**header("memory_format", args, maskd=maskd),
+              "steps": measure(args.steps, args.warmup)}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "memory_format_cpu.json"
     path.write_text(json.dumps(report, indent=2) + "\n")

@@ -24,13 +24,9 @@ Writes benchmarks/results/teacher_cache_cpu.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
-import sys
 import time
-from datetime import UTC, datetime
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -40,16 +36,15 @@ from maskd.data.synth import classes
 from memory_format import (
     BATCH,
     LAYER,
-    SIZE,
     STUDENT,
     TEACHER,
     TOKENS,
-    machine,
+    header,
     model,
+    parse_args,
     scenes,
 )
 
-RESULTS = Path(__file__).resolve().parent / "results"
 TRUNK = "backbone.body"
 VARIANTS = ("student", "plain", "miss", "hit")
 
@@ -120,30 +115,9 @@ def measure(steps: int, warmup: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_args(__doc__)
     result = measure(args.steps, args.warmup)
-    report = {
-        "benchmark": "teacher_cache",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": machine(),
-        "setting": {
-            "teacher": TEACHER[0],
-            "student": STUDENT[0],
-            "image_size": SIZE,
-            "batch": BATCH,
-            "cached_layer": TRUNK,
-            "steps": args.steps,
-            "warmup": args.warmup,
-        },
-        **result,
-    }
+    report = {**header("teacher_cache", args, cached_layer=TRUNK), **result}
     for v in VARIANTS:
         print(f"{v}: {result['median_step_s'][v]:.3f} s, "
               f"{result['paired_median_ratio_to_plain'][v]:.3f} of plain", flush=True)  # fmt: skip

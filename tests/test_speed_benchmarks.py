@@ -22,7 +22,7 @@ def small(monkeypatch):
 
     for module in (memory_format, teacher_cache):
         monkeypatch.setattr(module, "BATCH", 2)
-        monkeypatch.setattr(module, "SIZE", 64)
+    monkeypatch.setattr(memory_format, "SIZE", 64)
     monkeypatch.setattr(
         memory_format, "STUDENT", ("fcos_resnet18_fpn", {"min_size": 64, "max_size": 64})
     )
