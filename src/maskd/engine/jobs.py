@@ -133,9 +133,11 @@ class DistillArgs:
             ...options}``; ``student`` / ``teacher`` default to the first pair's, a
             ``maskd`` term's ``tokens`` (a file) to ``distill.tokens``.
         teacher_cache: a teacher layer whose output is kept in memory per training sample,
-            so that a sample seen before skips it (``backbone.body``: a detector's trunk;
-            ``backbone``: a segmenter's); ``null``: off (``maskd.Distiller``'s
-            ``teacher_cache`` says what the layer must satisfy).
+            so that a sample seen before skips it (``backbone.body``: a torchvision
+            detector's trunk; ``model.backbone``: a segmenter's); ``null``: off
+            (``maskd.Distiller``'s ``teacher_cache`` says what the layer must satisfy). It
+            pays where the teacher's forward is a large share of a step, as on a CPU; each
+            sample's key is hashed on the host.
         teacher_cache_gib: the most GiB the cache holds in memory.
         teacher_cache_dir: a folder where the cached outputs are also written and read, so
             that runs of one teacher share them (``null``: memory only).
