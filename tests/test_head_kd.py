@@ -288,7 +288,9 @@ def test_run_distill_builds_the_terms_and_rejects_segmenters(tmp_path, monkeypat
     class Stop(Exception):
         pass
 
-    def fake_distiller(student: nn.Module, teacher: nn.Module, terms: list) -> None:
+    def fake_distiller(student: nn.Module, teacher: nn.Module, terms: list, **cache) -> None:
+        assert cache == {"teacher_cache": None, "teacher_cache_bytes": 4 * 2**30,
+                         "teacher_cache_dir": None}  # fmt: skip
         seen.extend(terms)
         raise Stop
 
