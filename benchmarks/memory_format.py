@@ -77,21 +77,22 @@ def model(name_options: tuple[str, dict], num_classes: int) -> nn.Module:
     return build(name_options[0], num_classes, **name_options[1])[0]
 
 
-class Step:
-    """One training step of one kind in one layout, on its own copy of the weights."""
+def maskd_distiller(student: nn.Module, teacher: nn.Module, dry, **options) -> Distiller:
+    """The table's MasKD term on the five FPN levels (T = 6 weighted tokens, align connector,
+    custom mask on from the first step) around ``student`` and ``teacher``, in training mode."""
+    torch.manual_seed(1)
+    tokens = {LAYER: [ReceptiveTokens(256, TOKENS, weighted=True) for _ in range(5)]}
+    term = {"kind": "maskd", "student": LAYER, "teacher": LAYER, "tokens": tokens,
+            "weight": 10.0, "align": True, "custom_mask_warmup": 0}  # fmt: skip
+    return Distiller(student, teacher, [term], example_input=dry, **options).train()
 
-    def __init__(self, kind: str, layout: torch.memory_format, num_classes: int, dry) -> None:
-        if kind == "maskd":
-            student, teacher = model(STUDENT, num_classes), model(TEACHER, num_classes)
-            torch.manual_seed(1)
-            tokens = {LAYER: [ReceptiveTokens(256, TOKENS, weighted=True) for _ in range(5)]}
-            term = {"kind": "maskd", "student": LAYER, "teacher": LAYER, "tokens": tokens,
-                    "weight": 10.0, "align": True, "custom_mask_warmup": 0}  # fmt: skip
-            self.net: nn.Module = Distiller(student, teacher, [term], example_input=dry).train()
-        else:
-            self.net = model(TEACHER if kind == "teacher" else STUDENT, num_classes).train()
-        self.net.to(memory_format=layout)
-        params = [p for p in self.net.parameters() if p.requires_grad]
+
+class TrainStep:
+    """One SGD training step of ``net`` (forward with losses, backward, step)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        self.net = net
+        params = [p for p in net.parameters() if p.requires_grad]
         self.opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9, weight_decay=1e-4)
 
     def __call__(self, images, targets) -> dict[str, float]:
@@ -100,6 +101,18 @@ class Step:
         total_loss(losses).backward()
         self.opt.step()
         return {k: float(v.detach()) for k, v in losses.items() if "/" not in k}
+
+
+class Step(TrainStep):
+    """One training step of one kind in one layout, on its own copy of the weights."""
+
+    def __init__(self, kind: str, layout: torch.memory_format, num_classes: int, dry) -> None:
+        if kind == "maskd":
+            student, teacher = model(STUDENT, num_classes), model(TEACHER, num_classes)
+            net: nn.Module = maskd_distiller(student, teacher, dry)
+        else:
+            net = model(TEACHER if kind == "teacher" else STUDENT, num_classes).train()
+        super().__init__(net.to(memory_format=layout))
 
 
 def measure(steps: int, warmup: int) -> dict[str, dict]:

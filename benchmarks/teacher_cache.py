@@ -28,18 +28,17 @@ import json
 import statistics
 import time
 
-import torch
 from torch import nn
 
-from maskd import Distiller, ReceptiveTokens, total_loss
+from maskd import Distiller
 from maskd.data.synth import classes
 from memory_format import (
     BATCH,
-    LAYER,
     STUDENT,
     TEACHER,
-    TOKENS,
+    TrainStep,
     header,
+    maskd_distiller,
     model,
     parse_args,
     scenes,
@@ -49,7 +48,7 @@ TRUNK = "backbone.body"
 VARIANTS = ("student", "plain", "miss", "hit")
 
 
-class Run:
+class Run(TrainStep):
     """One training step of a variant on its own copy of the initial weights."""
 
     def __init__(self, variant: str, num_classes: int, dry) -> None:
@@ -57,25 +56,10 @@ class Run:
         self.distiller: Distiller | None = None
         net: nn.Module = student.train()
         if variant != "student":
-            teacher = model(TEACHER, num_classes)
-            torch.manual_seed(1)
-            tokens = {LAYER: [ReceptiveTokens(256, TOKENS, weighted=True) for _ in range(5)]}
-            term = {"kind": "maskd", "student": LAYER, "teacher": LAYER, "tokens": tokens,
-                    "weight": 10.0, "align": True, "custom_mask_warmup": 0}  # fmt: skip
             cache = None if variant == "plain" else TRUNK
-            net = self.distiller = Distiller(
-                student, teacher, [term], example_input=dry, teacher_cache=cache
-            ).train()
-        self.net = net
-        params = [p for p in net.parameters() if p.requires_grad]
-        self.opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9, weight_decay=1e-4)
-
-    def __call__(self, images, targets) -> dict[str, float]:
-        self.opt.zero_grad(set_to_none=True)
-        losses = self.net(images, targets)
-        total_loss(losses).backward()
-        self.opt.step()
-        return {k: float(v.detach()) for k, v in losses.items() if "/" not in k}
+            teacher = model(TEACHER, num_classes)
+            net = self.distiller = maskd_distiller(student, teacher, dry, teacher_cache=cache)
+        super().__init__(net)
 
 
 def measure(steps: int, warmup: int) -> dict:

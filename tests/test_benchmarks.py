@@ -1561,7 +1561,8 @@ def test_detection_sparse_warmup_changes_only_the_students_warmup(tmp_path):
 def test_detection_sparse_fast_is_detection_sparse_warmup_on_cheaper_settings(tmp_path):
     """detection_sparse_fast: every config resolves to detection_sparse_warmup's (its
     teacher's and stage 1's to detection_sparse's) with the trainer in channels-last layout
-    and, in the distilled rows, the teacher's trunk cached; nothing else. The task trains its
+    and bfloat16 mixed precision and, in the distilled rows, the teacher's trunk cached;
+    nothing else. The task trains its
     own data, teacher and tokens, and its distilled cells pass the cache on."""
     sys.path.insert(0, str(QUALITY.parent))
     from maskd.config_files import load_config
@@ -1577,6 +1578,7 @@ def test_detection_sparse_fast_is_detection_sparse_warmup_on_cheaper_settings(tm
         theirs = load_config(CONFIGS / bases.get(name, "detection_sparse_warmup") / name)
         if "trainer" in theirs:  # a whole recipe, not a row's terms
             assert mine["trainer"].pop("channels_last") is True, name
+            assert mine["trainer"].pop("precision") == "bf16-mixed", name
         if name == "distill.yaml":
             assert mine["distill"].pop("teacher_cache") == "backbone.body"
         assert mine == theirs, name

@@ -521,16 +521,28 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
 
 
 def test_precision_flag_runs_the_forward_under_autocast(tmp_path):
-    seen = []
+    """Training steps run under bfloat16 autocast; evaluation in full precision, its
+    predictions float32."""
+    train_states, eval_states, eval_dtypes = [], [], []
 
     class Recording(TinySeg):
         def forward(self, images, targets=None):
-            if self.training:
-                seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
-            return super().forward(images, targets)
+            state = (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))
+            (train_states if self.training else eval_states).append(state)
+            out = super().forward(images, targets)
+            if not self.training:
+                eval_dtypes.append(out.dtype)
+            return out
 
-    _params_after(tmp_path, 2, 1, precision="bf16-mixed", model=Recording())
-    assert seen and all(s == (True, torch.bfloat16) for s in seen)
+    model = _params_after(tmp_path, 2, 1, precision="bf16-mixed", model=Recording())
+    assert train_states and all(s == (True, torch.bfloat16) for s in train_states)
+    assert not eval_states  # no validation while fitting (val_every_n_epochs=0)
+    module = TrainModule(model, "segmentation", 3, metrics_factory=PixelAccuracy)
+    spec = TrainerSpec(accelerator="cpu", devices=1, progress_bar=False, precision="bf16-mixed")
+    data = MaskdDataModule(RandomSegData(4), RandomSegData(2), batch_size=2, seed=1)
+    build_trainer(spec, tmp_path / "eval", evaluation_only=True).validate(module, datamodule=data)
+    assert eval_states and not any(enabled for enabled, _ in eval_states)
+    assert eval_dtypes and all(d == torch.float32 for d in eval_dtypes)
 
 
 def test_distill_reads_our_token_files_and_released_ones(tmp_path):

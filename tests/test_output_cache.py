@@ -134,6 +134,28 @@ def test_keys_depend_on_values_dtype_and_shape_not_layout() -> None:
     assert sample_key(z) == sample_key(z.to(memory_format=torch.channels_last))
 
 
+@torch.no_grad()
+def test_a_sample_under_autocast_is_another_entry(tmp_path) -> None:
+    """The same sample run under bfloat16 autocast is computed and stored apart (its values
+    differ); each precision is then served its own output, from memory and from the folder."""
+    trunk = Trunk().eval()
+    cache = OutputCache(trunk, max_bytes=2**20, directory=tmp_path, name="trunk")
+    cache.attach()
+    full = trunk(images(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = trunk(images(2))
+    assert (cache.hits, cache.misses) == (0, 4)
+    assert full["p2"].dtype == torch.float32 and half["p2"].dtype == torch.bfloat16
+    assert len(list(cache.folder.glob("*.pt"))) == 4
+    cache.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(trunk(images(2))["p2"], half["p2"])
+    assert torch.equal(trunk(images(2))["p2"], full["p2"])
+    assert (cache.hits, cache.loaded, cache.misses) == (4, 4, 4)
+    # with autocast off the keys are those of a cache that never knew about precision
+    assert sample_key(images(1)[0], "") == sample_key(images(1)[0])
+
+
 def test_a_layer_that_cannot_be_cached_per_sample_is_named() -> None:
     class Pools(nn.Module):
         def forward(self, x):

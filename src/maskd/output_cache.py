@@ -37,11 +37,14 @@ __all__ = ["OutputCache"]
 Output = Any  # a tensor [N, ...], or a dict / list / tuple of them
 
 
-def sample_key(x: Tensor) -> bytes:
-    """BLAKE2b (16 bytes) of one sample's dtype, shape and values (layout-independent)."""
+def sample_key(x: Tensor, context: str = "") -> bytes:
+    """BLAKE2b (16 bytes) of one sample's dtype, shape and values (layout-independent), and of
+    ``context``: what else decides the output (the autocast dtype the layer runs in)."""
     data = x.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
     digest = hashlib.blake2b(digest_size=16)
     digest.update(f"{x.dtype}|{tuple(x.shape)}|".encode())
+    if context:
+        digest.update(f"{context}|".encode())
     digest.update(data.tobytes())
     return digest.digest()
 
@@ -168,7 +171,14 @@ class OutputCache:
                 f"the cached layer {self.name!r} was called on an input that needs gradients; "
                 "only a frozen module run under torch.no_grad() can be cached"
             )
-        keys = [sample_key(x[i]) for i in range(x.shape[0])]
+        # the same sample under autocast (bf16-mixed, 16-mixed) gives other values: other keys
+        device = x.device.type
+        context = (
+            f"autocast={torch.get_autocast_dtype(device)}"
+            if torch.is_autocast_enabled(device)
+            else ""
+        )
+        keys = [sample_key(x[i], context) for i in range(x.shape[0])]
         parts: list[Output] = []
         for i, key in enumerate(keys):
             part = self.store.get(key)
