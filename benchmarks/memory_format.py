@@ -88,31 +88,71 @@ def maskd_distiller(student: nn.Module, teacher: nn.Module, dry, **options) -> D
 
 
 class TrainStep:
-    """One SGD training step of ``net`` (forward with losses, backward, step)."""
+    """One SGD training step of ``net`` (forward with losses, backward, step); with
+    ``autocast``, the forward runs under CPU autocast to that dtype, as ``trainer.precision=
+    bf16-mixed`` runs it (the weights and the optimizer stay float32)."""
 
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, net: nn.Module, autocast: torch.dtype | None = None) -> None:
         self.net = net
+        self.autocast = autocast
         params = [p for p in net.parameters() if p.requires_grad]
         self.opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9, weight_decay=1e-4)
 
     def __call__(self, images, targets) -> dict[str, float]:
         self.opt.zero_grad(set_to_none=True)
-        losses = self.net(images, targets)
+        with torch.autocast("cpu", dtype=self.autocast, enabled=self.autocast is not None):
+            losses = self.net(images, targets)
         total_loss(losses).backward()
         self.opt.step()
         return {k: float(v.detach()) for k, v in losses.items() if "/" not in k}
 
 
 class Step(TrainStep):
-    """One training step of one kind in one layout, on its own copy of the weights."""
+    """One training step of one kind in one layout (and autocast dtype), on its own copy of
+    the weights."""
 
-    def __init__(self, kind: str, layout: torch.memory_format, num_classes: int, dry) -> None:
+    def __init__(
+        self,
+        kind: str,
+        layout: torch.memory_format,
+        num_classes: int,
+        dry,
+        autocast: torch.dtype | None = None,
+    ) -> None:
         if kind == "maskd":
             student, teacher = model(STUDENT, num_classes), model(TEACHER, num_classes)
             net: nn.Module = maskd_distiller(student, teacher, dry)
         else:
             net = model(TEACHER if kind == "teacher" else STUDENT, num_classes).train()
-        super().__init__(net.to(memory_format=layout))
+        super().__init__(net.to(memory_format=layout), autocast)
+
+
+def interleave(runs: dict[str, TrainStep], batch, steps: int, warmup: int) -> dict[str, object]:
+    """Steps of ``runs`` interleaved one by one on ``batch`` (a busy machine slows each alike):
+    each run's step times after ``warmup``, the losses of its first step, and the paired
+    median ratio of the first run's step time to the second's (above 1: the second is faster),
+    with the largest relative difference between their first-step losses."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    first: dict[str, dict[str, float]] = {}
+    for i in range(warmup + steps):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            losses = run(*batch)
+            elapsed = time.perf_counter() - start
+            if i == 0:
+                first[name] = losses
+            if i >= warmup:
+                times[name].append(elapsed)
+    a, b = runs
+    ratios = [x / y for x, y in zip(times[a], times[b], strict=True)]
+    rel = max(abs(first[b][k] - v) / max(abs(v), 1e-12) for k, v in first[a].items())
+    return {
+        "median_step_s": {n: statistics.median(t) for n, t in times.items()},
+        "all_step_s": times,
+        "paired_median_speedup": statistics.median(ratios),
+        "first_step_losses": first,
+        "first_step_max_relative_loss_difference": rel,
+    }
 
 
 def measure(steps: int, warmup: int) -> dict[str, dict]:
@@ -122,30 +162,12 @@ def measure(steps: int, warmup: int) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for kind in STEPS:
         runs = {name: Step(kind, layout, num_classes, dry) for name, layout in LAYOUTS.items()}
-        times: dict[str, list[float]] = {name: [] for name in LAYOUTS}
-        first: dict[str, dict[str, float]] = {}
-        for i in range(warmup + steps):
-            for name, run in runs.items():
-                start = time.perf_counter()
-                losses = run(images, targets)
-                elapsed = time.perf_counter() - start
-                if i == 0:
-                    first[name] = losses
-                if i >= warmup:
-                    times[name].append(elapsed)
-        ratios = [a / b for a, b in zip(times["nchw"], times["nhwc"], strict=True)]
-        rel = max(abs(first["nhwc"][k] - v) / max(abs(v), 1e-12) for k, v in first["nchw"].items())
-        out[kind] = {
-            "median_step_s": {n: statistics.median(t) for n, t in times.items()},
-            "all_step_s": times,
-            "paired_median_speedup": statistics.median(ratios),
-            "first_step_losses": first,
-            "first_step_max_relative_loss_difference": rel,
-        }
-        print(f"{kind}: NCHW {out[kind]['median_step_s']['nchw']:.3f} s, NHWC "
-              f"{out[kind]['median_step_s']['nhwc']:.3f} s, speed-up "
-              f"{out[kind]['paired_median_speedup']:.3f}, first-step losses differ by "
-              f"{rel:.1e} (relative)", flush=True)  # fmt: skip
+        out[kind] = got = interleave(runs, (images, targets), steps, warmup)
+        print(f"{kind}: NCHW {got['median_step_s']['nchw']:.3f} s, NHWC "
+              f"{got['median_step_s']['nhwc']:.3f} s, speed-up "
+              f"{got['paired_median_speedup']:.3f}, first-step losses differ by "
+              f"{got['first_step_max_relative_loss_difference']:.1e} (relative)",
+              flush=True)  # fmt: skip
         del runs
     return out
 

@@ -1,6 +1,6 @@
-"""The speed benchmarks of the quality table's steps (memory layout, teacher cache), at a
-small size: each variant pair computes the same losses, and the cache variants do what they
-say (the hit steps are served, the miss steps computed)."""
+"""The speed benchmarks of the quality table's steps (memory layout, mixed precision, teacher
+cache), at a small size: each variant pair computes the same losses (bfloat16: close ones),
+and the cache variants do what they say (the hit steps are served, the miss steps computed)."""
 
 from __future__ import annotations
 
@@ -15,12 +15,13 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 @pytest.fixture
 def small(monkeypatch):
-    """Both benchmarks at 64 px, batch 2."""
+    """The benchmarks at 64 px, batch 2."""
     sys.path.insert(0, str(BENCHMARKS))
     import memory_format
+    import mixed_precision
     import teacher_cache
 
-    for module in (memory_format, teacher_cache):
+    for module in (memory_format, mixed_precision, teacher_cache):
         monkeypatch.setattr(module, "BATCH", 2)
     monkeypatch.setattr(memory_format, "SIZE", 64)
     monkeypatch.setattr(
@@ -55,3 +56,21 @@ def test_the_cached_step_gives_the_plain_steps_losses(small) -> None:
     assert out["paired_median_ratio_to_plain"]["plain"] == 1.0
     # a sample's trunk output: C3-C5 of ResNet-50 at 64 px (8x8, 4x4, 2x2), float32
     assert out["cache_bytes_per_sample"] == 4 * (512 * 64 + 1024 * 16 + 2048 * 4)
+
+
+def test_bfloat16_steps_run_under_autocast_and_stay_close(small) -> None:
+    import mixed_precision
+
+    out = mixed_precision.measure(steps=2, warmup=0)
+    assert set(out) == {"teacher", "student", "maskd"}
+    for kind, result in out.items():
+        full, half = result["first_step_losses"]["float32"], result["first_step_losses"]["bfloat16"]
+        assert full.keys() == half.keys() and full, kind
+        rel = max(abs(half[k] - v) / abs(v) for k, v in full.items())
+        assert rel == pytest.approx(result["first_step_max_relative_loss_difference"])
+        # bfloat16 rounds the forward: other values, within a few percent
+        assert 0 < rel < 0.05, kind
+        times = result["all_step_s"]
+        ratios = sorted(a / b for a, b in zip(times["float32"], times["bfloat16"], strict=True))
+        assert result["paired_median_speedup"] == pytest.approx(sum(ratios) / 2)
+    assert "loss_maskd" in out["maskd"]["first_step_losses"]["bfloat16"]

@@ -34,7 +34,8 @@ class TrainerSpec:
         devices: devices per node (an int, ``auto``, or a list as a string).
         num_nodes: nodes (multi-node through DDP under torchrun/SLURM).
         strategy: ``auto``, ``ddp``, ``ddp_find_unused_parameters_true``, ...
-        precision: ``32-true``, ``16-mixed``, ``bf16-mixed``, ...
+        precision: ``32-true``, ``16-mixed``, ``bf16-mixed``, ...: the training steps run under
+            autocast; evaluation always runs in float32.
         gradient_clip_val: clip the gradient norm at this value (0: off; authors: 35).
         accumulate_grad_batches: micro-batches per optimizer step.
         val_every_n_epochs: validate every n epochs during training (0: never during training;
