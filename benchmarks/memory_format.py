@@ -29,6 +29,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -155,21 +156,31 @@ def interleave(runs: dict[str, TrainStep], batch, steps: int, warmup: int) -> di
     }
 
 
-def measure(steps: int, warmup: int) -> dict[str, dict]:
+def measure_pairs(
+    make_runs: Callable[[str, int, tuple], dict[str, TrainStep]], steps: int, warmup: int
+) -> dict[str, dict]:
+    """For each kind of step in ``STEPS``, the two runs ``make_runs(kind, num_classes, dry)``
+    interleaved on the table's batch (:func:`interleave`), printed as they finish."""
     images, targets = scenes(BATCH)
     num_classes = len(classes("clutter"))
     dry = ([images[0]],)
     out: dict[str, dict] = {}
     for kind in STEPS:
-        runs = {name: Step(kind, layout, num_classes, dry) for name, layout in LAYOUTS.items()}
+        runs = make_runs(kind, num_classes, dry)
         out[kind] = got = interleave(runs, (images, targets), steps, warmup)
-        print(f"{kind}: NCHW {got['median_step_s']['nchw']:.3f} s, NHWC "
-              f"{got['median_step_s']['nhwc']:.3f} s, speed-up "
+        (a, ta), (b, tb) = got["median_step_s"].items()
+        print(f"{kind}: {a} {ta:.3f} s, {b} {tb:.3f} s, speed-up "
               f"{got['paired_median_speedup']:.3f}, first-step losses differ by "
               f"{got['first_step_max_relative_loss_difference']:.1e} (relative)",
               flush=True)  # fmt: skip
         del runs
     return out
+
+
+def layouts(kind: str, num_classes: int, dry) -> dict[str, TrainStep]:
+    """The pair this benchmark compares: ``kind``'s step in the default and channels-last
+    layouts."""
+    return {name: Step(kind, layout, num_classes, dry) for name, layout in LAYOUTS.items()}
 
 
 def parse_args(doc: str) -> argparse.Namespace:
@@ -203,15 +214,21 @@ def header(benchmark: str, args: argparse.Namespace, **setting: object) -> dict[
     }
 
 
+def write_report(args: argparse.Namespace, name: str, report: dict) -> Path:
+    """Writes ``report`` as ``<args.out>/<name>_cpu.json`` and says where."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{name}_cpu.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {path}")
+    return path
+
+
 def main() -> None:
     args = parse_args(__doc__)
     maskd = f"T = {TOKENS} weighted tokens on 5 FPN levels, custom mask on, align"
     report = {**header("memory_format", args, maskd=maskd),
-              "steps": measure(args.steps, args.warmup)}  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "memory_format_cpu.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {path}")
+              "steps": measure_pairs(layouts, args.steps, args.warmup)}  # fmt: skip
+    write_report(args, "memory_format", report)
 
 
 if __name__ == "__main__":

@@ -28,13 +28,19 @@ Writes benchmarks/results/mixed_precision_cpu.json.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from maskd.data.synth import classes
-from memory_format import BATCH, STEPS, TOKENS, Step, header, interleave, parse_args, scenes
+from memory_format import (
+    TOKENS,
+    Step,
+    TrainStep,
+    header,
+    measure_pairs,
+    parse_args,
+    write_report,
+)
 
 PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16}
 
@@ -50,24 +56,11 @@ def cpu_flags() -> list[str]:
     return sorted(f for f in set(flags) if "bf16" in f or f.startswith("amx"))
 
 
-def measure(steps: int, warmup: int) -> dict[str, dict]:
-    images, targets = scenes(BATCH)
-    num_classes = len(classes("clutter"))
-    dry = ([images[0]],)
-    out: dict[str, dict] = {}
-    for kind in STEPS:
-        runs = {
-            name: Step(kind, torch.channels_last, num_classes, dry, autocast=dtype)
-            for name, dtype in PRECISIONS.items()
-        }
-        out[kind] = got = interleave(runs, (images, targets), steps, warmup)
-        print(f"{kind}: float32 {got['median_step_s']['float32']:.3f} s, bfloat16 "
-              f"{got['median_step_s']['bfloat16']:.3f} s, speed-up "
-              f"{got['paired_median_speedup']:.3f}, first-step losses differ by "
-              f"{got['first_step_max_relative_loss_difference']:.1e} (relative)",
-              flush=True)  # fmt: skip
-        del runs
-    return out
+def precisions(kind: str, num_classes: int, dry) -> dict[str, TrainStep]:
+    """The pair this benchmark compares: ``kind``'s channels-last step in float32 and under
+    bfloat16 autocast."""
+    return {name: Step(kind, torch.channels_last, num_classes, dry, autocast=dtype)
+            for name, dtype in PRECISIONS.items()}  # fmt: skip
 
 
 def main() -> None:
@@ -76,12 +69,9 @@ def main() -> None:
     report = {
         **header("mixed_precision", args, layout="channels_last", maskd=maskd),
         "cpu_flags": cpu_flags(),
-        "steps": measure(args.steps, args.warmup),
+        "steps": measure_pairs(precisions, args.steps, args.warmup),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "mixed_precision_cpu.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {path}")
+    write_report(args, "mixed_precision", report)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ Writes benchmarks/results/teacher_cache_cpu.json.
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 
@@ -42,6 +41,7 @@ from memory_format import (
     model,
     parse_args,
     scenes,
+    write_report,
 )
 
 TRUNK = "backbone.body"
@@ -105,10 +105,7 @@ def main() -> None:
     for v in VARIANTS:
         print(f"{v}: {result['median_step_s'][v]:.3f} s, "
               f"{result['paired_median_ratio_to_plain'][v]:.3f} of plain", flush=True)  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "teacher_cache_cpu.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {path}")
+    write_report(args, "teacher_cache", report)
 
 
 if __name__ == "__main__":

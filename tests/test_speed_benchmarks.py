@@ -18,10 +18,9 @@ def small(monkeypatch):
     """The benchmarks at 64 px, batch 2."""
     sys.path.insert(0, str(BENCHMARKS))
     import memory_format
-    import mixed_precision
     import teacher_cache
 
-    for module in (memory_format, mixed_precision, teacher_cache):
+    for module in (memory_format, teacher_cache):
         monkeypatch.setattr(module, "BATCH", 2)
     monkeypatch.setattr(memory_format, "SIZE", 64)
     monkeypatch.setattr(
@@ -38,7 +37,7 @@ def small(monkeypatch):
 
 def test_both_layouts_give_the_same_losses(small) -> None:
     memory_format, _ = small
-    out = memory_format.measure(steps=1, warmup=0)
+    out = memory_format.measure_pairs(memory_format.layouts, steps=1, warmup=0)
     assert set(out) == {"teacher", "student", "maskd"}
     for kind, result in out.items():
         first = result["first_step_losses"]
@@ -61,7 +60,8 @@ def test_the_cached_step_gives_the_plain_steps_losses(small) -> None:
 def test_bfloat16_steps_run_under_autocast_and_stay_close(small) -> None:
     import mixed_precision
 
-    out = mixed_precision.measure(steps=2, warmup=0)
+    memory_format, _ = small
+    out = memory_format.measure_pairs(mixed_precision.precisions, steps=2, warmup=0)
     assert set(out) == {"teacher", "student", "maskd"}
     for kind, result in out.items():
         full, half = result["first_step_losses"]["float32"], result["first_step_losses"]["bfloat16"]
@@ -74,3 +74,16 @@ def test_bfloat16_steps_run_under_autocast_and_stay_close(small) -> None:
         ratios = sorted(a / b for a, b in zip(times["float32"], times["bfloat16"], strict=True))
         assert result["paired_median_speedup"] == pytest.approx(sum(ratios) / 2)
     assert "loss_maskd" in out["maskd"]["first_step_losses"]["bfloat16"]
+
+
+def test_a_report_is_written_where_out_says(small, tmp_path) -> None:
+    import argparse
+    import json
+
+    memory_format, _ = small
+    args = argparse.Namespace(out=tmp_path / "new", steps=1, warmup=0)
+    report = memory_format.header("memory_format", args, maskd="T = 6")
+    path = memory_format.write_report(args, "memory_format", report)
+    assert path == tmp_path / "new" / "memory_format_cpu.json"
+    assert json.loads(path.read_text()) == report
+    assert report["setting"]["steps"] == 1 and report["setting"]["batch"] == 2
