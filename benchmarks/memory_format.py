@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cpu_info import cpu_model
 from distill_step import machine
 from maskd import Distiller, ReceptiveTokens, total_loss
 from maskd.data.synth import classes
@@ -201,7 +202,7 @@ def header(benchmark: str, args: argparse.Namespace, **setting: object) -> dict[
         "benchmark": benchmark,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": machine(torch.device("cpu")),
+        "machine": {**machine(torch.device("cpu")), "cpu": cpu_model()},
         "setting": {
             "teacher": TEACHER[0],
             "student": STUDENT[0],

@@ -28,10 +28,9 @@ Writes benchmarks/results/mixed_precision_cpu.json.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
+from cpu_info import cpu_flags
 from memory_format import (
     TOKENS,
     Step,
@@ -43,17 +42,6 @@ from memory_format import (
 )
 
 PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16}
-
-
-def cpu_flags() -> list[str]:
-    """The CPU's bfloat16 and AMX feature flags (Linux), or [] where they cannot be read."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
-                  if line.startswith("flags")), [])  # fmt: skip
-    return sorted(f for f in set(flags) if "bf16" in f or f.startswith("amx"))
 
 
 def precisions(kind: str, num_classes: int, dry) -> dict[str, TrainStep]:

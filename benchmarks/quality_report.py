@@ -14,6 +14,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from cpu_info import cpu_model
+
 
 def stats(values: list[float]) -> tuple[float, float]:
     """Mean and sample std; both NaN where a value is (a diverged cell's score)."""
@@ -279,21 +281,10 @@ def machine(accelerator: str) -> dict[str, Any]:
     info = {"platform": platform.platform(), "cpu_count": os.cpu_count(),
             "python": platform.python_version(), "torch": torch.__version__,
             "torch_threads_per_cell": 1}  # fmt: skip
-    info["cpu"] = _cpu_model()  # CPU kernels (and so the floats) depend on the instruction set
+    info["cpu"] = cpu_model()  # CPU kernels (and so the floats) depend on the instruction set
     if accelerator == "gpu" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
-
-
-def _cpu_model() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor() or "unknown"
-    name = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "")
-    flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
-    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
-    return f"{name or platform.processor() or 'unknown'} ({isa})"
 
 
 def write(out: Path, stem: str, report: dict[str, Any], md: str) -> None:

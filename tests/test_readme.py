@@ -349,3 +349,27 @@ def test_sparse_warmup_students_reproduce_the_choices_cells():
         )
         for split in ("val", "test"):
             assert table[split] == choice[split], (seed, split)
+
+
+def test_readme_mixed_precision_tables_are_the_reports():
+    """Each mixed-precision table (one per CPU) shows its report's median step times, paired
+    speed-ups and first-step loss differences, step kind by step kind."""
+    text = README.read_text()
+    reports = {
+        "| step, channels-last | float32": RESULTS / "mixed_precision_cpu.json",
+        "| step, channels-last, Xeon with AMX |": RESULTS / "xeon_amx" / "mixed_precision_cpu.json",
+    }
+    kinds = {"teacher training step": "teacher", "student training step": "student",
+             "MasKD distillation step": "maskd"}  # fmt: skip
+    for header, path in reports.items():
+        steps = json.loads(path.read_text())["steps"]
+        rows = _rows_at(text.splitlines(), text[: text.index(header)].count("\n"))
+        assert len(rows) == 3, header
+        for cells in rows:
+            got = steps[next(v for k, v in kinds.items() if cells[0].startswith(k))]
+            want = [f"{got['median_step_s']['float32']:.3f}",
+                     f"{got['median_step_s']['bfloat16']:.3f}",
+                     f"{got['paired_median_speedup']:.3f}×"]  # fmt: skip
+            assert cells[1:4] == want, (header, cells)
+            diff = f"{got['first_step_max_relative_loss_difference']:.1e}"
+            assert cells[4].startswith(diff), (header, cells)

@@ -87,3 +87,21 @@ def test_a_report_is_written_where_out_says(small, tmp_path) -> None:
     assert path == tmp_path / "new" / "memory_format_cpu.json"
     assert json.loads(path.read_text()) == report
     assert report["setting"]["steps"] == 1 and report["setting"]["batch"] == 2
+
+
+def test_the_cpu_is_named_with_its_vector_and_bfloat16_extensions(monkeypatch, tmp_path) -> None:
+    sys.path.insert(0, str(BENCHMARKS))
+    import cpu_info
+
+    info = tmp_path / "cpuinfo"
+    info.write_text(
+        "processor\t: 0\nmodel name\t: Some Xeon\nflags\t\t: fpu avx2 avx512f avx512_bf16 "
+        "amx_tile amx_bf16 sse\nprocessor\t: 1\nmodel name\t: Some Xeon\n"
+    )
+    monkeypatch.setattr(cpu_info, "CPUINFO", info)
+    assert cpu_info.cpu_model() == "Some Xeon (AVX-512)"
+    assert cpu_info.cpu_flags() == ["amx_bf16", "amx_tile", "avx512_bf16"]
+    info.write_text("model name\t: Old Core\nflags\t\t: fpu sse avx2\n")
+    assert (cpu_info.cpu_model(), cpu_info.cpu_flags()) == ("Old Core (AVX2)", [])
+    monkeypatch.setattr(cpu_info, "CPUINFO", tmp_path / "missing")
+    assert cpu_info.cpu_flags() == [] and cpu_info.cpu_model().endswith("(no AVX2)")
