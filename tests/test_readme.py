@@ -159,7 +159,7 @@ def test_readme_overview_is_the_reports_summary():
     from quality_report import summary_md
 
     block, links = _overview()
-    assert len(links) == 19
+    assert len(links) == 22
     paths = [ROOT / f"{link}.json" for link in links]
     assert block == summary_md(paths, ROOT)
 
