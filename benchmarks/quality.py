@@ -197,6 +197,8 @@ TASKS["detection_retina"] = {
     "defaults": {"fitnet": 1.0, "cwd": 10.0, "fgd": 1.0, "maskd": 7.0},
     "head_kd": True,  # the MasKD rows keep distill.yaml's head term; the peers drop it
 }
+# the Lightning precisions a --precision diagnostic may name
+PRECISIONS = ("64-true", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
 QUICK = {"data": (16, 8, 8, 64), "teacher_steps": 4, "student_steps": 2, "tokens_steps": 2}
 SEEDS = 3  # the protocol's seeds per student row
 TUNE_FACTORS = (0.3, 1.0, 3.0)
@@ -363,6 +365,8 @@ class Plan:
         self.student_steps: int | None = getattr(args, "student_steps", None)
         # a diagnostic warm-up: every student cell warms its learning rate up this many steps
         self.warmup_steps: int | None = getattr(args, "warmup_steps", None)
+        # a diagnostic precision: every student cell trains in this Lightning precision
+        self.precision: str | None = getattr(args, "precision", None)
         # a diagnostic level set: every distilled cell distils only these FPN levels
         self.levels: list[str] | None = getattr(args, "levels", None)
         if self.levels and "fpn" not in self.spec:
@@ -376,12 +380,13 @@ class Plan:
     @property
     def diagnostic(self) -> bool:
         """Whether the plan's cells are a diagnostic variant of the table's (own report)."""
-        return bool(self.student_steps or self.warmup_steps or self.levels)
+        return bool(self.student_steps or self.warmup_steps or self.precision or self.levels)
 
     def suffix(self, distilled: bool = True) -> str:
         """What a diagnostic schedule, warm-up or level set adds to cell and report names."""
         suffix = f"_steps{self.student_steps}" if self.student_steps else ""
         suffix += f"_warmup{self.warmup_steps}" if self.warmup_steps else ""
+        suffix += f"_precision{self.precision}" if self.precision else ""
         if self.levels and distilled:  # the student alone distils nothing: its cells stay
             suffix += f"_lv{'-'.join(self.levels)}"
         return suffix
@@ -547,6 +552,8 @@ class Plan:
             common += [f"--trainer.max_steps={self.student_steps}"]
         if self.warmup_steps:
             common += [f"--optim.warmup_steps={self.warmup_steps}"]
+        if self.precision:
+            common += [f"--trainer.precision={self.precision}"]
         if row.method is None:
             cmd = _maskd("train", "--config", str(self.cfg / "student.yaml"), *common)
             return self._model_cell(name, ["data"], cmd, "student", splits)
@@ -977,6 +984,7 @@ def _report(plan: Plan, args: argparse.Namespace, rows: list[Row], seeds: list[i
         "student_model": plan.spec["student"],
         "student_steps": steps or _config_steps(plan),
         "warmup_steps": plan.warmup_steps,
+        "precision": plan.precision,
         "levels": plan.levels,
         # a sweep of another task chose the weights (none: the task's own sweep)
         "weights_from": sweep.with_suffix(".md").name if weights and borrowed else None,
@@ -1052,6 +1060,10 @@ def main() -> None:
                         help="diagnostic: every student cell warms its learning rate up over "
                         "this many steps (own cells and report quality_<task>_warmup<N>_"
                         "<device>; with --rows, a report of those rows)")  # fmt: skip
+    parser.add_argument("--precision", default=None, choices=PRECISIONS,
+                        help="diagnostic: every student cell trains in this Lightning precision, "
+                        "e.g. 32-true (own cells and report quality_<task>_precision<P>_"
+                        "<device>; teacher and tokens are the table's)")  # fmt: skip
     parser.add_argument("--levels", nargs="+", default=None,
                         help="diagnostic (detection): every distilled cell distils only these "
                         "FPN levels, e.g. 0 1 2 (own cells and report "
@@ -1114,9 +1126,10 @@ def main() -> None:
         without_head(*args.without_head)
         return
     plan = Plan(args.task, args)
-    if args.tune and (args.levels or args.student_steps or args.warmup_steps or args.data_seed):
+    diagnostics = (args.levels, args.student_steps, args.warmup_steps, args.precision)
+    if args.tune and (any(diagnostics) or args.data_seed):
         raise SystemExit("--tune picks the table's weights: run it without --levels, "
-                         "--student-steps, --warmup-steps and --data-seed")  # fmt: skip
+                         "--student-steps, --warmup-steps, --precision and --data-seed")  # fmt: skip
     if args.tune and "weights_from" in plan.spec:
         raise SystemExit(f"the {args.task} task's weights are those chosen in "
                          f"{plan.spec['weights_from']}'s sweep: run --tune on that task")  # fmt: skip

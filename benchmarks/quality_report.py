@@ -131,6 +131,7 @@ def table_md(r: dict[str, Any]) -> str:
             if r.get("warmup_steps")
             else ""
         )
+        + (f"precision {r['precision']}, " if r.get("precision") else "")
         + f"seeds {r['seeds']}. "
         + (f"Weights: those chosen in {r['weights_from']}. " if r.get("weights_from") else "")
         + (

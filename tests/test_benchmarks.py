@@ -1256,6 +1256,51 @@ def test_quality_diagnostic_warmup_gives_every_cell_its_own_name_and_the_warmup(
     assert done.returncode != 0 and "--warmup-steps" in done.stderr
 
 
+def test_quality_diagnostic_precision_gives_every_cell_its_own_name_and_precision(tmp_path):
+    """--precision: every student cell, the student alone's too, trains in that precision and
+    has its own name, beside the table's teacher and tokens; the report says it; a precision
+    Lightning does not have is refused before anything runs."""
+    import argparse
+
+    import yaml
+
+    sys.path.insert(0, str(QUALITY.parent))
+    from quality import CONFIGS, ROWS, Plan
+    from quality_report import table_md
+
+    recipe = yaml.safe_load((CONFIGS / "detection_sparse_fast" / "student.yaml").read_text())
+    assert recipe["trainer"]["precision"] == "bf16-mixed"  # the diagnostic changes it
+    args = argparse.Namespace(quick=False, work=tmp_path, out=tmp_path, accelerator="cpu",
+                              precision="32-true", data_seed=1)  # fmt: skip
+    plan = Plan("detection_sparse_fast", args)
+    assert plan.diagnostic
+    rows = {r.name: r for r in ROWS}
+    shared = tmp_path / "detection_sparse_fast_data1"
+    for row, weight, name in [("student", None, "student_precision32-true_s2"),
+                              ("fgd", 9.0, "fgd_w9_precision32-true_s2"),
+                              ("maskd", 10.0, "maskd_w10_precision32-true_s2")]:  # fmt: skip
+        assert plan.cell(rows[row], weight, 2) == name
+        cmd = plan.student_cell(rows[row], 2, weight, name, ("val",)).commands[0][0]
+        # the override comes after --config, so it wins over the recipe's bf16-mixed
+        assert cmd.index("--trainer.precision=32-true") > cmd.index("--config")
+        assert str(shared / name) in " ".join(cmd)
+        if row != "student":
+            assert f"--teacher.weights={shared / 'teacher' / 'model.pt'}" in cmd
+    assert plan.report_stem(3) == "quality_detection_sparse_fast_precision32-true_data1_cpu"
+    data = {"train": 1, "val": 1, "test": 1, "size": 128, "seed": 1}
+    teacher = {"model": "t", "test": 20.0, "val": 19.0}
+    md = table_md({"machine": {}, "command": "c", "date": "d", "data": data, "rows": [],
+                   "teacher": teacher, "maskd_vs_peers": {}, "maskd_vs_ablations": {},
+                   "student_model": "s", "student_steps": 500, "precision": "32-true",
+                   "seeds": [0], "metric": "test map", "levels": None})  # fmt: skip
+    assert "precision 32-true, seeds" in md
+    bad = [sys.executable, str(QUALITY), "--task", "detection_sparse_fast", "--precision",
+           "fp32", "--work", str(tmp_path), "--out", str(tmp_path)]  # fmt: skip
+    done = subprocess.run(bad, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "--precision" in done.stderr and "32-true" in done.stderr
+    assert not any(tmp_path.iterdir())  # nothing was written
+
+
 def test_spikes_reads_a_warmup_diagnostics_own_cells(tmp_path):
     """A --warmup-steps report's cells carry the warm-up in their names, as quality.py
     names them."""
