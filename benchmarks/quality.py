@@ -383,7 +383,8 @@ class Plan:
         return bool(self.student_steps or self.warmup_steps or self.precision or self.levels)
 
     def suffix(self, distilled: bool = True) -> str:
-        """What a diagnostic schedule, warm-up or level set adds to cell and report names."""
+        """What a diagnostic schedule, warm-up, precision or level set adds to cell and report
+        names."""
         suffix = f"_steps{self.student_steps}" if self.student_steps else ""
         suffix += f"_warmup{self.warmup_steps}" if self.warmup_steps else ""
         suffix += f"_precision{self.precision}" if self.precision else ""
@@ -1126,8 +1127,7 @@ def main() -> None:
         without_head(*args.without_head)
         return
     plan = Plan(args.task, args)
-    diagnostics = (args.levels, args.student_steps, args.warmup_steps, args.precision)
-    if args.tune and (any(diagnostics) or args.data_seed):
+    if args.tune and (plan.diagnostic or args.data_seed):
         raise SystemExit("--tune picks the table's weights: run it without --levels, "
                          "--student-steps, --warmup-steps, --precision and --data-seed")  # fmt: skip
     if args.tune and "weights_from" in plan.spec:

@@ -1299,6 +1299,10 @@ def test_quality_diagnostic_precision_gives_every_cell_its_own_name_and_precisio
     done = subprocess.run(bad, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "--precision" in done.stderr and "32-true" in done.stderr
     assert not any(tmp_path.iterdir())  # nothing was written
+    tune = [sys.executable, str(QUALITY), "--task", "detection_sparse_fast", "--tune",
+            "--precision", "32-true", "--work", str(tmp_path), "--out", str(tmp_path)]  # fmt: skip
+    done = subprocess.run(tune, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "--precision" in done.stderr
 
 
 def test_spikes_reads_a_warmup_diagnostics_own_cells(tmp_path):
